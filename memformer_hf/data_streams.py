@@ -1,0 +1,648 @@
+"""Document loading and deterministic cell batching for Memformer training and evaluation (SPEC §3.1, §4.2-§4.6).
+
+A document with token ids ``d`` (no BOS) is split into segments ``s_0..s_{n-1}`` of ``L`` tokens (the last one possibly
+shorter). Its cells are: encoder inputs ``[boot, s_0, ..., s_{n-2}]``, decoder targets ``[s_0, ..., s_{n-1}]`` and
+decoder inputs ``[BOS] + target[:-1]``. The boot cell has ``memory_reset=1``; inactive padding cells (reset, all-pad
+inputs, all ``-100`` targets) give every stream a common length.
+
+Public API:
+
+* :func:`load_documents` / :func:`tokenize_documents`: texts from a ``datasets`` dataset or local files, then token ids.
+* :class:`StreamBatches`: map-style dataset of ready per-rank batches (Transformer-XL style streams with carry).
+* :class:`DocumentWindows`: one independent window of ``T`` cells per sample (no carry), for fine-tuning.
+* :func:`document_cells`: all cells of one document, for evaluators that carry memory through a whole document.
+* :func:`collate_single`: DataLoader collate that unwraps the single element of a ``batch_size=1`` batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import heapq
+import json
+import os
+import random
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "PACKER_VERSION",
+    "IGNORE_INDEX",
+    "BootMode",
+    "load_documents",
+    "tokenize_documents",
+    "document_cells",
+    "StreamBatches",
+    "DocumentWindows",
+    "collate_single",
+    "stream_batches_loader",
+]
+
+PACKER_VERSION = 1
+"""Bump whenever the mapping (seed, epoch, index) -> batch changes; checkpoints of carried memory depend on it."""
+
+IGNORE_INDEX = -100
+BootMode = Literal["bos", "empty"]
+
+_TEXT_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".txt", ".txt.gz")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suf in _TEXT_SUFFIXES:
+        if name.endswith(suf):
+            return suf
+    return path.suffix.lower()
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _texts_from_records(records: Iterable[Any], text_column: str, where: str) -> list[str]:
+    texts: list[str] = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, str):  # a bare JSON string per line
+            texts.append(rec)
+            continue
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: record {i} is a {type(rec).__name__}, expected a JSON object")
+        if text_column not in rec:
+            raise ValueError(
+                f"{where}: record {i} has no column {text_column!r}; available columns: {sorted(rec.keys())}"
+            )
+        text = rec[text_column]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: record {i} column {text_column!r} is {type(text).__name__}, expected str")
+        texts.append(text)
+    return texts
+
+
+def _load_file(path: Path, text_column: str) -> list[str]:
+    suf = _suffix(path)
+    if suf in (".txt", ".txt.gz"):
+        with _open_text(path) as f:
+            return [f.read()]
+    if suf in (".jsonl", ".jsonl.gz", ".json", ".json.gz"):
+        with _open_text(path) as f:
+            content = f.read()
+        stripped = content.lstrip()
+        if suf.startswith(".json.") or suf == ".json":
+            if stripped.startswith("["):  # a JSON array of records
+                return _texts_from_records(json.loads(content), text_column, str(path))
+        records = []
+        for lineno, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        return _texts_from_records(records, text_column, str(path))
+    raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(_TEXT_SUFFIXES)}")
+
+
+def _texts_from_hf(ds: Any, text_column: str, split: str | None, where: str) -> list[str]:
+    """Texts of a ``datasets.Dataset`` (or a split of a ``DatasetDict``)."""
+    if isinstance(getattr(ds, "column_names", None), dict):  # DatasetDict
+        splits = list(ds.keys())
+        if split is None or split not in splits:
+            raise ValueError(f"{where}: split {split!r} not found; available splits: {splits}")
+        ds = ds[split]
+    columns = list(ds.column_names)
+    if text_column not in columns:
+        raise ValueError(f"{where}: unknown text column {text_column!r}; available columns: {columns}")
+    texts = ds[text_column]
+    out: list[str] = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{where}: row {i} column {text_column!r} is {type(t).__name__}, expected str")
+        out.append(t)
+    return out
+
+
+def _is_saved_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _looks_like_path(source: str) -> bool:
+    low = source.lower()
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or (os.sep in source and Path(source).suffix != "")
+        or any(low.endswith(s) for s in _TEXT_SUFFIXES)
+    )
+
+
+def load_documents(
+    source: str | os.PathLike | Sequence[str | os.PathLike] | Any,
+    *,
+    text_column: str = "text",
+    dataset_config: str | None = None,
+    split: str | None = "train",
+    skip_empty: bool = False,
+    **load_dataset_kwargs: Any,
+) -> list[str]:
+    """Load whole documents as a list of strings.
+
+    ``source`` may be:
+
+    * a local file: ``.jsonl``/``.jsonl.gz``/``.json`` (one JSON object per line, text under ``text_column``; a
+      ``.json`` file holding a JSON array of objects also works) or ``.txt`` (the whole file is one document);
+    * a local directory: a ``datasets`` ``save_to_disk`` directory (loaded with ``load_from_disk``), otherwise every
+      supported file in it, in sorted order;
+    * a sequence of local files;
+    * an in-memory ``datasets.Dataset`` / ``DatasetDict``;
+    * otherwise a ``datasets`` dataset name, loaded with ``datasets.load_dataset(source, dataset_config, split=split)``.
+
+    Raises ``ValueError`` for a missing file, an unknown column (listing the available ones) or no documents.
+    With ``skip_empty`` empty texts are dropped; otherwise they are kept (the batchers skip them with a warning).
+    """
+    if hasattr(source, "column_names"):  # in-memory datasets object
+        texts = _texts_from_hf(source, text_column, split, type(source).__name__)
+        where = type(source).__name__
+    elif isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError("load_documents: empty list of files")
+        texts = []
+        for p in source:
+            texts.extend(load_documents(p, text_column=text_column, split=split))
+        where = f"{len(source)} files"
+    else:
+        src = os.fspath(source)
+        path = Path(src).expanduser()
+        where = src
+        if path.is_file():
+            texts = _load_file(path, text_column)
+        elif path.is_dir():
+            if _is_saved_dataset_dir(path):
+                import datasets
+
+                texts = _texts_from_hf(datasets.load_from_disk(str(path)), text_column, split, src)
+            else:
+                files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in _TEXT_SUFFIXES)
+                if not files:
+                    raise ValueError(f"{src}: directory holds no saved dataset and no {'/'.join(_TEXT_SUFFIXES)} files")
+                texts = []
+                for p in files:
+                    texts.extend(_load_file(p, text_column))
+        elif _looks_like_path(src):
+            raise ValueError(f"{src}: no such file or directory")
+        else:
+            import datasets
+
+            ds = datasets.load_dataset(src, dataset_config, split=split, **load_dataset_kwargs)
+            texts = _texts_from_hf(ds, text_column, split, src)
+    if skip_empty:
+        texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"{where}: no documents found")
+    return texts
+
+
+def tokenize_documents(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """Token ids of each document, with no special tokens and **no truncation** (documents are long).
+
+    ``tokenizer`` is a ``transformers`` tokenizer (``PreTrainedTokenizerBase``) or a raw ``tokenizers.Tokenizer``.
+    Truncation is switched off explicitly, and the "sequence longer than model_max_length" warning is silenced
+    because long documents are the point.
+    """
+    out: list[list[int]] = []
+    texts = list(texts)
+    if hasattr(tokenizer, "encode_batch") and not callable(getattr(tokenizer, "batch_decode", None)):
+        # raw `tokenizers.Tokenizer`: disable its truncation for the call, then restore it.
+        saved = tokenizer.truncation
+        if saved is not None:
+            tokenizer.no_truncation()
+        try:
+            for i in range(0, len(texts), batch_size):
+                encs = tokenizer.encode_batch(texts[i : i + batch_size], add_special_tokens=False)
+                out.extend(list(e.ids) for e in encs)
+        finally:
+            if saved is not None:
+                tokenizer.enable_truncation(**saved)
+        return out
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            add_special_tokens=False,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            verbose=False,
+        )
+        out.extend(list(ids) for ids in enc["input_ids"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cells
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_ids(segment_length: int, bos_token_id: int, pad_token_id: int, boot: str) -> None:
+    if segment_length < 1:
+        raise ValueError(f"segment_length must be >= 1, got {segment_length}")
+    if boot not in ("bos", "empty"):
+        raise ValueError(f"boot must be 'bos' or 'empty', got {boot!r}")
+    if bos_token_id is None or pad_token_id is None:
+        raise ValueError("bos_token_id and pad_token_id must be set")
+
+
+def _n_cells(n_tokens: int, segment_length: int) -> int:
+    return -(-n_tokens // segment_length)
+
+
+def _build_cells(
+    flat: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    is_boot: torch.Tensor,
+    segment_length: int,
+    bos_token_id: int,
+    pad_token_id: int,
+    boot: str,
+) -> dict[str, torch.Tensor]:
+    """Cell tensors for any grid of cells (shape ``G``).
+
+    ``flat`` holds tokens; a cell's decoder target is ``flat[start:start+length]`` (``length`` 0 = inactive cell) and
+    its encoder input, unless it is a boot cell, is the previous full segment ``flat[start-L:start]``.
+    Returns ``[*G, L]`` id/mask tensors, ``labels`` ``[*G, L]`` and ``memory_reset`` ``[*G]``.
+    """
+    L = segment_length
+    pos = torch.arange(L, dtype=torch.long)
+    start = start.long().unsqueeze(-1)
+    length = length.long().unsqueeze(-1)
+    active = length > 0  # [*G, 1]
+    boot_cell = is_boot.unsqueeze(-1) & active
+    n = max(int(flat.numel()), 1)
+    src = flat if flat.numel() else torch.zeros(1, dtype=torch.long)  # gather from the compact store, then widen
+
+    tgt_mask = pos < length  # [*G, L]
+    tgt = src[(start + pos).clamp(0, n - 1)].long()
+    labels = torch.where(tgt_mask, tgt, torch.full_like(tgt, IGNORE_INDEX))
+
+    dec_src = src[(start + pos - 1).clamp(0, n - 1)].long()
+    dec_ids = torch.where(pos == 0, torch.full_like(dec_src, bos_token_id), dec_src)
+    dec_ids = torch.where(tgt_mask, dec_ids, torch.full_like(dec_ids, pad_token_id))
+
+    enc_src = src[(start - L + pos).clamp(0, n - 1)].long()
+    enc_normal = active & ~boot_cell
+    enc_mask = enc_normal.expand_as(tgt_mask).clone()
+    enc_ids = torch.where(enc_mask, enc_src, torch.full_like(enc_src, pad_token_id))
+    if boot == "bos":
+        first = boot_cell & (pos == 0)
+        enc_ids = torch.where(first, torch.full_like(enc_ids, bos_token_id), enc_ids)
+        enc_mask = enc_mask | first
+    return {
+        "encoder_input_ids": enc_ids,
+        "encoder_attention_mask": enc_mask,
+        "decoder_input_ids": dec_ids,
+        "decoder_attention_mask": tgt_mask,
+        "labels": labels,
+        "memory_reset": (boot_cell | ~active).squeeze(-1),
+    }
+
+
+def document_cells(
+    doc_ids: Sequence[int] | torch.Tensor,
+    segment_length: int,
+    bos_token_id: int,
+    pad_token_id: int,
+    boot: BootMode = "bos",
+) -> dict[str, torch.Tensor]:
+    """All cells of one document, for evaluation with memory carried through the whole document.
+
+    Returns ``encoder_input_ids``, ``encoder_attention_mask``, ``decoder_input_ids``, ``decoder_attention_mask`` and
+    ``shift_labels`` of shape ``[n_cells, L]`` (``shift_labels[t]`` is aligned with the decoder outputs of cell ``t``,
+    -100 on pads) and ``memory_reset`` ``[n_cells]`` (True only on the boot cell). ``n_cells = ceil(len(doc) / L)``.
+    """
+    _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+    flat = torch.as_tensor(doc_ids, dtype=torch.long).reshape(-1)
+    if flat.numel() == 0:
+        raise ValueError("document_cells: empty document has no cells")
+    n = _n_cells(flat.numel(), segment_length)
+    start = torch.arange(n, dtype=torch.long) * segment_length
+    length = (flat.numel() - start).clamp(max=segment_length)
+    is_boot = torch.zeros(n, dtype=torch.bool)
+    is_boot[0] = True
+    cells = _build_cells(flat, start, length, is_boot, segment_length, bos_token_id, pad_token_id, boot)
+    cells["shift_labels"] = cells.pop("labels")
+    return cells
+
+
+def _compact_documents(
+    documents: Sequence[Sequence[int] | torch.Tensor], what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate documents into one flat int tensor plus ``[n_docs + 1]`` offsets; warn about empty documents."""
+    lengths = [len(d) for d in documents]
+    n_empty = sum(1 for n in lengths if n == 0)
+    if n_empty:
+        warnings.warn(f"{what}: skipping {n_empty} empty document(s) of {len(lengths)}", stacklevel=3)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    if lengths:
+        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
+    parts = [torch.as_tensor(d, dtype=torch.long).reshape(-1) for d in documents if len(d)]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    if flat.numel() and (int(flat.min()) < 0):
+        raise ValueError(f"{what}: negative token ids")
+    dtype = torch.int32 if not flat.numel() or int(flat.max()) < 2**31 else torch.long
+    return flat.to(dtype), offsets
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stream batches (SPEC §4.2)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _shuffle_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"memformer-streams:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+class StreamBatches(torch.utils.data.Dataset):
+    """Deterministic map-style dataset of ready per-rank batches (SPEC §4.2); index ``k`` -> batch dict.
+
+    Documents are shuffled with ``(seed, epoch)`` and dealt greedily to the currently shortest of ``S·W`` streams
+    (``S = B·G`` per rank; ties go to the lowest stream id). Streams are padded with inactive cells to the global
+    maximum length rounded up to a multiple of ``T``. Rank ``r`` owns streams ``[r·S, (r+1)·S)``; batch ``k`` carries
+    stream group ``g = k % G`` (local rows ``g·B .. g·B+B-1``) at cells ``[w·T, (w+1)·T)`` with ``w = k // G``.
+
+    Batch: ``encoder_input_ids``, ``encoder_attention_mask``, ``decoder_input_ids``, ``decoder_attention_mask``
+    ``[B, T, L]``; ``shift_labels`` ``[B, T·L]`` (-100 on pads); ``memory_reset`` ``[B, T]`` bool; ``stream_ids``
+    ``[B]`` (global ids); ``window_index`` 0-dim long. All ranks see the same ``len``.
+    """
+
+    def __init__(
+        self,
+        documents: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        segment_length: int,
+        window: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        epoch: int = 0,
+        bos_token_id: int,
+        pad_token_id: int,
+        boot: BootMode = "bos",
+        shuffle: bool = True,
+    ) -> None:
+        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.segment_length = segment_length
+        self.window = window
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.boot = boot
+        self.shuffle = shuffle
+        self.streams_per_rank = batch_size * grad_accum
+        self.num_streams = self.streams_per_rank * world_size
+
+        self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches")
+        lengths = self._doc_offsets[1:] - self._doc_offsets[:-1]
+        self._doc_cells = [_n_cells(int(n), segment_length) for n in lengths.tolist()]
+        self._nonempty = [i for i, c in enumerate(self._doc_cells) if c > 0]
+        if not self._nonempty:
+            raise ValueError("StreamBatches: no non-empty documents")
+        self.epoch = -1
+        self.set_epoch(epoch)
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle and re-deal the documents for ``epoch`` (a no-op if it is the current epoch)."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        docs = self._nonempty
+        if self.shuffle:
+            docs = [docs[i] for i in _shuffle_order(len(docs), self.seed, epoch)]
+        # Greedy dealing to the currently shortest stream (in cells); identical on every rank.
+        heap = [(0, s) for s in range(self.num_streams)]
+        stream_docs: list[list[int]] = [[] for _ in range(self.num_streams)]
+        stream_cells = [0] * self.num_streams
+        for d in docs:
+            cells, s = heapq.heappop(heap)
+            stream_docs[s].append(d)
+            cells += self._doc_cells[d]
+            stream_cells[s] = cells
+            heapq.heappush(heap, (cells, s))
+        self.stream_num_cells = stream_cells  # active cells per global stream
+        self.stream_documents = stream_docs  # document indices (into the input list) per global stream
+        max_cells = max(stream_cells)
+        self.num_cells = -(-max_cells // self.window) * self.window
+        self.num_windows = self.num_cells // self.window
+
+        # Compact per-rank storage: one flat token tensor plus per-cell (start, length, boot) tables.
+        lo = self.rank * self.streams_per_rank
+        S, C, L = self.streams_per_rank, self.num_cells, self.segment_length
+        start = torch.zeros(S, C, dtype=torch.long)
+        length = torch.zeros(S, C, dtype=torch.int32)
+        is_boot = torch.zeros(S, C, dtype=torch.bool)
+        parts: list[torch.Tensor] = []
+        pos = 0
+        for i in range(S):
+            c = 0
+            for d in stream_docs[lo + i]:
+                a, b = int(self._doc_offsets[d]), int(self._doc_offsets[d + 1])
+                n_tok, n_c = b - a, self._doc_cells[d]
+                parts.append(self._doc_flat[a:b])
+                seg = torch.arange(n_c, dtype=torch.long) * L
+                start[i, c : c + n_c] = pos + seg
+                length[i, c : c + n_c] = (n_tok - seg).clamp(max=L).to(torch.int32)
+                is_boot[i, c] = True
+                c += n_c
+                pos += n_tok
+        self._flat = torch.cat(parts) if parts else torch.zeros(0, dtype=self._doc_flat.dtype)
+        self._start, self._length, self._is_boot = start, length, is_boot
+
+    def __len__(self) -> int:
+        return self.num_windows * self.grad_accum
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range [0, {len(self)})")
+        g, w = index % self.grad_accum, index // self.grad_accum
+        B, T, L = self.batch_size, self.window, self.segment_length
+        rows = slice(g * B, (g + 1) * B)
+        cols = slice(w * T, (w + 1) * T)
+        cells = _build_cells(
+            self._flat,
+            self._start[rows, cols],
+            self._length[rows, cols],
+            self._is_boot[rows, cols],
+            L,
+            self.bos_token_id,
+            self.pad_token_id,
+            self.boot,
+        )
+        batch = {
+            "encoder_input_ids": cells["encoder_input_ids"],
+            "encoder_attention_mask": cells["encoder_attention_mask"],
+            "decoder_input_ids": cells["decoder_input_ids"],
+            "decoder_attention_mask": cells["decoder_attention_mask"],
+            "shift_labels": cells["labels"].reshape(B, T * L).contiguous(),
+            "memory_reset": cells["memory_reset"],
+            "stream_ids": torch.arange(B, dtype=torch.long) + self.rank * self.streams_per_rank + g * B,
+            "window_index": torch.tensor(w, dtype=torch.long),
+        }
+        return batch
+
+    # -- checkpoint matching ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Summary of the layout, for matching a saved stream state (SPEC §4.6)."""
+        return {
+            "packer_version": PACKER_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "streams_per_rank": self.streams_per_rank,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "segment_length": self.segment_length,
+            "window": self.window,
+            "boot": self.boot,
+            "shuffle": self.shuffle,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "num_documents": len(self._doc_cells),
+            "num_tokens": int(self._doc_offsets[-1]),
+            "num_batches": len(self),
+        }
+
+    def compatible_with(self, state: dict[str, Any], ignore: Iterable[str] = ()) -> bool:
+        """True if a saved :meth:`state_dict` describes this exact layout.
+
+        Compares every key except ``num_batches`` (derived) and those in ``ignore``.
+        """
+        ours = self.state_dict()
+        skip = {"num_batches", *ignore}
+        return all(state.get(k) == v for k, v in ours.items() if k not in skip)
+
+
+def collate_single(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate for ``DataLoader(StreamBatches, batch_size=1)``: unwrap the single ready batch."""
+    if len(batch) != 1:
+        raise ValueError(f"collate_single expects batch_size=1, got {len(batch)} elements")
+    return batch[0]
+
+
+def stream_batches_loader(dataset: StreamBatches, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over ready batches: ``batch_size=1``, sequential sampler, :func:`collate_single`."""
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_single, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Window-per-sample (SPEC §4.2, last bullet)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DocumentWindows(torch.utils.data.Dataset):
+    """One independent window of ``T`` cells per sample, starting with the boot cell (reset); no carry.
+
+    A document of more than ``T`` cells is either split into chunks of ``T·L`` tokens, each an independent sample with
+    its own boot cell (``long_documents="split"``, default), or cut to its first ``T`` cells (``"truncate"``). Shorter
+    samples end with inactive cells. Samples have the :class:`StreamBatches` keys without the batch dimension
+    (``[T, L]``, ``shift_labels`` ``[T·L]``, ``memory_reset`` ``[T]``, ``stream_ids`` = sample index and
+    ``window_index`` = 0 as 0-dim tensors), so the default collate of a ``DataLoader`` batches them.
+    """
+
+    def __init__(
+        self,
+        documents: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        segment_length: int,
+        window: int,
+        bos_token_id: int,
+        pad_token_id: int,
+        boot: BootMode = "bos",
+        long_documents: Literal["split", "truncate"] = "split",
+    ) -> None:
+        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if long_documents not in ("split", "truncate"):
+            raise ValueError(f"long_documents must be 'split' or 'truncate', got {long_documents!r}")
+        self.segment_length = segment_length
+        self.window = window
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.boot = boot
+        self.long_documents = long_documents
+        self._flat, offsets = _compact_documents(documents, "DocumentWindows")
+        chunk = segment_length * window
+        starts: list[int] = []
+        ends: list[int] = []
+        self.sample_document: list[int] = []  # source document index of each sample
+        for d in range(len(offsets) - 1):
+            a, b = int(offsets[d]), int(offsets[d + 1])
+            s = a
+            while s < b:
+                starts.append(s)
+                ends.append(min(s + chunk, b))
+                self.sample_document.append(d)
+                if long_documents == "truncate":
+                    break
+                s += chunk
+        if not starts:
+            raise ValueError("DocumentWindows: no non-empty documents")
+        self._starts = torch.tensor(starts, dtype=torch.long)
+        self._ends = torch.tensor(ends, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return int(self._starts.numel())
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range [0, {len(self)})")
+        L, T = self.segment_length, self.window
+        a, b = int(self._starts[index]), int(self._ends[index])
+        seg = torch.arange(T, dtype=torch.long) * L
+        start = a + seg
+        length = (b - start).clamp(min=0, max=L)
+        is_boot = torch.zeros(T, dtype=torch.bool)
+        is_boot[0] = True
+        cells = _build_cells(self._flat, start, length, is_boot, L, self.bos_token_id, self.pad_token_id, self.boot)
+        return {
+            "encoder_input_ids": cells["encoder_input_ids"],
+            "encoder_attention_mask": cells["encoder_attention_mask"],
+            "decoder_input_ids": cells["decoder_input_ids"],
+            "decoder_attention_mask": cells["decoder_attention_mask"],
+            "shift_labels": cells["labels"].reshape(T * L).contiguous(),
+            "memory_reset": cells["memory_reset"],
+            "stream_ids": torch.tensor(index, dtype=torch.long),
+            "window_index": torch.tensor(0, dtype=torch.long),
+        }

@@ -1,0 +1,197 @@
+"""Configuration of the Memformer model (Wu et al., arXiv 2010.06891)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+POSITION_EMBEDDING_TYPES = ("rope", "simplified_rpe", "none")
+FIRST_SEGMENT_CONTEXTS = ("bos", "empty")
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
+
+# Size presets (SPEC §1.12). Values are keyword arguments of `MemformerConfig`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, encoder_layers=2, decoder_layers=2, num_attention_heads=4, intermediate_size=256,
+                 num_memory_slots=8, segment_length=32),
+    "small": dict(hidden_size=256, encoder_layers=2, decoder_layers=4, num_attention_heads=4, intermediate_size=1024,
+                  num_memory_slots=16, segment_length=64),
+    "v1-lm": dict(hidden_size=512, encoder_layers=4, decoder_layers=8, num_attention_heads=8, intermediate_size=2048,
+                  num_memory_slots=32, segment_length=64),
+    "v2-lm": dict(hidden_size=512, encoder_layers=4, decoder_layers=16, num_attention_heads=8, intermediate_size=2048,
+                  num_memory_slots=32, segment_length=64),
+}
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"MemformerConfig: invalid `{field}`={value!r}; expected {allowed}.")
+
+
+class MemformerConfig(PretrainedConfig):
+    r"""Configuration for [`MemformerModel`] and [`MemformerForCausalLM`].
+
+    Memformer encodes each segment of `segment_length` tokens while reading `num_memory_slots` memory slots in
+    every encoder layer, writes the slots once per segment with a slot-attention writer followed by Biased Memory
+    Normalization, and predicts the next segment with a causal decoder that cross-attends to the encoder output.
+
+    Args:
+        vocab_size: vocabulary size (keep a multiple of 128 for LM-head efficiency).
+        hidden_size: model width d.
+        encoder_layers / decoder_layers: depth of the memory-reading encoder and of the causal decoder.
+        num_attention_heads: heads of every attention block (d must be divisible by it).
+        intermediate_size: FFN width.
+        activation_function: FFN activation.
+        segment_length: L, tokens per segment; positions are in-segment indices 0..L-1.
+        num_memory_slots: K, memory slots per row.
+        memory_write_heads: heads of the memory writer (defaults to `num_attention_heads`).
+        memory_write_temperature: writer softmax temperature tau in (0, 1]; tau < 1 sharpens (the paper's choice).
+        learnable_temperature: learn log(tau) instead of keeping it fixed.
+        writer_out_proj: add an output projection to the writer (ablation; the paper has none).
+        use_forget_bias: add the per-slot forgetting vector before normalisation (BMN); False is the ablation.
+        normalize_memory_kv: LayerNorm the memory before the reader's key/value projections (ablation).
+        position_embedding_type: "rope" (default, fast), "simplified_rpe" (the paper's v1 formula) or "none".
+        rope_parameters: RoPE settings, v5 naming (`rope_type`, `rope_theta`).
+        first_segment_context: "bos" (the first segment conditions on a BOS-only previous segment) or "empty".
+        attention_dropout / hidden_dropout: dropout probabilities (0 in the paper).
+        layer_norm_eps / initializer_range / attention_bias: usual meanings.
+        bptt_horizon: in full-BPTT stream mode, detach the memory every this many segments (None: never).
+    """
+
+    model_type = "memformer"
+    attribute_map = {"num_hidden_layers": "decoder_layers", "n_positions": "segment_length"}
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32768,
+        hidden_size: int = 512,
+        encoder_layers: int = 4,
+        decoder_layers: int = 8,
+        num_attention_heads: int = 8,
+        intermediate_size: int = 2048,
+        activation_function: str = "gelu",
+        segment_length: int = 64,
+        num_memory_slots: int = 32,
+        memory_write_heads: int | None = None,
+        memory_write_temperature: float = 0.5,
+        learnable_temperature: bool = False,
+        writer_out_proj: bool = False,
+        use_forget_bias: bool = True,
+        normalize_memory_kv: bool = False,
+        position_embedding_type: str = "rope",
+        rope_parameters: dict[str, Any] | None = None,
+        first_segment_context: str = "bos",
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        attention_bias: bool = True,
+        bptt_horizon: int | None = None,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | None = 0,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.encoder_layers = encoder_layers
+        self.decoder_layers = decoder_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.activation_function = activation_function
+        self.segment_length = segment_length
+        self.num_memory_slots = num_memory_slots
+        self.memory_write_heads = num_attention_heads if memory_write_heads is None else memory_write_heads
+        self.memory_write_temperature = memory_write_temperature
+        self.learnable_temperature = learnable_temperature
+        self.writer_out_proj = writer_out_proj
+        self.use_forget_bias = use_forget_bias
+        self.normalize_memory_kv = normalize_memory_kv
+        self.position_embedding_type = position_embedding_type
+        self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 1e4}
+        self.first_segment_context = first_segment_context
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_bias = attention_bias
+        self.bptt_horizon = bptt_horizon
+        self.tie_word_embeddings = tie_word_embeddings
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.use_cache = use_cache
+        kwargs.setdefault("is_encoder_decoder", False)
+        super().__init__(**kwargs)
+        self.validate_memformer()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MemformerConfig:
+        """Build a config from one of `PRESETS` ("tiny", "small", "v1-lm", "v2-lm"), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown Memformer preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate_memformer(self) -> None:
+        """Raise `ValueError` naming the field for any invalid value."""
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "segment_length",
+                     "num_memory_slots", "memory_write_heads"):
+            value = getattr(self, name)
+            _check(is_int(value) and value >= 1, name, value, "an integer >= 1")
+        for name in ("encoder_layers", "decoder_layers"):
+            value = getattr(self, name)
+            _check(is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _check(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads", self.num_attention_heads,
+               f"a divisor of hidden_size={self.hidden_size}")
+        _check(self.hidden_size % self.memory_write_heads == 0, "memory_write_heads", self.memory_write_heads,
+               f"a divisor of hidden_size={self.hidden_size}")
+        tau = self.memory_write_temperature
+        _check(is_num(tau) and 0.0 < tau <= 1.0, "memory_write_temperature", tau, "a number in (0, 1]")
+        _check(self.position_embedding_type in POSITION_EMBEDDING_TYPES, "position_embedding_type",
+               self.position_embedding_type, f"one of {POSITION_EMBEDDING_TYPES}")
+        _check(self.first_segment_context in FIRST_SEGMENT_CONTEXTS, "first_segment_context",
+               self.first_segment_context, f"one of {FIRST_SEGMENT_CONTEXTS}")
+        _check(self.activation_function in ACTIVATIONS, "activation_function", self.activation_function,
+               f"one of {ACTIVATIONS}")
+        if self.position_embedding_type == "rope":
+            _check(self.head_dim % 2 == 0, "num_attention_heads", self.num_attention_heads,
+                   "a value giving an even head dimension (RoPE rotates pairs)")
+            theta = self.rope_parameters.get("rope_theta", 1e4)
+            _check(is_num(theta) and theta > 0, "rope_parameters.rope_theta", theta, "a positive number")
+            rope_type = self.rope_parameters.get("rope_type", "default")
+            _check(rope_type == "default", "rope_parameters.rope_type", rope_type,
+                   "'default' (positions are in-segment, so no scaling is ever needed)")
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            _check(is_num(value) and 0.0 <= value < 1.0, name, value, "a probability in [0, 1)")
+        _check(is_num(self.layer_norm_eps) and self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps,
+               "a positive number")
+        _check(is_num(self.initializer_range) and self.initializer_range > 0, "initializer_range",
+               self.initializer_range, "a positive number")
+        _check(self.bptt_horizon is None or (is_int(self.bptt_horizon) and self.bptt_horizon >= 1), "bptt_horizon",
+               self.bptt_horizon, "None or an integer >= 1")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ok = value is None or (is_int(value) and 0 <= value < self.vocab_size)
+            if name == "eos_token_id" and isinstance(value, list):
+                ok = all(is_int(v) and 0 <= v < self.vocab_size for v in value)
+            _check(ok, name, value, f"None or a token id in [0, vocab_size={self.vocab_size})")
+        _check(self.bos_token_id is not None, "bos_token_id", None,
+               "a token id (the decoder starts every segment with BOS)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+__all__ = ["MemformerConfig", "PRESETS"]

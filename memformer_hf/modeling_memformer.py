@@ -1,0 +1,1158 @@
+"""Memformer: a memory-augmented Transformer for sequence modeling (Wu et al., arXiv 2010.06891), for transformers v5.
+
+Data flow per segment (SPEC §1.1): H_t = Enc(s_t, M_t) (every encoder layer reads the memory slots),
+M_{t+1} = Write(M_t, H_t) (slot attention on the final encoder output, then Biased Memory Normalization) and the
+causal decoder predicts s_{t+1} while cross-attending to H_t only. The recurrent state lives in `MemformerCache`.
+
+Reading order: building blocks (rotary, attention, FFN, memory reader, memory writer, BMN, layers) → encoder /
+decoder stacks → `MemformerPreTrainedModel` → `MemformerModel` (stream planning, critical path, batched decoder)
+→ `MemformerForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .cache_memformer import MemformerCache
+from .configuration_memformer import MemformerConfig
+
+try:  # transformers' init helpers skip tensors that were loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older 5.x
+    init = nn.init
+
+logger = logging.get_logger(__name__)
+
+# transformers >= 5.23 names the cache `cache` in forward kwargs and outputs; 5.17 calls it `past_key_values`.
+try:
+    from transformers.generation.utils import ALL_CACHE_NAMES as _ALL_CACHE_NAMES
+except ImportError:  # pragma: no cover
+    _ALL_CACHE_NAMES = ["past_key_values"]
+CACHE_KWARG = "cache" if "cache" in _ALL_CACHE_NAMES else "past_key_values"
+
+
+def _output_class(name: str, doc: str, fields_: list[tuple[str, Any]]) -> type[ModelOutput]:
+    """Build a `ModelOutput` dataclass whose cache field uses the installed transformers' name."""
+    spec = [(n, t, field(default=None)) for n, t in fields_]
+    cls = make_dataclass(name, spec, bases=(ModelOutput,))
+    cls.__doc__ = doc
+    cls.__module__ = __name__
+    return dataclass(cls)
+
+
+_COMMON_FIELDS = [
+    (CACHE_KWARG, Cache | None),
+    ("hidden_states", tuple | None),
+    ("memory", torch.Tensor | None),
+    ("memory_states", tuple | None),
+    ("writer_attentions", tuple | None),
+    ("reader_attentions", tuple | None),
+]
+MemformerModelOutput = _output_class(
+    "MemformerModelOutput",
+    "Output of `MemformerModel`: decoder states per input column, the cache (`past_key_values`), the final memory "
+    "[B, K, d] and, on request, memory states, writer attentions [B, H_w, K, 1+L] and reader attentions.",
+    [("last_hidden_state", torch.Tensor | None)] + _COMMON_FIELDS,
+)
+MemformerCausalLMOutput = _output_class(
+    "MemformerCausalLMOutput",
+    "Output of `MemformerForCausalLM`: `loss` (token mean), `logits`, the cache (`past_key_values`), the final "
+    "memory and the optional analysis outputs of `MemformerModelOutput`.",
+    [("loss", torch.Tensor | None), ("logits", torch.Tensor | None)] + _COMMON_FIELDS,
+)
+
+
+# ============================================================================================ building blocks
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MemformerRotaryEmbedding(nn.Module):
+    """RoPE on in-segment positions (0..L-1); the tables are tiny and recomputed per call (no module state)."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = float(config.rope_parameters.get("rope_theta", 1e4))
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N, q] → cos, sin [N, 1, q, head_dim]."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=positions.device,
+                                                        dtype=torch.float32) / self.head_dim))
+        angles = positions.float()[..., None] * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    if cos_sin is None:
+        return x
+    cos, sin = cos_sin
+    return x * cos + rotate_half(x) * sin
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    rel_index: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention. `attention_mask` is additive [N, 1|H, q, k]. With `rel_index` [N, q, k] and a module
+    `rel_pos` table, adds the paper's simplified relative position terms (logit q·R_{i-j}, value v_j + R_{i-j})."""
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    rel = None
+    if rel_index is not None:
+        rel = module.rel_pos.weight[rel_index].to(query.dtype)  # [N, q, k, d_h]
+        scores = scores + torch.einsum("nhqd,nqkd->nhqk", query, rel)
+    scores = scores * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value)
+    if rel is not None:
+        out = out + torch.einsum("nhqk,nqkd->nhqd", probs, rel)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+class MemformerAttention(nn.Module):
+    """Multi-head attention used for encoder/decoder self-attention (with RoPE or simplified RPE) and for decoder
+    cross-attention to the previous segment's encoder output (no positions)."""
+
+    def __init__(self, config: MemformerConfig, is_self_attention: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.is_causal = False  # masks are always explicit, see `_attend`
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o_proj = nn.Linear(d, d, bias=bias)
+        self.uses_rel_pos = is_self_attention and config.position_embedding_type == "simplified_rpe"
+        if self.uses_rel_pos:
+            self.rel_pos = nn.Embedding(2 * config.segment_length - 1, self.head_dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, q, _ = x.shape
+        return x.view(n, q, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, states: torch.Tensor, cos_sin=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, k, d] → keys (rotated when `cos_sin` is given) and values, each [N, H, k, d_h]."""
+        return apply_rotary(self.split_heads(self.k_proj(states)), cos_sin), self.split_heads(self.v_proj(states))
+
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        cos_sin=None,
+        rel_index: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Queries from `hidden` [N, q, d] against prepared keys/values [N, H, k, d_h]. `mask` is a bool
+        [N, 1, q|1, k] (True = may attend); a query with no valid key outputs exactly zero. `causal=True` with
+        `mask=None` means a plain causal mask over equal-length q and k (the flash-eligible training case)."""
+        query = apply_rotary(self.split_heads(self.q_proj(hidden)), cos_sin)
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if causal and mask is None and (impl == "eager" or self.uses_rel_pos):
+            q_len = query.shape[2]
+            mask = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()[None, None]
+            causal = False
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+            additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)
+        if impl == "eager" or self.uses_rel_pos:
+            out, _ = eager_attention_forward(self, query, key, value, additive, self.scaling, dropout,
+                                             rel_index=rel_index if self.uses_rel_pos else None)
+        else:
+            out, _ = ALL_ATTENTION_FUNCTIONS[impl](self, query, key, value, additive, dropout=dropout,
+                                                   scaling=self.scaling, is_causal=causal)
+        if mask is not None:  # safe softmax: no valid key → exact zero
+            out = out * mask.any(-1).transpose(1, 2)[..., None].to(out.dtype)
+        return self.o_proj(out.reshape(*hidden.shape[:-1], -1))
+
+
+class MemformerFFN(nn.Module):
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class MemoryReader(nn.Module):
+    """Tokens attend to the K memory slots (every encoder layer; no mask, no positions). SPEC §1.4."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d, bias = config.hidden_size, config.attention_bias
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o_proj = nn.Linear(d, d, bias=bias)
+        self.dropout = config.attention_dropout
+
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [N, L, d] (already normalised), memory [N, K, d] → output [N, L, d], attention [N, H, L, K]."""
+        n, q, _ = hidden.shape
+        memory = memory.to(self.k_proj.weight.dtype) if not torch.is_autocast_enabled() else memory
+        query = self.q_proj(hidden).view(n, q, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        probs = torch.softmax((query @ key.transpose(-1, -2)).float() * self.head_dim ** -0.5, dim=-1)
+        probs = F.dropout(probs.to(value.dtype), p=self.dropout, training=self.training)
+        out = (probs @ value).transpose(1, 2).reshape(n, q, -1)
+        return self.o_proj(out), probs
+
+
+class BiasedMemoryNorm(nn.Module):
+    """Biased Memory Normalization (SPEC §1.6): m ← (m' + v_bias) / ‖m' + v_bias‖₂ per slot, and the initial memory
+    m₀ = v_bias / ‖v_bias‖₂. The forgetting vector v_bias is owned by the writer (`writer.forget_bias`)."""
+
+    def __init__(self, config: MemformerConfig, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.use_forget_bias = config.use_forget_bias
+        self.eps = eps
+
+    def initial_memory(self, forget_bias: torch.Tensor) -> torch.Tensor:
+        return forget_bias / forget_bias.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+    def forward(self, memory: torch.Tensor, forget_bias: torch.Tensor) -> torch.Tensor:
+        if self.use_forget_bias:
+            memory = memory + forget_bias
+        return memory / memory.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+
+class MemoryWriter(nn.Module):
+    """Slot-attention memory writer on the final encoder output (SPEC §1.5).
+
+    Slot i attends to itself and to the segment's valid tokens (never to other slots), with temperature τ; the
+    self value is the raw slot and there is no output projection by default, so a slot whose attention stays on
+    itself is unchanged before BMN. Runs in at least float32."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.memory_write_heads
+        self.head_dim = d // self.num_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d) if config.writer_out_proj else None
+        self.forget_bias = nn.Parameter(torch.empty(config.num_memory_slots, d))
+        self.log_temperature = (nn.Parameter(torch.tensor(math.log(config.memory_write_temperature)))
+                                if config.learnable_temperature else None)
+        self.temperature = config.memory_write_temperature
+        self.norm = BiasedMemoryNorm(config)
+        self.dropout = config.attention_dropout
+
+    def initial_memory(self, dtype: torch.dtype) -> torch.Tensor:
+        """m₀ [K, d], rebuilt from the parameter on every call so that it stays in the autograd graph."""
+        return self.norm.initial_memory(self.forget_bias.to(dtype))
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+    def forward(self, memory: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [N, K, d] (≥ fp32), hidden [N, L, d], mask [N, L] bool → new memory, attention [N, H_w, K, 1+L]
+        (column 0 is the slot's own entry)."""
+        dtype = memory.dtype
+        with torch.autocast(device_type=memory.device.type, enabled=False):
+            hidden = hidden.to(dtype)
+            n, k, _ = memory.shape
+            split = lambda x: x.view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+            q = split(self._linear(self.q_proj, memory))
+            k_self = split(self._linear(self.k_proj, memory))
+            k_tok, v_tok = split(self._linear(self.k_proj, hidden)), split(self._linear(self.v_proj, hidden))
+            tau = self.log_temperature.exp().to(dtype) if self.log_temperature is not None else self.temperature
+            scale = 1.0 / (math.sqrt(self.head_dim) * tau)
+            self_score = (q * k_self).sum(-1, keepdim=True)  # [N, H, K, 1]
+            tok_score = q @ k_tok.transpose(-1, -2)  # [N, H, K, L]
+            if mask is not None:
+                tok_score = tok_score.masked_fill(~mask[:, None, None, :], torch.finfo(dtype).min)
+            probs = torch.softmax(torch.cat([self_score, tok_score], dim=-1) * scale, dim=-1)
+            probs = F.dropout(probs, p=self.dropout, training=self.training)
+            m_heads = split(memory)
+            new = probs[..., :1] * m_heads + probs[..., 1:] @ v_tok
+            new = new.transpose(1, 2).reshape(n, k, -1)
+            if self.out_proj is not None:
+                new = self._linear(self.out_proj, new)
+            return self.norm(new, self.forget_bias.to(dtype)), probs
+
+
+class MemformerEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN: self-attention (bidirectional, in-segment positions) → memory read → FFN."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.self_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.self_attn = MemformerAttention(config, is_self_attention=True)
+        self.memory_read_norm = nn.LayerNorm(d, eps=eps)
+        self.memory_read = MemoryReader(config)
+        self.memory_kv_norm = nn.LayerNorm(d, eps=eps) if config.normalize_memory_kv else None
+        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.ffn = MemformerFFN(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None, cos_sin=None,
+                rel_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.self_attn_norm(hidden)
+        key, value = self.self_attn.project_kv(x, cos_sin)
+        hidden = hidden + self.dropout(self.self_attn.attend(x, key, value, mask, cos_sin, rel_index))
+        if self.memory_kv_norm is not None:
+            memory = self.memory_kv_norm(memory.to(self.memory_kv_norm.weight.dtype))
+        read, probs = self.memory_read(self.memory_read_norm(hidden), memory)
+        hidden = hidden + self.dropout(read)
+        hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
+        return hidden, probs
+
+
+class MemformerDecoderLayer(GradientCheckpointingLayer):
+    """Pre-LN: causal self-attention over the segment-local KV → cross-attention to H → FFN."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.self_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.self_attn = MemformerAttention(config, is_self_attention=True)
+        self.cross_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.cross_attn = MemformerAttention(config, is_self_attention=False)
+        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.ffn = MemformerFFN(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden: torch.Tensor, past_key: torch.Tensor | None, past_value: torch.Tensor | None,
+                cross_key: torch.Tensor, cross_value: torch.Tensor, plan: DecoderPlan
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the new hidden states and the full self K/V buffers (past with the new positions written)."""
+        x = self.self_attn_norm(hidden)
+        new_key, new_value = self.self_attn.project_kv(x, plan.cos_sin)
+        if plan.write_index is None:  # every chunk starts at position 0: the buffer is just the new K/V
+            key, value = new_key, new_value
+        else:
+            idx = plan.write_index[:, None, :, None].expand(-1, new_key.shape[1], -1, new_key.shape[-1])
+            key = past_key.scatter(2, idx, new_key)
+            value = past_value.scatter(2, idx, new_value)
+        attn = self.self_attn.attend(x, key, value, plan.self_mask, plan.cos_sin, plan.rel_index,
+                                     causal=plan.self_mask is None)
+        hidden = hidden + self.dropout(attn)
+        cross = self.cross_attn.attend(self.cross_attn_norm(hidden), cross_key, cross_value, plan.cross_mask)
+        hidden = hidden + self.dropout(cross)
+        hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
+        return hidden, key, value
+
+
+@dataclass
+class DecoderPlan:
+    """Masks and positions shared by all decoder layers for one batched decoder call."""
+
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    rel_index: torch.Tensor | None
+    self_mask: torch.Tensor | None  # [N, 1, q, k] bool, or None for plain causal
+    cross_mask: torch.Tensor | None  # [N, 1, 1, L] bool, or None when every cross key is valid
+    write_index: torch.Tensor | None  # [N, q] buffer slot of each query's key, or None when all chunks start at 0
+
+
+# ============================================================================================ stacks
+class MemformerEncoder(nn.Module):
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MemformerEncoderLayer(config) for _ in range(config.encoder_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None, cos_sin,
+                rel_index) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        reads = []
+        for layer in self.layers:
+            hidden, probs = layer(hidden, memory, mask, cos_sin, rel_index)
+            reads.append(probs)
+        return self.norm(hidden), tuple(reads)
+
+
+class MemformerDecoder(nn.Module):
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MemformerDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+# ============================================================================================ pretrained base
+class MemformerPreTrainedModel(PreTrainedModel):
+    config_class = MemformerConfig
+    config: MemformerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MemformerEncoderLayer", "MemformerDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = False
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MemoryWriter):
+            init.normal_(module.forget_bias, mean=0.0, std=self.config.hidden_size ** -0.5)
+            if module.log_temperature is not None:
+                init.constant_(module.log_temperature, math.log(self.config.memory_write_temperature))
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache)."""
+        if model_kwargs.get(CACHE_KWARG) is None and model_kwargs.get("past_key_values") is None \
+                and generation_config.use_cache is not False:
+            if generation_config.cache_implementation is not None:
+                raise ValueError(f"Memformer keeps its own recurrent cache; `cache_implementation="
+                                 f"{generation_config.cache_implementation!r}` is not supported.")
+            model_kwargs[CACHE_KWARG] = MemformerCache(self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+# ============================================================================================ the model
+@dataclass
+class _Chunk:
+    """A run of decoder positions of one row: `enc` is the encode step whose output it cross-attends to (None:
+    the cached cross context), `start` its first position, `src` the input token sources, `cols` the output column
+    of each position (None: discarded)."""
+
+    row: int
+    enc: int | None
+    start: int
+    src: list[int]
+    cols: list[int | None]
+
+
+@dataclass
+class _StreamPlan:
+    """How one stream-mode call walks every row's grid (SPEC §2.3)."""
+
+    encodes: list[list[tuple[int, list[int]]]]  # per encode step: (row, encoder input sources)
+    chunks: list[_Chunk]
+    final_fill: list[int]
+    final_segment: list[list[int]]
+    booted: list[bool]  # the row (re)starts from m0 in this call
+
+
+class MemformerModel(MemformerPreTrainedModel):
+    """The Memformer encoder–writer–decoder. `forward` has two modes:
+
+    * **stream mode** (`input_ids` or `inputs_embeds`): any number of columns; the sequence is split into segments
+      per row, the recurrence runs inside, the state is taken and returned as `past_key_values`.
+    * **cell mode** (`encoder_input_ids` + `decoder_input_ids`): one recurrence cell per row, `memory` in and out
+      (used by MRBP training, SPEC §3.1).
+    """
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.encoder = MemformerEncoder(config)
+        self.writer = MemoryWriter(config)
+        self.decoder = MemformerDecoder(config)
+        self.rotary = MemformerRotaryEmbedding(config) if config.position_embedding_type == "rope" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def memory_dtype(self) -> torch.dtype:
+        """Memory is kept in float32 (float64 for a float64 model) whatever the compute dtype."""
+        return torch.float64 if self.writer.forget_bias.dtype == torch.float64 else torch.float32
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:
+        """m₀ = normalize(v_bias), [batch, K, d], inside the autograd graph."""
+        return self.writer.initial_memory(self.memory_dtype).unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _positions(self, positions: torch.Tensor, key_positions: torch.Tensor | None, dtype: torch.dtype):
+        """RoPE tables or simplified-RPE relative indices for query positions [N, q] and key positions [N, k]."""
+        if self.config.position_embedding_type == "rope":
+            return self.rotary(positions, dtype), None
+        if self.config.position_embedding_type == "simplified_rpe":
+            L = self.config.segment_length
+            kpos = positions if key_positions is None else key_positions
+            rel = (positions[:, :, None] - kpos[:, None, :]).clamp(-(L - 1), L - 1) + (L - 1)
+            return None, rel
+        return None, None
+
+    def encode_segment(
+        self, inputs_embeds: torch.Tensor, mask: torch.Tensor | None, memory: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The critical path of one segment: H = Enc(s, M), M' = Write(M, H).
+
+        inputs_embeds [N, L', d] (L' ≤ L), mask [N, L'] bool or None (all valid), memory [N, K, d].
+        Returns H, M', writer attention and reader attentions."""
+        n, length, _ = inputs_embeds.shape
+        pos = torch.arange(length, device=inputs_embeds.device).expand(n, -1)
+        cos_sin, rel_index = self._positions(pos, None, inputs_embeds.dtype)
+        attn_mask = None if mask is None else mask[:, None, None, :].expand(-1, 1, length, -1)
+        hidden, reads = self.encoder(inputs_embeds, memory, attn_mask, cos_sin, rel_index)
+        new_memory, write_probs = self.writer(memory, hidden, mask)
+        return hidden, new_memory, write_probs, reads
+
+    def _decoder_plan(self, starts: torch.Tensor, lengths: torch.Tensor, q_len: int, cross_mask, dtype
+                      ) -> tuple[DecoderPlan, int]:
+        """Masks/positions for chunks starting at `starts` [N] with `lengths` [N] valid queries out of `q_len`."""
+        device = starts.device
+        positions = starts[:, None] + torch.arange(q_len, device=device)[None]
+        if bool((starts == 0).all()) and bool((lengths == q_len).all()):
+            buffer_len, write_index, self_mask = q_len, None, None  # plain causal: flash/SDPA-eligible
+            key_pos = positions
+        else:
+            buffer_len = int(starts.max()) + q_len
+            write_index = positions
+            key_pos = torch.arange(buffer_len, device=device).expand(len(starts), -1)
+            self_mask = (key_pos[:, None, :] <= positions[:, :, None])[:, None]
+            if bool((starts == 0).all()):
+                write_index = None  # buffer == new K/V (padded queries only see keys up to themselves)
+                buffer_len = q_len
+                key_pos = positions
+                self_mask = self_mask[..., :q_len]
+        cos_sin, rel_index = self._positions(positions, key_pos, dtype)
+        if cross_mask is not None and bool(cross_mask.all()):
+            cross_mask = None
+        plan = DecoderPlan(cos_sin, rel_index, self_mask,
+                           None if cross_mask is None else cross_mask[:, None, None, :], write_index)
+        return plan, buffer_len
+
+    def decode_chunks(
+        self,
+        inputs_embeds: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+        cross_states: list[tuple[torch.Tensor, torch.Tensor]] | torch.Tensor,
+        cross_mask: torch.Tensor | None,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]],
+               tuple[torch.Tensor, ...] | None]:
+        """Run the decoder over N chunks at once.
+
+        inputs_embeds [N, q, d]; chunk j holds positions starts[j]..starts[j]+lengths[j]-1 of its segment.
+        cross_states: the encoder output H [N, L, d] (projected here) or per-layer projected (K, V).
+        past: per-layer self K/V buffers [N, H, ≥max(starts), d_h] holding positions < starts[j].
+        Returns normalised hidden states, per-layer self K/V buffers, per-layer cross K/V, all layer states."""
+        plan, buffer_len = self._decoder_plan(starts, lengths, inputs_embeds.shape[1], cross_mask,
+                                              inputs_embeds.dtype)
+        hidden = inputs_embeds
+        all_hidden = [hidden] if output_hidden_states else None
+        self_kv, cross_kv = [], []
+        for i, layer in enumerate(self.decoder.layers):
+            if torch.is_tensor(cross_states):
+                ck, cv = layer.cross_attn.project_kv(cross_states)
+            else:
+                ck, cv = cross_states[i]
+            past_k = past_v = None
+            if plan.write_index is not None:
+                shape = (hidden.shape[0], self.config.num_attention_heads, buffer_len, self.config.head_dim)
+                past_k = hidden.new_zeros(shape)
+                past_v = hidden.new_zeros(shape)
+                if past is not None:
+                    width = min(buffer_len, past[i][0].shape[2])
+                    past_k[:, :, :width] = past[i][0][:, :, :width]
+                    past_v[:, :, :width] = past[i][1][:, :, :width]
+            hidden, k, v = layer(hidden, past_k, past_v, ck, cv, plan)
+            self_kv.append((k, v))
+            cross_kv.append((ck, cv))
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        return self.decoder.norm(hidden), self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
+
+    # ------------------------------------------------------------------------------------------ stream planning
+    def _plan_stream(self, ids_cpu: torch.Tensor | None, mask_cpu: torch.Tensor, started: list[bool],
+                     fill: list[int], n_cols: int) -> _StreamPlan:
+        """Walk each row's new tokens through its segment grid (SPEC §2.3).
+
+        Token sources index a per-row source row laid out as [cached partial segment (L) | new columns (n) | BOS]."""
+        L, bos_src = self.config.segment_length, self.config.segment_length + n_cols
+        bos_mode = self.config.first_segment_context == "bos"
+        encodes: list[list[tuple[int, list[int]]]] = []
+        chunks: list[_Chunk] = []
+        final_fill, final_segment, booted = [], [], []
+        for r in range(mask_cpu.shape[0]):
+            cols = mask_cpu[r].nonzero().flatten().tolist()
+            n_enc = 0
+
+            def add_encode(src: list[int], row: int = r) -> int:
+                nonlocal n_enc
+                if len(encodes) <= n_enc:
+                    encodes.append([])
+                encodes[n_enc].append((row, src))
+                n_enc += 1
+                return n_enc - 1
+
+            if started[r]:
+                segment = list(range(fill[r]))
+                current = _Chunk(r, None, fill[r] + 1, [], [])
+                booted.append(False)
+            else:
+                if not cols:  # nothing to consume: the row stays unstarted
+                    final_fill.append(0)
+                    final_segment.append([])
+                    booted.append(False)
+                    continue
+                boot_col = None  # with inputs_embeds the boot BOS is always implicit
+                if bos_mode and ids_cpu is not None and int(ids_cpu[r, cols[0]]) == self.config.bos_token_id:
+                    boot_col = cols.pop(0)
+                k = add_encode([bos_src] if bos_mode else [])
+                segment = []
+                current = _Chunk(r, k, 0, [bos_src], [boot_col])
+                booted.append(True)
+            for c in cols:
+                segment.append(L + c)
+                if len(segment) < L:
+                    current.src.append(L + c)
+                    current.cols.append(c)
+                else:
+                    if current.src:
+                        chunks.append(current)
+                    k = add_encode(segment)
+                    segment = []
+                    current = _Chunk(r, k, 0, [bos_src], [c])
+            if current.src:
+                chunks.append(current)
+            final_fill.append(len(segment))
+            final_segment.append(segment)
+        return _StreamPlan(encodes, chunks, final_fill, final_segment, booted)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: MemformerCache | None = None,
+        use_cache: bool | None = None,
+        memory_reset: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_memory_states: bool = False,
+        output_memory_attentions: bool = False,
+        return_dict: bool | None = None,
+        encoder_input_ids: torch.LongTensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        critical_path_only: bool = False,
+        columns_to_keep: torch.Tensor | None = None,
+        replay_step: int | None = None,
+        replay_memory: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        r"""
+        Stream mode:
+            input_ids / inputs_embeds [B, n]: any length; each row's real tokens (attention_mask 1) are consumed in
+                order. A row's first token, if it is BOS, is its boot segment (else an implicit BOS boot is added).
+            attention_mask [B, n]: 0 marks padding (left padding for generation); pads never reach the memory.
+            past_key_values (`MemformerCache`): the state to continue from; updated in place and returned.
+            memory_reset [B] bool: rows that restart from the initial memory m₀ (a new document) in this call.
+            output_memory_states / output_memory_attentions: return the memory after every encode step, and the
+                writer [B, H_w, K, 1+L] and reader [B, H, L, K] attention maps of every encode step.
+            columns_to_keep: internal (`logits_to_keep` of the LM head): only columns selected here need outputs.
+            replay_step / replay_memory: internal to MRBP (`mrbp.memory_replay_backward`): recompute encode step k
+                from its stored memory and only the decoder chunks that depend on it.
+        Cell mode (SPEC §3.1):
+            encoder_input_ids, encoder_attention_mask, decoder_input_ids, decoder_attention_mask [B, L]; memory
+            [B, K, d] (None: m₀); memory_reset [B]; critical_path_only skips the decoder.
+        """
+        kw_cache = kwargs.pop("cache", None)
+        past_key_values = past_key_values if past_key_values is not None else kw_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        if encoder_input_ids is not None or decoder_input_ids is not None:
+            out = self._forward_cell(encoder_input_ids, encoder_attention_mask, decoder_input_ids,
+                                     decoder_attention_mask, memory, memory_reset, critical_path_only,
+                                     output_hidden_states, output_memory_attentions)
+        else:
+            out = self._forward_stream(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache,
+                                       memory_reset, output_hidden_states, output_memory_states,
+                                       output_memory_attentions, columns_to_keep, replay_step, replay_memory)
+        return out if return_dict else out.to_tuple()
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        if ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"`{name}` holds token ids outside [0, vocab_size={self.config.vocab_size}): "
+                             f"min {int(ids.min())}, max {int(ids.max())}.")
+
+    def _check_memory(self, memory: torch.Tensor, batch_size: int, name: str) -> None:
+        expected = (batch_size, self.config.num_memory_slots, self.config.hidden_size)
+        if memory.dim() != 3 or memory.shape[1:] != expected[1:]:
+            raise ValueError(f"`{name}` must have shape (batch, num_memory_slots, hidden_size) = "
+                             f"({batch_size}, {expected[1]}, {expected[2]}), got {tuple(memory.shape)}.")
+        if memory.shape[0] != batch_size:
+            raise ValueError(f"Memory batch size {memory.shape[0]} != input batch size {batch_size} (`{name}`).")
+        if not bool(torch.isfinite(memory).all()):
+            raise ValueError(f"`{name}` contains NaN or inf values.")
+
+    def _forward_cell(self, enc_ids, enc_mask, dec_ids, dec_mask, memory, memory_reset, critical_path_only,
+                      output_hidden_states, output_memory_attentions):
+        if enc_ids is None or (dec_ids is None and not critical_path_only):
+            raise ValueError("Cell mode needs `encoder_input_ids` and (unless critical_path_only) `decoder_input_ids`.")
+        L = self.config.segment_length
+        for name, t in (("encoder_input_ids", enc_ids), ("decoder_input_ids", dec_ids)):
+            if t is None:
+                continue
+            if t.dim() != 2 or t.shape[1] > L or t.shape[0] != enc_ids.shape[0]:
+                raise ValueError(f"`{name}` must have shape (batch, ≤ segment_length={L}), got {tuple(t.shape)}.")
+            self._check_ids(t, name)
+        b = enc_ids.shape[0]
+        m0 = self.initial_memory(b)
+        if memory is None:
+            memory = m0
+        else:
+            self._check_memory(memory, b, "memory")
+            memory = memory.to(self.memory_dtype)
+        if memory_reset is not None:
+            if memory_reset.shape != (b,):
+                raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")
+            memory = torch.where(memory_reset.to(memory.device).bool()[:, None, None], m0, memory)
+        enc_mask = None if enc_mask is None else enc_mask.bool()
+        if enc_mask is not None and bool(enc_mask.all()):
+            enc_mask = None
+        hidden, new_memory, write_probs, reads = self.encode_segment(self.embed_tokens(enc_ids), enc_mask, memory)
+        last_hidden = all_hidden = None
+        if not critical_path_only:
+            n, q = dec_ids.shape
+            dmask = torch.ones_like(dec_ids, dtype=torch.bool) if dec_mask is None else dec_mask.bool()
+            starts = torch.zeros(n, dtype=torch.long, device=dec_ids.device)
+            cross_mask = (torch.ones(n, hidden.shape[1], dtype=torch.bool, device=hidden.device) if enc_mask is None
+                          else enc_mask)
+            last_hidden, _, _, all_hidden = self.decode_chunks(
+                self.embed_tokens(dec_ids), starts, dmask.sum(-1) if dec_mask is not None else starts + q,
+                hidden, cross_mask, output_hidden_states=output_hidden_states)
+        return MemformerModelOutput(
+            last_hidden_state=last_hidden, memory=new_memory, hidden_states=all_hidden,
+            writer_attentions=(write_probs,) if output_memory_attentions else None,
+            reader_attentions=(reads,) if output_memory_attentions else None)
+
+    def _forward_stream(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, memory_reset,
+                        output_hidden_states, output_memory_states, output_memory_attentions, columns_to_keep,
+                        replay_step, replay_memory):
+        cfg = self.config
+        L, K, d, H = cfg.segment_length, cfg.num_memory_slots, cfg.hidden_size, cfg.num_attention_heads
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` (or the cell-mode inputs).")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+            self._check_ids(input_ids, "input_ids")
+            b, n = input_ids.shape
+            device = input_ids.device
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d:
+                raise ValueError(f"`inputs_embeds` must have shape (batch, sequence, {d}), "
+                                 f"got {tuple(inputs_embeds.shape)}.")
+            b, n = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        if attention_mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < n:
+                raise ValueError(f"`attention_mask` must have shape (batch, ≥ sequence) = ({b}, {n}), "
+                                 f"got {tuple(attention_mask.shape)}.")
+            mask = attention_mask[:, -n:].bool()  # generate passes the mask of past + new columns
+        if memory_reset is not None:
+            if memory_reset.shape != (b,):
+                raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")
+            memory_reset = memory_reset.to(device).bool()
+        use_cache = use_cache if use_cache is not None else cfg.use_cache
+        if cache is not None and not isinstance(cache, MemformerCache):
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                cache = None  # the empty default cache generate() may hand us
+            else:
+                raise ValueError(f"Memformer needs a MemformerCache as `past_key_values`, got {type(cache).__name__}.")
+        if cache is not None:
+            cache.check_compatible(cfg, b)
+        elif use_cache:
+            cache = MemformerCache(cfg)
+        have_state = cache is not None and not cache.is_empty
+        if have_state and cache.memory is not None and not bool(torch.isfinite(cache.memory).all()):
+            raise ValueError("The cache's memory contains NaN or inf values.")
+        mem_dtype = self.memory_dtype
+
+        # ---- previous state
+        if have_state:
+            started = cache.started.clone()
+            if memory_reset is not None:
+                started &= ~memory_reset
+            fill = cache.fill
+            carried = cache.memory.to(mem_dtype)
+            seg_ids = cache.segment_ids
+        else:
+            started = torch.zeros(b, dtype=torch.bool, device=device)
+            fill = torch.zeros(b, dtype=torch.long, device=device)
+            carried = None
+            seg_ids = None
+        if inputs_embeds is not None and have_state and bool((started & (fill > 0)).any()):
+            raise ValueError("`inputs_embeds` cannot continue a cache holding a partial segment; pass `input_ids`.")
+
+        plan = self._plan_stream(None if input_ids is None else input_ids.cpu(), mask.cpu(), started.tolist(),
+                                 fill.tolist(), n)
+
+        # ---- token sources: [cached partial segment | new columns | BOS]
+        bos = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=device)
+        if inputs_embeds is None:
+            cached = seg_ids if seg_ids is not None else torch.zeros(b, L, dtype=torch.long, device=device)
+            source = torch.cat([cached, input_ids.long(), bos], dim=1)
+
+            def embed(rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+                return self.embed_tokens(source[rows[:, None], src])
+        else:
+            cached_emb = (self.embed_tokens(seg_ids) if seg_ids is not None
+                          else inputs_embeds.new_zeros(b, L, d))
+            source = torch.cat([cached_emb, inputs_embeds, self.embed_tokens(bos)], dim=1)
+
+            def embed(rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+                return source[rows[:, None], src]
+
+        def pad_sources(lists: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            src = torch.full((len(lists), width), L + n, dtype=torch.long)
+            valid = torch.zeros(len(lists), width, dtype=torch.bool)
+            for j, s in enumerate(lists):
+                src[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+                valid[j, : len(s)] = True
+            return src.to(device), valid.to(device)
+
+        # ---- critical path: encoder + writer, sequential over encode steps
+        booted = torch.tensor(plan.booted, dtype=torch.bool, device=device)
+        m0 = self.initial_memory(b)
+        n_steps = len(plan.encodes)
+        if replay_step is not None:
+            if replay_memory is None:
+                raise ValueError("`replay_step` needs `replay_memory`.")
+            steps = [replay_step] if replay_step < n_steps else []
+            mem = replay_memory
+            if replay_step == 0:
+                mem = torch.where(booted[:, None, None], m0, mem)
+        else:
+            steps = range(n_steps)
+            mem = m0 if carried is None else torch.where(booted[:, None, None], m0, carried)
+        memory_states = [mem] if output_memory_states else None
+        enc_hidden: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # step → (rows, H, mask)
+        writer_attn, reader_attn = [], []
+        for k in steps:
+            if replay_step is None and cfg.bptt_horizon and self.training and k > 0 and k % cfg.bptt_horizon == 0:
+                mem = mem.detach()
+            rows = torch.tensor([r for r, _ in plan.encodes[k]], dtype=torch.long, device=device)
+            src, valid = pad_sources([s for _, s in plan.encodes[k]], L)
+            emask = None if bool(valid.all()) else valid
+            hidden, new_rows, wp, reads = self.encode_segment(embed(rows, src), emask, mem[rows])
+            mem = mem.index_copy(0, rows, new_rows)
+            enc_hidden[k] = (rows, hidden, valid)
+            if output_memory_states:
+                memory_states.append(mem)
+            if output_memory_attentions:
+                writer_attn.append(wp.new_zeros(b, *wp.shape[1:]).index_copy(0, rows, wp))
+                reader_attn.append(tuple(r.new_zeros(b, *r.shape[1:]).index_copy(0, rows, r) for r in reads))
+
+        # ---- which decoder chunks must run
+        last_chunk_of_row: dict[int, int] = {}
+        for j, ch in enumerate(plan.chunks):
+            last_chunk_of_row[ch.row] = j
+        if replay_step is not None:
+            needed = [j for j, ch in enumerate(plan.chunks)
+                      if ch.enc == replay_step or (replay_step == 0 and ch.enc is None)]
+        elif columns_to_keep is None or output_hidden_states:
+            needed = list(range(len(plan.chunks)))
+        else:
+            keep = set(columns_to_keep.tolist())
+            needed = [j for j, ch in enumerate(plan.chunks)
+                      if (use_cache and last_chunk_of_row.get(ch.row) == j) or any(c in keep for c in ch.cols)]
+
+        hidden_out = None
+        all_hidden_out = None
+        if needed:
+            chs = [plan.chunks[j] for j in needed]
+            rows = torch.tensor([c.row for c in chs], dtype=torch.long, device=device)
+            q_len = max(len(c.src) for c in chs)
+            src, valid = pad_sources([c.src for c in chs], q_len)
+            starts = torch.tensor([c.start for c in chs], dtype=torch.long, device=device)
+            lengths = valid.sum(-1)
+            # cross context per chunk: projected per layer from H (new segments) or from the cache (continuations)
+            enc_parts = [(j, c) for j, c in enumerate(chs) if c.enc is not None]
+            cont_parts = [j for j, c in enumerate(chs) if c.enc is None]
+            order = torch.tensor([j for j, _ in enc_parts] + cont_parts, dtype=torch.long, device=device)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order), device=device)
+            h_list, m_list = [], []
+            for _, c in enc_parts:
+                erows, ehidden, evalid = enc_hidden[c.enc]
+                pos = int((erows == c.row).nonzero()[0, 0])
+                h_list.append(ehidden[pos])
+                m_list.append(evalid[pos])
+            h_cross = torch.stack(h_list) if h_list else None
+            cross_kv_layers = []
+            cont_rows = rows[cont_parts] if cont_parts else None
+            for i, layer in enumerate(self.decoder.layers):
+                parts_k, parts_v = [], []
+                if h_cross is not None:
+                    ck, cv = layer.cross_attn.project_kv(h_cross)
+                    parts_k.append(ck)
+                    parts_v.append(cv)
+                if cont_parts:
+                    lay = cache.layers[i]
+                    parts_k.append(lay.cross_keys[cont_rows])
+                    parts_v.append(lay.cross_values[cont_rows])
+                cross_kv_layers.append((torch.cat(parts_k)[inverse], torch.cat(parts_v)[inverse]))
+            mparts = ([torch.stack(m_list)] if m_list else []) + ([cache.cross_mask[cont_rows]] if cont_parts else [])
+            cross_mask = torch.cat(mparts)[inverse]
+            past = None
+            if cont_parts:
+                cont_index = torch.zeros(len(chs), dtype=torch.bool, device=device)
+                cont_index[cont_parts] = True
+                past = []
+                for lay in cache.layers:
+                    pk = torch.zeros(len(chs), H, L, cfg.head_dim, dtype=lay.keys.dtype, device=device)
+                    pv = torch.zeros_like(pk)
+                    pk[cont_index] = lay.keys[cont_rows]
+                    pv[cont_index] = lay.values[cont_rows]
+                    past.append((pk, pv))
+            dec_hidden, self_kv, cross_kv, layer_states = self.decode_chunks(
+                embed(rows, src), starts, lengths, cross_kv_layers, cross_mask, past, output_hidden_states)
+
+            # scatter chunk outputs to their input columns
+            flat_chunk, flat_pos, flat_row, flat_col = [], [], [], []
+            for j, c in enumerate(chs):
+                for i, col in enumerate(c.cols):
+                    if col is not None:
+                        flat_chunk.append(j)
+                        flat_pos.append(i)
+                        flat_row.append(c.row)
+                        flat_col.append(col)
+            fc = torch.tensor(flat_chunk, dtype=torch.long, device=device)
+            fp = torch.tensor(flat_pos, dtype=torch.long, device=device)
+            fr = torch.tensor(flat_row, dtype=torch.long, device=device)
+            fcol = torch.tensor(flat_col, dtype=torch.long, device=device)
+
+            def scatter(states: torch.Tensor) -> torch.Tensor:
+                out = states.new_zeros(b, n, d)
+                return out.index_put((fr, fcol), states[fc, fp])
+
+            hidden_out = scatter(dec_hidden)
+            if output_hidden_states:
+                all_hidden_out = tuple(scatter(s) for s in layer_states)
+
+            # the cache keeps, per row, the state of its last chunk
+            if use_cache and replay_step is None:
+                self._update_cache(cache, plan, needed, last_chunk_of_row, chs, self_kv, cross_kv, cross_mask,
+                                   mem, source if inputs_embeds is None else None, b, device)
+        elif use_cache and replay_step is None:
+            self._update_cache(cache, plan, [], last_chunk_of_row, [], [], [], None, mem,
+                               source if inputs_embeds is None else None, b, device)
+        if use_cache and replay_step is None:
+            cache.consumed += n
+        if hidden_out is None:
+            hidden_out = (inputs_embeds if inputs_embeds is not None else self.embed_tokens.weight).new_zeros(b, n, d)
+        out = MemformerModelOutput(
+            last_hidden_state=hidden_out, memory=mem, hidden_states=all_hidden_out,
+            memory_states=tuple(memory_states) if output_memory_states else None,
+            writer_attentions=tuple(writer_attn) if output_memory_attentions else None,
+            reader_attentions=tuple(reader_attn) if output_memory_attentions else None)
+        if use_cache and replay_step is None:
+            out[CACHE_KWARG] = cache
+        return out
+
+    def _update_cache(self, cache: MemformerCache, plan: _StreamPlan, needed: list[int],
+                      last_chunk_of_row: dict[int, int], chs: list[_Chunk], self_kv, cross_kv, cross_mask,
+                      memory: torch.Tensor, source: torch.Tensor | None, b: int, device) -> None:
+        """Write each row's new state: its last chunk's self/cross K/V, its partial segment, memory and flags."""
+        cfg = self.config
+        L, H, dh = cfg.segment_length, cfg.num_attention_heads, cfg.head_dim
+        dtype = self.embed_tokens.weight.dtype
+        if cache.is_empty:
+            zeros = torch.zeros(b, H, L, dh, dtype=dtype, device=device)
+            cache.set_state(memory=memory, cross_mask=torch.zeros(b, L, dtype=torch.bool, device=device),
+                            segment_ids=torch.zeros(b, L, dtype=torch.long, device=device),
+                            fill=torch.zeros(b, dtype=torch.long, device=device),
+                            started=torch.zeros(b, dtype=torch.bool, device=device),
+                            self_kv=[(zeros, zeros)] * cfg.decoder_layers,
+                            cross_kv=[(zeros, zeros)] * cfg.decoder_layers)
+        position = {j: p for p, j in enumerate(needed)}
+        upd_rows, upd_pos = [], []
+        for r, j in last_chunk_of_row.items():
+            if j not in position:
+                raise RuntimeError("internal error: the last decoder chunk of a row was not computed")
+            upd_rows.append(r)
+            upd_pos.append(position[j])
+        new_self, new_cross = [], []
+        if upd_rows:
+            rows = torch.tensor(upd_rows, dtype=torch.long, device=device)
+            pos = torch.tensor(upd_pos, dtype=torch.long, device=device)
+        for i, lay in enumerate(cache.layers):
+            k, v, ck, cv = lay.keys, lay.values, lay.cross_keys, lay.cross_values
+            if upd_rows:
+                def fit(t: torch.Tensor) -> torch.Tensor:
+                    t = t[pos]
+                    if t.shape[2] < L:
+                        t = F.pad(t, (0, 0, 0, L - t.shape[2]))
+                    return t[:, :, :L].to(dtype)
+                k = k.index_copy(0, rows, fit(self_kv[i][0]))
+                v = v.index_copy(0, rows, fit(self_kv[i][1]))
+                ck = ck.index_copy(0, rows, cross_kv[i][0][pos].to(dtype))
+                cv = cv.index_copy(0, rows, cross_kv[i][1][pos].to(dtype))
+            new_self.append((k, v))
+            new_cross.append((ck, cv))
+        cmask = cache.cross_mask
+        if upd_rows:
+            cmask = cmask.index_copy(0, rows, cross_mask[pos])
+        seg = torch.zeros(b, L, dtype=torch.long, device=device)
+        for r, s in enumerate(plan.final_segment):
+            if s and source is not None:
+                seg[r, : len(s)] = source[r, torch.tensor(s, device=device)]
+        started = cache.started | torch.tensor(plan.booted, dtype=torch.bool, device=device)
+        cache.set_state(memory=memory, cross_mask=cmask, segment_ids=seg,
+                        fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device), started=started,
+                        self_kv=new_self, cross_kv=new_cross)
+
+
+class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
+    """Memformer as a causal LM over a token stream: `logits[:, i]` predicts `input_ids[:, i+1]`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__(config)
+        self.model = MemformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: MemformerCache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        memory_reset: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_memory_states: bool = False,
+        output_memory_attentions: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ):
+        r"""
+        labels [B, n]: like every HF causal LM, shifted inside (`logits[:, i]` is scored against `labels[:, i+1]`);
+            -100 and padded columns are ignored. Alternatively pass `shift_labels` (already aligned to the
+            logits). `num_items_in_batch` divides the summed loss (Trainer gradient accumulation).
+        Cell mode (MRBP): `encoder_input_ids`, `decoder_input_ids`, ..., `memory`, with `shift_labels` [B, L]
+            aligned to the decoder outputs.
+        See `MemformerModel.forward` for the other arguments.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        cell_mode = kwargs.get("encoder_input_ids") is not None
+        n = None if cell_mode else (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        columns_to_keep = None
+        if not cell_mode and labels is None and shift_labels is None and isinstance(logits_to_keep, int) \
+                and logits_to_keep > 0:
+            columns_to_keep = torch.arange(max(n - logits_to_keep, 0), n)
+        elif not cell_mode and torch.is_tensor(logits_to_keep) and labels is None and shift_labels is None:
+            columns_to_keep = logits_to_keep.flatten().cpu()
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values, use_cache=use_cache, memory_reset=memory_reset,
+            output_hidden_states=output_hidden_states, output_memory_states=output_memory_states,
+            output_memory_attentions=output_memory_attentions, columns_to_keep=columns_to_keep,
+            return_dict=True, **kwargs)
+        hidden = outputs.last_hidden_state
+        loss = logits = None
+        if hidden is not None:
+            if isinstance(logits_to_keep, int):
+                sliced = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+            else:
+                sliced = hidden[:, logits_to_keep]
+            logits = self.lm_head(sliced)
+            if labels is not None or shift_labels is not None:
+                if shift_labels is None:
+                    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+                    if not cell_mode and attention_mask is not None:
+                        shift_labels = shift_labels.masked_fill(~attention_mask[:, -n:].bool(), -100)
+                shift_labels = shift_labels.to(hidden.device)
+                if shift_labels.shape != hidden.shape[:2]:
+                    raise ValueError(f"labels must align with the outputs {tuple(hidden.shape[:2])}, "
+                                     f"got {tuple(shift_labels.shape)}.")
+                selected = shift_labels != -100
+                if num_items_in_batch is None:
+                    num_items_in_batch = selected.sum()
+                # token-weighted mean: summed NLL / N, computed only where there are targets (no full-vocab logits
+                # for ignored positions); a partial sum for one replayed MRBP step; 0 when there is no target
+                scores = self.lm_head(hidden[selected])
+                scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+                nll = F.cross_entropy(scores, shift_labels[selected], reduction="sum")
+                loss = nll / torch.as_tensor(num_items_in_batch, device=nll.device).clamp_min(1)
+        out = MemformerCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, memory=outputs.memory,
+            memory_states=outputs.memory_states, writer_attentions=outputs.writer_attentions,
+            reader_attentions=outputs.reader_attentions)
+        cache = outputs.get(CACHE_KWARG)
+        if cache is not None:
+            out[CACHE_KWARG] = cache
+        return out if return_dict else out.to_tuple()
+
+
+__all__ = ["MemformerModel", "MemformerForCausalLM", "MemformerPreTrainedModel", "MemformerCausalLMOutput",
+           "MemformerModelOutput", "MemoryReader", "MemoryWriter", "BiasedMemoryNorm"]

@@ -778,7 +778,7 @@ class MemformerModel(MemformerPreTrainedModel):
                         output_hidden_states, output_memory_states, output_memory_attentions, columns_to_keep,
                         replay_step, replay_memory):
         cfg = self.config
-        L, K, d, H = cfg.segment_length, cfg.num_memory_slots, cfg.hidden_size, cfg.num_attention_heads
+        L, d, H = cfg.segment_length, cfg.hidden_size, cfg.num_attention_heads
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` (or the cell-mode inputs).")
         if input_ids is not None:

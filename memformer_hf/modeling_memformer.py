@@ -63,8 +63,10 @@ _COMMON_FIELDS = [
 MemformerModelOutput = _output_class(
     "MemformerModelOutput",
     "Output of `MemformerModel`: decoder states per input column, the cache (`past_key_values`), the final memory "
-    "[B, K, d] and, on request, memory states, writer attentions [B, H_w, K, 1+L] and reader attentions.",
-    [("last_hidden_state", torch.Tensor | None)] + _COMMON_FIELDS,
+    "[B, K, d] and, on request, memory states, writer attentions [B, H_w, K, 1+L] and reader attentions. "
+    "`output_mask` [B, n] marks the columns whose states were computed (all real columns unless `logits_to_keep` "
+    "or an MRBP replay step restricts them).",
+    [("last_hidden_state", torch.Tensor | None), ("output_mask", torch.Tensor | None)] + _COMMON_FIELDS,
 )
 MemformerCausalLMOutput = _output_class(
     "MemformerCausalLMOutput",
@@ -908,7 +910,7 @@ class MemformerModel(MemformerPreTrainedModel):
             needed = [j for j, ch in enumerate(plan.chunks)
                       if (use_cache and last_chunk_of_row.get(ch.row) == j) or any(c in keep for c in ch.cols)]
 
-        hidden_out = None
+        hidden_out = output_mask = None
         all_hidden_out = None
         if needed:
             chs = [plan.chunks[j] for j in needed]
@@ -978,6 +980,8 @@ class MemformerModel(MemformerPreTrainedModel):
                 return out.index_put((fr, fcol), states[fc, fp])
 
             hidden_out = scatter(dec_hidden)
+            output_mask = torch.zeros(b, n, dtype=torch.bool, device=device).index_put((fr, fcol),
+                                                                                      torch.ones_like(fr, dtype=torch.bool))
             if output_hidden_states:
                 all_hidden_out = tuple(scatter(s) for s in layer_states)
 
@@ -993,7 +997,7 @@ class MemformerModel(MemformerPreTrainedModel):
         if hidden_out is None:
             hidden_out = (inputs_embeds if inputs_embeds is not None else self.embed_tokens.weight).new_zeros(b, n, d)
         out = MemformerModelOutput(
-            last_hidden_state=hidden_out, memory=mem, hidden_states=all_hidden_out,
+            last_hidden_state=hidden_out, output_mask=output_mask, memory=mem, hidden_states=all_hidden_out,
             memory_states=tuple(memory_states) if output_memory_states else None,
             writer_attentions=tuple(writer_attn) if output_memory_attentions else None,
             reader_attentions=tuple(reader_attn) if output_memory_attentions else None)
@@ -1052,6 +1056,15 @@ class MemformerModel(MemformerPreTrainedModel):
         cache.set_state(memory=memory, cross_mask=cmask, segment_ids=seg,
                         fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device), started=started,
                         self_kv=new_self, cross_kv=new_cross)
+
+
+def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Align HF-style `labels` [B, n] with the logits: column i is scored against labels[:, i+1]; -100 at the end
+    and at padded columns (their logits are not defined)."""
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    if attention_mask is not None:
+        shifted = shifted.masked_fill(~attention_mask[:, -labels.shape[1]:].bool().to(shifted.device), -100)
+    return shifted.contiguous()
 
 
 class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
@@ -1128,14 +1141,14 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             logits = self.lm_head(sliced)
             if labels is not None or shift_labels is not None:
                 if shift_labels is None:
-                    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-                    if not cell_mode and attention_mask is not None:
-                        shift_labels = shift_labels.masked_fill(~attention_mask[:, -n:].bool(), -100)
+                    shift_labels = shift_labels_from(labels, None if cell_mode else attention_mask)
                 shift_labels = shift_labels.to(hidden.device)
                 if shift_labels.shape != hidden.shape[:2]:
                     raise ValueError(f"labels must align with the outputs {tuple(hidden.shape[:2])}, "
                                      f"got {tuple(shift_labels.shape)}.")
                 selected = shift_labels != -100
+                if outputs.output_mask is not None:  # only columns computed in this call (MRBP replay steps)
+                    selected &= outputs.output_mask
                 if num_items_in_batch is None:
                     num_items_in_batch = selected.sum()
                 # token-weighted mean: summed NLL / N, computed only where there are targets (no full-vocab logits
@@ -1154,5 +1167,5 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         return out if return_dict else out.to_tuple()
 
 
-__all__ = ["MemformerModel", "MemformerForCausalLM", "MemformerPreTrainedModel", "MemformerCausalLMOutput",
+__all__ = ["shift_labels_from", "MemformerModel", "MemformerForCausalLM", "MemformerPreTrainedModel", "MemformerCausalLMOutput",
            "MemformerModelOutput", "MemoryReader", "MemoryWriter", "BiasedMemoryNorm"]

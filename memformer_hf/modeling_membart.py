@@ -654,6 +654,8 @@ class MemBartModel(MemBartPreTrainedModel):
         "encoder.embed_tokens.weight": "shared.weight",
         "decoder.embed_tokens.weight": "shared.weight",
     }
+    # loading the bare model from a MemBartForConditionalGeneration checkpoint
+    _keys_to_ignore_on_load_unexpected = [r"encoder\.version", r"decoder\.version", r"final_logits_bias"]
 
     def __init__(self, config: MemBartConfig) -> None:
         super().__init__(config)

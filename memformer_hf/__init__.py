@@ -3,10 +3,12 @@
 Importing the package registers the Memformer classes with the Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .cache_memformer import MemformerCache
+from .configuration_membart import MemBartConfig
 from .configuration_memformer import PRESETS, MemformerConfig
+from .modeling_membart import MemBartForConditionalGeneration, MemBartModel, MemBartPreTrainedModel
 from .modeling_memformer import MemformerForCausalLM, MemformerModel, MemformerPreTrainedModel
 
 __version__ = "0.1.0"
@@ -21,8 +23,20 @@ MemformerConfig.register_for_auto_class()
 MemformerModel.register_for_auto_class("AutoModel")
 MemformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+# MemBART: the authors' published checkpoints (conversion/convert_membart_checkpoint.py)
+AutoConfig.register("membart", MemBartConfig, exist_ok=True)
+AutoModel.register(MemBartConfig, MemBartModel, exist_ok=True)
+AutoModelForSeq2SeqLM.register(MemBartConfig, MemBartForConditionalGeneration, exist_ok=True)
+MemBartConfig.register_for_auto_class()
+MemBartModel.register_for_auto_class("AutoModel")
+MemBartForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+
 __all__ = [
     "PRESETS",
+    "MemBartConfig",
+    "MemBartForConditionalGeneration",
+    "MemBartModel",
+    "MemBartPreTrainedModel",
     "MemformerCache",
     "MemformerConfig",
     "MemformerForCausalLM",

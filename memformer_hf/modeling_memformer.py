@@ -439,6 +439,17 @@ class MemformerPreTrainedModel(PreTrainedModel):
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(self.config.memory_write_temperature))
 
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """Save as usual; `auto_map` lists the config and both model classes so that `AutoModel` and
+        `AutoModelForCausalLM` resolve from the saved remote code (transformers only writes the saved class)."""
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_memformer.MemformerConfig",
+            "AutoModel": "modeling_memformer.MemformerModel",
+            "AutoModelForCausalLM": "modeling_memformer.MemformerForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
         """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache)."""
         if model_kwargs.get(CACHE_KWARG) is None and model_kwargs.get("past_key_values") is None \

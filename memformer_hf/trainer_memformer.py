@@ -1,0 +1,317 @@
+"""`MemformerTrainer`: a `transformers.Trainer` that trains Memformer with MRBP over contiguous document streams.
+
+Each training batch is a window of T cells of B parallel streams (`data_streams.StreamBatches`, SPEC §4.2); the
+memory at the end of a window is carried (detached) to the next window of the same streams, keyed by stream id,
+and restarts from m₀ at every document start. `training_step` runs `mrbp.cells_backward`, so one optimizer step may
+contain several backward calls: DDP gradient sync happens only on the last one (`no_sync`), fp16 memory gradients are
+unscaled before they are injected again, and the loss is normalised by the global token count of the optimizer step
+(`num_items_in_batch`, including gradient accumulation and, with `average_tokens_across_devices`, all ranks).
+
+Evaluation carries the memory through whole documents and reports perplexity, the same with the memory reset at
+every segment (`*_no_memory`), and perplexity by position in the document. Checkpoints also hold the carried
+memory and the stream layout, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .data_streams import StreamBatches, collate_single
+from .mrbp import LOSS_WEIGHTINGS, MODES, cell_batch, cells_backward
+
+logger = logging.get_logger(__name__)
+
+POSITION_BUCKETS = (0, 64, 512, 4096, 32768)
+STREAM_STATE = "stream_state-rank{rank}"
+
+
+@dataclass
+class MemformerTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the recurrent-training settings."""
+
+    mrbp_window: int = field(default=4, metadata={"help": "Segments (cells) per window T; gradients flow through the "
+                                                          "memory across the T cells of a window."})
+    training_mode: str = field(default="mrbp", metadata={"help": f"One of {MODES}: exact BPTT with one segment graph "
+                                                                 "alive (mrbp), one graph over the window (bptt), or no "
+                                                                 "gradient through memory (truncated)."})
+    mrbp_loss_weighting: str = field(default="token_mean", metadata={"help": f"One of {LOSS_WEIGHTINGS}."})
+    eval_window: int = field(default=16, metadata={"help": "Cells per evaluation batch (memory is carried through "
+                                                           "whole documents regardless)."})
+    eval_no_memory: bool = field(default=True, metadata={"help": "Also report perplexity with the memory reset at "
+                                                                 "every segment (the 'w/o memory' diagnostic)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are built for the "
+                                                                         "model by the stream packer."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mrbp_window < 1:
+            raise ValueError(f"mrbp_window must be >= 1, got {self.mrbp_window}.")
+        if self.training_mode not in MODES:
+            raise ValueError(f"training_mode must be one of {MODES}, got {self.training_mode!r}.")
+        if self.mrbp_loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"mrbp_loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.mrbp_loss_weighting!r}.")
+        if self.eval_window < 1:
+            raise ValueError(f"eval_window must be >= 1, got {self.eval_window}.")
+
+
+class _EpochLoader(DataLoader):
+    """A sequential, batch-size-1 loader over ready batches whose `set_epoch` reshuffles the streams."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+class _StreamEpochCallback(TrainerCallback):
+    """Keep the stream layout on the Trainer's epoch (also when accelerate wraps the loader to skip batches)."""
+
+    def __init__(self, dataset: StreamBatches) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(math.floor(state.epoch + 1e-6)) if state.epoch else 0)
+
+
+class MemformerTrainer(Trainer):
+    """Trainer for `MemformerForCausalLM` with MRBP and carried memory.
+
+    `train_dataset`: a `StreamBatches`, or tokenized documents (a list of token-id lists, or a `datasets.Dataset`
+    with an `input_ids` column), which are packed into streams with the arguments' batch size, gradient
+    accumulation, world size, seed and `mrbp_window`. `eval_dataset`: tokenized documents (same forms).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args: MemformerTrainingArguments | None = None, train_dataset=None,
+                 eval_dataset=None, **kwargs: Any) -> None:
+        if args is None:
+            args = MemformerTrainingArguments(output_dir="memformer_output")
+        if not isinstance(args, MemformerTrainingArguments):
+            raise TypeError("MemformerTrainer needs MemformerTrainingArguments (window, training mode, weighting).")
+        self._model_config = model.config
+        if train_dataset is not None and not isinstance(train_dataset, StreamBatches):
+            train_dataset = self._pack(_as_documents(train_dataset, "train_dataset"), args)
+        self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=None, **kwargs)
+        self._carry: torch.Tensor | None = None
+        if isinstance(train_dataset, StreamBatches):
+            self._check_stream_layout(train_dataset)
+            self.add_callback(_StreamEpochCallback(train_dataset))
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
+        cfg = self._model_config
+        params = dict(segment_length=cfg.segment_length, window=args.mrbp_window,
+                      batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                      world_size=args.world_size, rank=args.process_index, seed=args.data_seed or args.seed,
+                      bos_token_id=cfg.bos_token_id,
+                      pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id,
+                      boot=cfg.first_segment_context)
+        params.update(overrides)
+        return StreamBatches(documents, **params)
+
+    def _check_stream_layout(self, ds: StreamBatches) -> None:
+        a, cfg = self.args, self._model_config
+        expected = {"segment_length": cfg.segment_length, "batch_size": a.per_device_train_batch_size,
+                    "grad_accum": a.gradient_accumulation_steps, "world_size": a.world_size, "rank": a.process_index}
+        wrong = {k: (getattr(ds, k), v) for k, v in expected.items() if getattr(ds, k) != v}
+        if wrong:
+            raise ValueError(f"train_dataset stream layout does not match the run: {wrong} (dataset, run).")
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Ready batches in order, never re-sharded or re-shuffled by accelerate (streams are rank-aware)."""
+        if self.train_dataset is None:
+            raise ValueError("MemformerTrainer: training requires a train_dataset.")
+        return _EpochLoader(self.train_dataset, batch_size=1, sampler=SequentialSampler(self.train_dataset),
+                            collate_fn=collate_single, num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Target tokens of the optimizer step (all GA micro-batches; summed over ranks when tokens are averaged
+        across devices), counted on the packer's `shift_labels`."""
+        if not batch_samples or "shift_labels" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = sum(b["shift_labels"].ne(-100).sum() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _carry_for(self, stream_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        model = self.accelerator.unwrap_model(self.model)
+        if self._carry is None:
+            streams = self.train_dataset.streams_per_rank
+            with torch.no_grad():
+                self._carry = model.model.initial_memory(streams).detach().clone().to(device)
+        return self._carry[stream_ids - self.args.process_index * self.train_dataset.streams_per_rank]
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        stream_ids = inputs["stream_ids"]
+        memory = self._carry_for(stream_ids, stream_ids.device)
+        args = self.args
+        token_mean = args.mrbp_loss_weighting == "token_mean"
+        if token_mean:
+            if num_items_in_batch is None:
+                num_items_in_batch = inputs["shift_labels"].ne(-100).sum() * self.current_gradient_accumulation_steps
+            world = self.accelerator.num_processes if args.average_tokens_across_devices else 1
+            loss_scale = float(world)
+        else:  # per-cell mean losses: average over the GA micro-batches ourselves
+            num_items_in_batch = None
+            loss_scale = 1.0 / self.current_gradient_accumulation_steps
+        scaler = getattr(self.accelerator, "scaler", None)
+        loss, new_memory = cells_backward(
+            model, inputs, memory, mode=args.training_mode, loss_weighting=args.mrbp_loss_weighting,
+            num_items_in_batch=num_items_in_batch, backward=self.accelerator.backward,
+            no_sync=lambda: self.accelerator.no_sync(model), context=self.compute_loss_context_manager,
+            loss_scale=loss_scale, grad_scale=(scaler.get_scale if scaler is not None else None))
+        local = stream_ids - args.process_index * self.train_dataset.streams_per_rank
+        self._carry[local] = new_memory.to(self._carry.dtype)
+        return loss.detach() * (1.0 if token_mean else loss_scale)
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Perplexity with the memory carried through whole documents (and, optionally, reset every segment)."""
+        documents = self._eval_documents if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
+        if documents is None:
+            raise ValueError("MemformerTrainer.evaluate needs eval documents (eval_dataset).")
+        metrics = self.evaluate_documents(documents, metric_key_prefix=metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_documents(self, documents: Sequence[Sequence[int]], metric_key_prefix: str = "eval"
+                           ) -> dict[str, float]:
+        """Exact token sums over all documents (never a mean of batch means), gathered across ranks."""
+        args = self.args
+        model = self.accelerator.unwrap_model(self.model) if self.is_in_train else self.model
+        if not self.is_in_train:
+            model = model.to(args.device)
+        model.eval()
+        ds = self._pack(list(documents), args, window=args.eval_window, batch_size=args.per_device_eval_batch_size,
+                        grad_accum=1, shuffle=False)
+        variants = {"": False}
+        if args.eval_no_memory:
+            variants["_no_memory"] = True
+        n_buckets = len(POSITION_BUCKETS)
+        sums = {v: torch.zeros(2 + 2 * n_buckets, dtype=torch.float64, device=args.device) for v in variants}
+        for suffix, reset_all in variants.items():
+            memory = None
+            cell_in_doc = None
+            for k in range(len(ds)):
+                batch = {key: v.to(args.device) for key, v in ds[k].items()}
+                doc_start = batch["memory_reset"].clone()  # the true document starts (and inactive cells)
+                if reset_all:
+                    batch["memory_reset"] = torch.ones_like(batch["memory_reset"])
+                T, L = batch["encoder_input_ids"].shape[1:]
+                if cell_in_doc is None:
+                    cell_in_doc = torch.zeros(batch["stream_ids"].shape[0], dtype=torch.long, device=args.device)
+                for t in range(T):
+                    cell = cell_batch(batch, t)
+                    labels = cell.pop("shift_labels")
+                    with self.compute_loss_context_manager():
+                        out = model(**cell, memory=memory)
+                    memory = out.memory
+                    nll = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels,
+                                                            ignore_index=-100, reduction="none").double()
+                    valid = labels.ne(-100)
+                    cell_in_doc = torch.where(doc_start[:, t], torch.zeros_like(cell_in_doc), cell_in_doc + 1)
+                    pos = cell_in_doc[:, None] * L + torch.arange(L, device=args.device)
+                    s = sums[suffix]
+                    s[0] += nll[valid].sum()
+                    s[1] += valid.sum()
+                    for i, lo in enumerate(POSITION_BUCKETS):
+                        hi = POSITION_BUCKETS[i + 1] if i + 1 < n_buckets else float("inf")
+                        sel = valid & (pos >= lo) & (pos < hi)
+                        s[2 + 2 * i] += nll[sel].sum()
+                        s[3 + 2 * i] += sel.sum()
+        metrics: dict[str, float] = {}
+        for suffix, s in sums.items():
+            s = self.accelerator.reduce(s, reduction="sum") if self.accelerator.num_processes > 1 else s
+            loss = float(s[0] / s[1].clamp_min(1))
+            metrics[f"{metric_key_prefix}_loss{suffix}"] = loss
+            metrics[f"{metric_key_prefix}_ppl{suffix}"] = math.exp(min(loss, 50.0))
+            if not suffix:
+                metrics[f"{metric_key_prefix}_tokens"] = int(s[1])
+            for i, lo in enumerate(POSITION_BUCKETS):
+                if float(s[3 + 2 * i]) > 0:
+                    name = f"{lo}-{POSITION_BUCKETS[i + 1]}" if i + 1 < n_buckets else f"{lo}+"
+                    bucket = float(s[2 + 2 * i] / s[3 + 2 * i])
+                    metrics[f"{metric_key_prefix}_ppl{suffix}_pos_{name}"] = math.exp(min(bucket, 50.0))
+        if self.is_in_train:
+            model.train()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._carry is None or not isinstance(self.train_dataset, StreamBatches):
+            return
+        from safetensors.torch import save_file
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        name = STREAM_STATE.format(rank=self.args.process_index)
+        tmp = os.path.join(folder, name + ".tmp")
+        save_file({"carry": self._carry.detach().cpu().contiguous()}, tmp + ".safetensors")
+        with open(tmp + ".json", "w") as f:
+            json.dump(self.train_dataset.state_dict(), f)
+        os.replace(tmp + ".safetensors", os.path.join(folder, name + ".safetensors"))
+        os.replace(tmp + ".json", os.path.join(folder, name + ".json"))
+
+    def _load_stream_state(self, checkpoint: str) -> None:
+        from safetensors.torch import load_file
+
+        name = STREAM_STATE.format(rank=self.args.process_index)
+        path = os.path.join(checkpoint, name)
+        if not (os.path.isfile(path + ".safetensors") and os.path.isfile(path + ".json")):
+            logger.warning(f"{checkpoint} has no carried-memory state; streams restart from the initial memory.")
+            return
+        with open(path + ".json") as f:
+            state = json.load(f)
+        if not self.train_dataset.compatible_with(state, ignore=("epoch",)):
+            logger.warning("The checkpoint's stream layout differs from this run (e.g. another world size); "
+                           "carried memories are reset to m0.")
+            return
+        self._carry = load_file(path + ".safetensors")["carry"].to(self.args.device)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir} to resume from.")
+        self._carry = None
+        if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
+            self._load_stream_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _as_documents(data: Any, name: str) -> list[list[int]]:
+    """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column."""
+    if hasattr(data, "column_names"):
+        if "input_ids" not in data.column_names:
+            raise ValueError(f"{name}: a datasets.Dataset needs an `input_ids` column of tokenized documents; "
+                             f"it has {data.column_names}.")
+        return [list(x) for x in data["input_ids"]]
+    if isinstance(data, (list, tuple)) and (not data or isinstance(data[0], (list, tuple, torch.Tensor))):
+        return [list(map(int, d)) for d in data]
+    raise ValueError(f"{name}: expected tokenized documents (a list of token-id lists or a datasets.Dataset with "
+                     f"`input_ids`), got {type(data).__name__}.")
+
+
+__all__ = ["MemformerTrainer", "MemformerTrainingArguments", "POSITION_BUCKETS"]

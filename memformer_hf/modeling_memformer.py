@@ -363,9 +363,10 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         if plan.write_index is None:  # every chunk starts at position 0: the buffer is just the new K/V
             key, value = new_key, new_value
         else:
+            # write the new positions into the (fresh or static-cache) buffers in place
             idx = plan.write_index[:, None, :, None].expand(-1, new_key.shape[1], -1, new_key.shape[-1])
-            key = past_key.scatter(2, idx, new_key)
-            value = past_value.scatter(2, idx, new_value)
+            key = past_key.scatter_(2, idx, new_key.to(past_key.dtype))
+            value = past_value.scatter_(2, idx, new_value.to(past_value.dtype))
         attn = self.self_attn.attend(x, key, value, plan.self_mask, plan.cos_sin, plan.rel_index,
                                      causal=plan.self_mask is None)
         hidden = hidden + self.dropout(attn)
@@ -573,6 +574,16 @@ class MemformerModel(MemformerPreTrainedModel):
         plan = DecoderPlan(cos_sin, rel_index, self_mask,
                            None if cross_mask is None else cross_mask[:, None, None, :], write_index)
         return plan, buffer_len
+
+    def step_plan(self, positions: torch.Tensor, cross_mask: torch.Tensor, dtype: torch.dtype) -> DecoderPlan:
+        """Plan of a one-token decoder step at per-row `positions` [B] over full-length (L) self/cross buffers; free
+        of host synchronisation so that it can be captured in a CUDA graph."""
+        L = self.config.segment_length
+        pos = positions[:, None]
+        key_pos = torch.arange(L, device=positions.device).expand(positions.shape[0], -1)
+        self_mask = (key_pos[:, None, :] <= pos[:, :, None])[:, None]
+        cos_sin, rel_index = self._positions(pos, key_pos, dtype)
+        return DecoderPlan(cos_sin, rel_index, self_mask, cross_mask[:, None, None, :], pos)
 
     def decode_chunks(
         self,

@@ -4,7 +4,8 @@ sliding-window model (the Transformer-XL stand-in), bf16, random weights, one GP
 Memformer states are real: the context is prefilled through the model at batch 1 and repeated across rows (equal
 prompts, so all rows reach segment boundaries together). Baseline KV caches are filled with random keys/values of
 the context's length (decode cost depends on the cache length, not its values), so no O(n²) prefill is needed.
-Memformer "eager" is the static decoder without graphs; "compiled" replays CUDA graphs. Baseline "eager" is the HF
+Memformer "eager" is the static decoder without graphs, "graphs" replays CUDA graphs of the step, "compiled"
+fuses the step with torch.compile and replays CUDA graphs of the fused kernels. Baseline "eager" is the HF
 forward with a DynamicCache; "compiled" is `torch.compile(mode="reduce-overhead")` with a StaticCache, run at the
 contexts in `--compiled_contexts` only (each context recompiles).
 
@@ -30,7 +31,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--contexts", default="1024,4096,16384,65536,262144,1048576")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--models", default="memformer,llama,mistral")
-    p.add_argument("--modes", default="eager,compiled")
+    p.add_argument("--modes", default="eager,graphs,compiled",
+                   help="Memformer: eager / CUDA graphs / torch.compile + CUDA graphs; baselines: eager / compiled")
+    p.add_argument("--memformer_compiled_contexts", default="65536", help="contexts at which Memformer is compiled")
     p.add_argument("--compiled_contexts", default="4096,65536", help="contexts at which baselines are compiled")
     p.add_argument("--steps", type=int, default=128, help="decode steps timed per configuration (≥ 2 segments)")
     p.add_argument("--window", type=int, default=1024)
@@ -57,7 +60,7 @@ def bench_memformer(model, cache1, batch: int, mode: str, steps: int, device: st
         cache.batch_repeat_interleave(batch)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
-    decoder = StaticDecoder(model, cache, cuda_graphs=(mode == "compiled"))
+    decoder = StaticDecoder(model, cache, cuda_graphs=(mode != "eager"), compile=(mode == "compiled"))
     tokens = torch.randint(2, model.config.vocab_size, (batch,), device=device)
     for _ in range(2 * model.config.segment_length):  # warm-up incl. capture of both graphs
         tokens = decoder.step(tokens).argmax(-1)
@@ -123,6 +126,7 @@ def main() -> None:
     models = args.models.split(",")
     modes = args.modes.split(",")
     compiled_contexts = {int(x) for x in args.compiled_contexts.split(",") if x}
+    memformer_compiled = {int(x) for x in args.memformer_compiled_contexts.split(",") if x}
     torch.manual_seed(0)
     rows, counts = [], {}
     for name in models:
@@ -145,7 +149,11 @@ def main() -> None:
                     states[context] = None
             for batch in batches:
                 for mode in modes:
+                    if name != "memformer" and mode == "graphs":
+                        continue
                     if name != "memformer" and mode == "compiled" and context not in compiled_contexts:
+                        continue
+                    if name == "memformer" and mode == "compiled" and context not in memformer_compiled:
                         continue
                     row = dict(model=name, batch=batch, context=context, mode=mode)
                     try:

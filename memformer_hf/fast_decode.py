@@ -66,7 +66,7 @@ class StaticDecoder:
     """One token per row per `step`, with the state in a `MemformerStaticCache` and optional CUDA graphs."""
 
     def __init__(self, model: MemformerForCausalLM, cache: MemformerCache, cuda_graphs: bool = True,
-                 warmup: int = 2) -> None:
+                 compile: bool = False, warmup: int = 3) -> None:
         self.model = model
         self.cfg = model.config
         self.state = MemformerStaticCache(cache)
@@ -79,6 +79,8 @@ class StaticDecoder:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._warmup = warmup
+        # torch.compile fuses the step's many small kernels; the graphs then replay the fused kernels
+        self._step_fn = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
 
     # ------------------------------------------------------------------------------------------------ steps
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ class StaticDecoder:
 
     def _run(self, boundary: bool) -> None:
         if not self.use_graphs:
-            self._step(boundary)
+            self._step_fn(boundary)
             return
         graph = self._graphs.get(boundary)
         if graph is None:
@@ -129,11 +131,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(self._warmup):
-                self._step(boundary)
+                self._step_fn(boundary)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
-            self._step(boundary)
+            self._step_fn(boundary)
         for b, s in zip(self.state.buffers(), snapshot):
             b.copy_(s)
         self._graphs[boundary] = graph
@@ -158,12 +160,12 @@ class StaticDecoder:
 @torch.no_grad()
 def fast_generate(model: MemformerForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                  cuda_graphs: bool = True, generator: torch.Generator | None = None
+                  cuda_graphs: bool = True, compile: bool = False, generator: torch.Generator | None = None
                   ) -> tuple[torch.Tensor, MemformerCache]:
     """Greedy or sampled generation with the static decoder. Returns (sequences, cache)."""
     out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
     cache = out[CACHE_KWARG]
-    decoder = StaticDecoder(model, cache, cuda_graphs=cuda_graphs)
+    decoder = StaticDecoder(model, cache, cuda_graphs=cuda_graphs, compile=compile)
     logits = out.logits[:, -1]
     generated = []
     for _ in range(max_new_tokens):

@@ -1,0 +1,385 @@
+"""Generation tests (issue 3): incremental decoding, generate() strategies, continuation, cache semantics,
+persistence, streamers and pipelines. CPU only, tiny sharp float64 models; every cached result is compared with a
+path that does not use the cache (full forwards / `use_cache=False`)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import BOS, EOS, PAD, build_tiny_memformer
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, TextStreamer, pipeline
+
+from memformer_hf import MemformerCache
+from memformer_hf.modeling_memformer import CACHE_KWARG
+
+L = 4
+
+
+def rand_ids(n: int, batch: int = 1, seed: int = 0, boot: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (batch, n), generator=g)
+    if boot:
+        ids[:, 0] = BOS
+    return ids
+
+
+def left_padded_prompt(lengths=(7, 3), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, k in enumerate(lengths):
+        ids[i, n - k:] = rand_ids(k, seed=seed + i)[0]
+        mask[i, n - k:] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_memformer(seed=3, attn="sdpa")
+
+
+def gen(model, ids, mask=None, **kwargs):
+    """generate() with dict output and raw logits. The cache goes in as `past_key_values=` (both versions accept it;
+    5.24 warns that it is a deprecated alias of `cache`)."""
+    kwargs.setdefault("max_new_tokens", 14)
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                                  return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+def assert_logits_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
+    """generate() hands out float32 logits (it casts them); compare at float32 resolution."""
+    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=0)
+
+
+def cache_tensors(cache: MemformerCache) -> dict[str, torch.Tensor]:
+    out = {n: getattr(cache, n) for n in ("memory", "fill", "started", "segment_ids", "cross_mask")}
+    for i, layer in enumerate(cache.layers):
+        for n in ("keys", "values", "cross_keys", "cross_values"):
+            out[f"layers.{i}.{n}"] = getattr(layer, n)
+    return out
+
+
+# ============================================================================== incremental decoding
+def test_incremental_logits_equal_full_forward_left_padded(model):
+    ids, mask = left_padded_prompt((6, 3), seed=1)
+    new = rand_ids(15, batch=2, seed=2, boot=False)  # ≥ 3 boundaries for both rows, at different steps
+    full_ids = torch.cat([ids, new], 1)
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    with torch.no_grad():
+        full = model(full_ids, attention_mask=full_mask, use_cache=False).logits
+        out = model(ids, attention_mask=mask)
+        cache, steps = out[CACHE_KWARG], [out.logits]
+        for t in range(new.shape[1]):
+            o = model(new[:, t: t + 1], attention_mask=full_mask[:, : ids.shape[1] + t + 1], past_key_values=cache)
+            assert o[CACHE_KWARG] is cache  # updated in place
+            steps.append(o.logits)
+    inc = torch.cat(steps, 1)
+    real = full_mask.bool()
+    torch.testing.assert_close(inc[real], full[real], atol=1e-10, rtol=0)
+    assert cache.consumed == full_ids.shape[1]
+
+
+def _argmax_loop(model, ids, mask, steps):
+    """Greedy decoding with full forwards and no cache; rows that produced EOS continue with PAD."""
+    seq, am = ids.clone(), mask.clone()
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    logits = []
+    for _ in range(steps):
+        with torch.no_grad():
+            last = model(seq, attention_mask=am, use_cache=False).logits[:, -1]
+        logits.append(last)
+        nxt = torch.where(done, torch.full_like(last[:, 0], PAD, dtype=torch.long), last.argmax(-1))
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        done |= nxt == EOS
+        if done.all():
+            break
+    return seq, logits
+
+
+def test_greedy_generate_equals_argmax_loop(model):
+    ids, mask = left_padded_prompt((7, 2), seed=3)
+    out = gen(model, ids, mask, max_new_tokens=15)
+    ref_seq, ref_logits = _argmax_loop(model, ids, mask, 15)
+    torch.testing.assert_close(out.sequences, ref_seq, atol=0, rtol=0)
+    assert len(out.logits) == len(ref_logits)
+    for a, b in zip(out.logits, ref_logits):
+        assert_logits_close(a, b)
+    # the generated part is not trivial (otherwise this test could not see a cache bug)
+    assert len(set(out.sequences[:, ids.shape[1]:].flatten().tolist())) > 3
+
+
+def test_greedy_use_cache_false_and_prefill_chunks(model):
+    ids, mask = left_padded_prompt((9, 5), seed=4)
+    a = gen(model, ids, mask)
+    b = gen(model, ids, mask, use_cache=False)
+    c = gen(model, ids, mask, prefill_chunk_size=3)
+    torch.testing.assert_close(a.sequences, b.sequences, atol=0, rtol=0)
+    torch.testing.assert_close(a.sequences, c.sequences, atol=0, rtol=0)
+    for x, y, z in zip(a.logits, b.logits, c.logits):
+        assert_logits_close(x, y)
+        assert_logits_close(x, z)
+
+
+def test_sampling_same_seed_with_and_without_cache(model):
+    ids, mask = left_padded_prompt((5, 2), seed=5)
+    torch.manual_seed(123)
+    a = gen(model, ids, mask, do_sample=True, top_k=0, max_new_tokens=14)
+    torch.manual_seed(123)
+    b = gen(model, ids, mask, do_sample=True, top_k=0, max_new_tokens=14, use_cache=False)
+    torch.testing.assert_close(a.sequences, b.sequences, atol=0, rtol=0)
+    torch.manual_seed(124)
+    c = gen(model, ids, mask, do_sample=True, top_k=0, max_new_tokens=14)
+    assert not torch.equal(a.sequences, c.sequences)  # the seed matters: the test could fail
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["beam", "beam_sample"])
+def test_beam_search_with_cache_equals_without(model, do_sample):
+    ids, mask = left_padded_prompt((6, 3), seed=6)
+    kw = dict(num_beams=3, num_return_sequences=2, do_sample=do_sample, max_new_tokens=12, output_scores=True,
+              early_stopping=True)
+    reorders = []
+    original = MemformerCache.reorder_cache
+
+    def spy(self, beam_idx):
+        reorders.append(beam_idx.clone())
+        return original(self, beam_idx)
+
+    MemformerCache.reorder_cache = spy
+    try:
+        torch.manual_seed(7)
+        a = gen(model, ids, mask, **kw)
+    finally:
+        MemformerCache.reorder_cache = original
+    torch.manual_seed(7)
+    b = gen(model, ids, mask, use_cache=False, **kw)
+    torch.testing.assert_close(a.sequences, b.sequences, atol=0, rtol=0)
+    torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-9, rtol=0)
+    assert a.sequences.shape[0] == 4
+    # hypotheses really swapped places, so the cache rows had to follow them
+    assert any(not torch.equal(idx, torch.arange(len(idx))) for idx in reorders)
+
+
+def test_num_return_sequences(model):
+    ids, mask = left_padded_prompt((5, 2), seed=8)
+    torch.manual_seed(11)
+    a = gen(model, ids, mask, do_sample=True, num_return_sequences=2, max_new_tokens=10)
+    torch.manual_seed(11)
+    b = gen(model, ids, mask, do_sample=True, num_return_sequences=2, max_new_tokens=10, use_cache=False)
+    assert a.sequences.shape[0] == 4
+    torch.testing.assert_close(a.sequences, b.sequences, atol=0, rtol=0)
+    torch.testing.assert_close(a.sequences[:, : ids.shape[1]], ids.repeat_interleave(2, 0), atol=0, rtol=0)
+    # each returned sequence is what its own row gives alone (full forward, no cache): its logits match
+    for r in range(4):
+        with torch.no_grad():
+            full = model(a.sequences[r: r + 1], attention_mask=torch.cat(
+                [mask.repeat_interleave(2, 0)[r: r + 1], torch.ones(1, a.sequences.shape[1] - ids.shape[1],
+                                                                     dtype=torch.long)], 1), use_cache=False).logits
+        for t, step in enumerate(a.logits):
+            assert_logits_close(step[r], full[0, ids.shape[1] - 1 + t])
+
+
+# ============================================================================== continuation and cache semantics
+@pytest.mark.parametrize("case", ["batch1", "batch2", "batch2_all_rows_padded"])
+def test_continuation_from_returned_cache(model, case):
+    batch = 1 if case == "batch1" else 2
+    if batch == 1:
+        ids, mask = rand_ids(6, seed=9), torch.ones(1, 6, dtype=torch.long)
+    else:
+        ids, mask = left_padded_prompt((6, 3), seed=9)
+    if case == "batch2_all_rows_padded":  # a pad column in every row: `consumed` counts columns, not tokens
+        ids = torch.cat([torch.full((2, 2), PAD), ids], 1)
+        mask = torch.cat([torch.zeros(2, 2, dtype=torch.long), mask], 1)
+    first = gen(model, ids, mask, max_new_tokens=5)
+    cache = first[CACHE_KWARG]
+    assert isinstance(cache, MemformerCache)
+    assert cache.get_seq_length() == first.sequences.shape[1] - 1  # columns consumed (the last token is not yet)
+    new = rand_ids(3, batch=batch, seed=10, boot=False)
+    full = torch.cat([first.sequences, new], 1)
+    full_mask = torch.cat([mask, torch.ones(batch, full.shape[1] - mask.shape[1], dtype=torch.long)], 1)
+    cont = gen(model, full, full_mask, past_key_values=cache, max_new_tokens=9)
+    scratch = gen(model, full, full_mask, max_new_tokens=9)
+    no_cache = gen(model, full, full_mask, max_new_tokens=9, use_cache=False)
+    torch.testing.assert_close(cont.sequences, scratch.sequences, atol=0, rtol=0)
+    torch.testing.assert_close(cont.sequences, no_cache.sequences, atol=0, rtol=0)
+    for a, b in zip(cont.logits, no_cache.logits):
+        assert_logits_close(a, b)
+
+
+def test_filled_cache_with_other_batch_raises_then_repeat_interleave_works(model):
+    ids, mask = left_padded_prompt((6, 3), seed=12)
+    first = gen(model, ids, mask, max_new_tokens=3)
+    cache = first[CACHE_KWARG]
+    new = rand_ids(2, batch=2, seed=13, boot=False)
+    full = torch.cat([first.sequences, new], 1)
+    full_mask = torch.cat([mask, torch.ones(2, full.shape[1] - mask.shape[1], dtype=torch.long)], 1)
+    with pytest.raises(ValueError, match="batch_repeat_interleave"):
+        gen(model, full, full_mask, past_key_values=copy.deepcopy(cache), do_sample=True, num_return_sequences=2)
+    cache.batch_repeat_interleave(2)
+    assert cache.memory.shape[0] == 4
+    rep, rep_mask = full.repeat_interleave(2, 0), full_mask.repeat_interleave(2, 0)
+    cont = gen(model, rep, rep_mask, past_key_values=cache, max_new_tokens=6)
+    scratch = gen(model, rep, rep_mask, max_new_tokens=6, use_cache=False)
+    torch.testing.assert_close(cont.sequences, scratch.sequences, atol=0, rtol=0)
+    for a, b in zip(cont.logits, scratch.logits):
+        assert_logits_close(a, b)
+    # batch_select_indices keeps the chosen rows
+    two = gen(model, left_padded_prompt((6, 3), seed=14)[0], left_padded_prompt((6, 3), seed=14)[1],
+              max_new_tokens=2)[CACHE_KWARG]
+    mem1 = two.memory[1].clone()
+    two.batch_select_indices(torch.tensor([1]))
+    assert two.memory.shape[0] == 1 and torch.equal(two.memory[0], mem1)
+
+
+def test_crop_and_assisted_decoding_refused(model):
+    ids = rand_ids(6, seed=15)
+    cache = gen(model, ids, max_new_tokens=2)[CACHE_KWARG]
+    with pytest.raises(ValueError):
+        cache.crop(1)
+    assert cache.is_croppable is False
+    cache.crop(cache.get_seq_length())  # a no-op crop is allowed
+    with pytest.raises(ValueError, match="stateful|assist"):
+        gen(model, ids, prompt_lookup_num_tokens=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="stateful|assist"):
+        gen(model, ids, assistant_model=model, max_new_tokens=3)
+
+
+def test_cache_size_constant_over_segments(model):
+    ids = rand_ids(2, seed=16)
+    after = {}
+    for n_seg in (1, 10):
+        cache = gen(model, ids, max_new_tokens=n_seg * L)[CACHE_KWARG]
+        after[n_seg] = cache
+    s1 = {k: (tuple(v.shape), v.dtype) for k, v in cache_tensors(after[1]).items()}
+    s10 = {k: (tuple(v.shape), v.dtype) for k, v in cache_tensors(after[10]).items()}
+    assert s1 == s10
+    assert after[10].consumed > after[1].consumed + 8 * L
+    assert s1["memory"][0] == (1, 3, 16) and s1["layers.1.cross_keys"][0] == (1, 2, L, 8)
+
+
+def test_deepcopy_branches(model):
+    prefix = rand_ids(7, seed=17)
+    a_new, b_new = rand_ids(6, seed=18, boot=False), rand_ids(6, seed=19, boot=False)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+        branch = copy.deepcopy(cache)
+        b_logits = model(b_new, past_key_values=branch).logits  # run the branch first: the original must not move
+        a_logits = model(a_new, past_key_values=cache).logits
+        ref_a = model(torch.cat([prefix, a_new], 1), use_cache=False).logits[:, prefix.shape[1]:]
+        ref_b = model(torch.cat([prefix, b_new], 1), use_cache=False).logits[:, prefix.shape[1]:]
+    torch.testing.assert_close(a_logits, ref_a, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b_logits, ref_b, atol=1e-10, rtol=0)
+    assert (a_logits - b_logits).abs().max() > 1e-3
+
+
+def test_save_state_load_state_roundtrip(model, tmp_path):
+    prefix = rand_ids(9, batch=2, seed=20)
+    new = rand_ids(7, batch=2, seed=21, boot=False)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+    cache.save_state(str(tmp_path / "state.safetensors"))
+    loaded = MemformerCache.load_state(str(tmp_path / "state.safetensors"), model.config)
+    assert loaded.consumed == cache.consumed
+    for k, v in cache_tensors(cache).items():
+        assert torch.equal(cache_tensors(loaded)[k], v), k
+    with torch.no_grad():
+        cont = model(new, past_key_values=loaded).logits
+        ref = model(torch.cat([prefix, new], 1), use_cache=False).logits[:, prefix.shape[1]:]
+    torch.testing.assert_close(cont, ref, atol=1e-10, rtol=0)
+    # generate from the loaded state == generate from scratch
+    loaded2 = MemformerCache.load_state(str(tmp_path / "state.safetensors"), model.config)
+    full = torch.cat([prefix, new], 1)
+    g1 = gen(model, full, past_key_values=loaded2, max_new_tokens=6)
+    g2 = gen(model, full, max_new_tokens=6, use_cache=False)
+    torch.testing.assert_close(g1.sequences, g2.sequences, atol=0, rtol=0)
+    other = build_tiny_memformer(attn="sdpa", segment_length=5)
+    with pytest.raises(ValueError, match="different Memformer configuration"):
+        MemformerCache.load_state(str(tmp_path / "state.safetensors"), other.config)
+    with pytest.raises(ValueError):
+        MemformerCache(model.config).save_state(str(tmp_path / "empty.safetensors"))
+
+
+def test_memory_change_changes_generation():
+    model = build_tiny_memformer(seed=3, attn="sdpa")
+    with torch.no_grad():  # a memory-sensitive model: its readers' values are 3x larger
+        for layer in model.model.encoder.layers:
+            layer.memory_read.v_proj.weight.mul_(3.0)
+    prefix = rand_ids(1 + 2 * L, seed=22)  # ends on a boundary: the next boundary comes after L-1 new tokens
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+    assert int(cache.fill[0]) == 0
+    other = copy.deepcopy(cache)
+    g = torch.Generator().manual_seed(23)
+    mem = torch.randn(other.memory.shape, generator=g, dtype=other.memory.dtype)
+    other.memory = mem / mem.norm(dim=-1, keepdim=True)
+    full = torch.cat([prefix, torch.full((1, 1), 5)], 1)  # one new column so that generate feeds something
+    a = gen(model, full, past_key_values=cache, max_new_tokens=3 * L)
+    b = gen(model, full, past_key_values=other, max_new_tokens=3 * L)
+    # before the next boundary nothing depends on the memory; after it the generation changes
+    for t in range(L - 1):
+        assert_logits_close(a.logits[t], b.logits[t], atol=0)
+    assert max((x - y).abs().max() for x, y in zip(a.logits, b.logits)) > 1e-1
+    assert (a.sequences != b.sequences).sum() >= 3
+
+
+def test_deepcopy_of_plain_forward_cache():
+    model = build_tiny_memformer(seed=3, attn="sdpa")
+    with torch.no_grad():
+        cache = model(rand_ids(6, seed=25))[CACHE_KWARG]
+    copy.deepcopy(cache)  # fine under no_grad (as inside generate)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG B6: a cache returned by a forward run with grad enabled (the default "
+                                       "outside generate) holds non-leaf tensors, so copy.deepcopy(cache) raises "
+                                       "RuntimeError (SPEC §2.7: deepcopy MUST work); cache.detach_() first works")
+def test_deepcopy_of_grad_enabled_forward_cache():
+    model = build_tiny_memformer(seed=3, attn="sdpa")
+    cache = model(rand_ids(6, seed=25))[CACHE_KWARG]
+    branch = copy.deepcopy(cache)
+    assert torch.equal(branch.memory, cache.memory)
+
+
+# ============================================================================== streamer, pipeline
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, 50)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_text_streamer(model, tokenizer, capsys):
+    enc = tokenizer("w5 w17 w9 w33 w21", return_tensors="pt")
+    assert enc.input_ids[0, 0].item() == BOS
+    streamer = TextStreamer(tokenizer, skip_prompt=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, streamer=streamer)
+    printed = capsys.readouterr().out
+    expected = tokenizer.decode(out[0, enc.input_ids.shape[1]:])
+    assert printed.split() == expected.split()
+    assert len(printed.split()) >= 5
+
+
+def test_text_generation_pipeline(model, tokenizer):
+    prompt = "w5 w17 w9 w33 w21 w8"
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = pipe(prompt, max_new_tokens=9, do_sample=False)[0]["generated_text"]
+    token_ids = pipe(prompt, max_new_tokens=9, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=9, do_sample=False, use_cache=False)
+    assert list(token_ids) == ref[0].tolist()
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    assert text[len(prompt):].replace(" ", "") == tokenizer.decode(ref[0, enc.input_ids.shape[1]:],
+                                                                   skip_special_tokens=True).replace(" ", "")

@@ -1,0 +1,799 @@
+"""Core Memformer modeling tests (issue 2): stream equivalence, writer invariants, resets, gradients, save/load,
+remote code, input validation, left padding and gradient checkpointing. CPU only, tiny sharp models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import transformers
+from conftest import (
+    _P,
+    BOS,
+    PAD,
+    build_tiny_memformer,
+    reference_encode,
+    reference_initial_memory,
+    reference_stream,
+    reference_writer,
+    tiny_memformer_config,
+)
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM
+
+from memformer_hf import MemformerCache, MemformerConfig, MemformerForCausalLM, MemformerModel
+from memformer_hf.modeling_memformer import CACHE_KWARG
+
+L = 4  # segment_length of the tiny config
+_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ================================================================================================ helpers
+def rand_ids(n: int, batch: int = 1, seed: int = 0, boot: bool = True) -> torch.Tensor:
+    """Content ids in [3, 50) (never pad/bos/eos); column 0 is BOS when `boot`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (batch, n), generator=g)
+    if boot:
+        ids[:, 0] = BOS
+    return ids
+
+
+def run_chunks(model, ids: torch.Tensor, sizes: list[int], mask: torch.Tensor | None = None):
+    """Feed `ids` in consecutive chunks, carrying the returned cache; the mask passed is the full 2-D mask of the
+    columns seen so far (as generate() does). Returns logits [B, n, V] and the final cache."""
+    assert sum(sizes) == ids.shape[1]
+    cache, logits, pos = None, [], 0
+    for s in sizes:
+        am = None if mask is None else mask[:, : pos + s]
+        out = model(ids[:, pos: pos + s], attention_mask=am, past_key_values=cache, use_cache=True)
+        cache = out[CACHE_KWARG]
+        logits.append(out.logits)
+        pos += s
+    return torch.cat(logits, 1), cache
+
+
+def unit_memory(batch: int, seed: int, dtype=torch.float64, k: int = 3, d: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(batch, k, d, generator=g, dtype=dtype)
+    return m / m.norm(dim=-1, keepdim=True)
+
+
+def needs_eager_path(pe: str, attn: str) -> bool:
+    return attn == "eager" or pe == "simplified_rpe"
+
+
+BUG_F64_SOFTMAX = ("BUG B1: eager attention and the memory reader compute their softmax in float32 "
+                   "(`scores.float()`), even in a float64 model: finfo(float64).min becomes -inf, so a fully masked "
+                   "query (the empty boot segment) gives NaN, and float64 results are only ~1e-7 exact")
+
+
+# ================================================================================== 1. stream equivalence
+STREAM_N = 18  # "bos": boot + 4 full segments + 1; "empty": 4 full segments + 2 → ≥ 4 boundaries
+CHUNKS = [3, 1, 5, 2, 7]
+
+
+def _equivalence_params():
+    out = []
+    for pe in ("rope", "simplified_rpe"):
+        for boot in ("bos", "empty"):
+            for attn in ("eager", "sdpa"):
+                marks = ()
+                if boot == "empty" and needs_eager_path(pe, attn):
+                    marks = pytest.mark.xfail(strict=True, reason=BUG_F64_SOFTMAX)
+                out.append(pytest.param(pe, boot, attn, marks=marks, id=f"{pe}-{boot}-{attn}"))
+    return out
+
+
+@pytest.mark.parametrize("pe,boot,attn", _equivalence_params())
+def test_stream_full_equals_tokenwise_equals_chunks_float64(pe, boot, attn):
+    model = build_tiny_memformer(position_embedding_type=pe, first_segment_context=boot, attn=attn)
+    assert model.config._attn_implementation == attn
+    ids = rand_ids(STREAM_N, seed=1, boot=(boot == "bos"))
+    with torch.no_grad():
+        full = model(ids, use_cache=True)
+        tok_logits, tok_cache = run_chunks(model, ids, [1] * STREAM_N)
+        ch_logits, ch_cache = run_chunks(model, ids, CHUNKS)
+    assert torch.isfinite(full.logits).all()
+    torch.testing.assert_close(tok_logits, full.logits, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ch_logits, full.logits, atol=1e-10, rtol=0)
+    for cache in (tok_cache, ch_cache):
+        torch.testing.assert_close(cache.memory, full.memory, atol=1e-10, rtol=0)
+        assert cache.consumed == STREAM_N
+    torch.testing.assert_close(full[CACHE_KWARG].memory, full.memory, atol=0, rtol=0)
+    assert full.memory.dtype == torch.float64
+    # the memory really moved (≥ 4 writes) and the sequence crossed ≥ 3 boundaries
+    m0 = reference_initial_memory(_P(model))
+    assert (full.memory[0] - m0).abs().max() > 1e-2
+    # eager and sdpa agree (B1 limits float64 agreement to ~1e-7, see test_float64_exactness)
+    other_attn = "sdpa" if attn == "eager" else "eager"
+    if boot == "empty" and needs_eager_path(pe, other_attn):
+        return  # the float64 eager path is NaN here (B1); float32 covers this pair
+    other = build_tiny_memformer(position_embedding_type=pe, first_segment_context=boot, attn=other_attn)
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, full.logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pe", ["rope", "simplified_rpe"])
+@pytest.mark.parametrize("boot", ["bos", "empty"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_stream_equivalence_and_reference_float32(pe, boot, attn):
+    """Same equivalences in float32 (where B1 does not bite), plus the independent SPEC reference."""
+    model = build_tiny_memformer(position_embedding_type=pe, first_segment_context=boot, attn=attn,
+                                 dtype=torch.float32)
+    if boot == "empty":  # B2 (see test_empty_boot_cross_attention_outputs_exact_zero): isolate it there
+        with torch.no_grad():
+            for layer in model.model.decoder.layers:
+                layer.cross_attn.o_proj.bias.zero_()
+    ids = rand_ids(STREAM_N, seed=2, boot=(boot == "bos"))
+    with torch.no_grad():
+        full = model(ids)
+        tok_logits, tok_cache = run_chunks(model, ids, [1] * STREAM_N)
+        ch_logits, ch_cache = run_chunks(model, ids, CHUNKS)
+    torch.testing.assert_close(tok_logits, full.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ch_logits, full.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok_cache.memory, full.memory, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ch_cache.memory, full.memory, atol=1e-6, rtol=0)
+    ref_model = copy.deepcopy(model).double()
+    ref_logits, ref_memory = reference_stream(ref_model, ids[0].tolist())
+    torch.testing.assert_close(full.logits[0].double(), ref_logits, atol=2e-5, rtol=0)
+    torch.testing.assert_close(full.memory[0].double(), ref_memory, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pe", ["rope", "simplified_rpe"])
+def test_matches_independent_reference_float64(pe):
+    model = build_tiny_memformer(position_embedding_type=pe, attn="sdpa")
+    ids = rand_ids(STREAM_N, seed=3)
+    with torch.no_grad():
+        out = model(ids)
+    ref_logits, ref_memory = reference_stream(model, ids[0].tolist())
+    # 1e-6 rather than 1e-12 because of B1 (float32 softmax); the logits are O(1..10)
+    torch.testing.assert_close(out.logits[0], ref_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.memory[0], ref_memory, atol=1e-7, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_F64_SOFTMAX)
+def test_float64_exactness():
+    """A float64 model is float64 end to end (SPEC §1.9): eager == sdpa == reference to 1e-10."""
+    eager = build_tiny_memformer(attn="eager", position_embedding_type="rope")
+    sdpa = build_tiny_memformer(attn="sdpa", position_embedding_type="rope")
+    ids = rand_ids(STREAM_N, seed=4)
+    with torch.no_grad():
+        a, b = eager(ids), sdpa(ids)
+    ref_logits, ref_memory = reference_stream(eager, ids[0].tolist())
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a.logits[0], ref_logits, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.logits[0], ref_logits, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.memory[0], ref_memory, atol=1e-10, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_F64_SOFTMAX)
+def test_empty_boot_float64_eager_is_finite():
+    model = build_tiny_memformer(attn="eager", first_segment_context="empty")
+    with torch.no_grad():
+        out = model(rand_ids(6, boot=False))
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.memory).all()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG B2: with an empty boot segment the decoder cross-attention sublayer outputs "
+                                       "o_proj.bias instead of exactly 0 (SPEC §1.2/§1.9): the zeroing is applied "
+                                       "before o_proj, not after")
+def test_empty_boot_cross_attention_outputs_exact_zero():
+    model = build_tiny_memformer(attn="sdpa", first_segment_context="empty")  # random non-zero biases
+    ids = rand_ids(3, boot=False)  # stays inside the first segment: decoder sees only the empty boot context
+    with torch.no_grad():
+        out = model(ids)
+    ref_logits, _ = reference_stream(model, ids[0].tolist())
+    torch.testing.assert_close(out.logits[0], ref_logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG B3: set_attn_implementation() is a silent no-op (warning only): HF only "
+                                       "allows it when the modeling source calls ALL_ATTENTION_FUNCTIONS.get_interface(")
+def test_set_attn_implementation_switches():
+    model = build_tiny_memformer(attn="sdpa")
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_attn_implementation_really_switches_path():
+    """Guards the eager/sdpa comparisons above: the two paths are numerically distinguishable."""
+    model = build_tiny_memformer(attn="sdpa", dtype=torch.float32)
+    ids = rand_ids(STREAM_N, seed=5)
+    calls = []
+    import memformer_hf.modeling_memformer as mm
+
+    original = mm.eager_attention_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    mm.eager_attention_forward = spy
+    try:
+        with torch.no_grad():
+            model(ids)
+            n_sdpa = len(calls)
+            model.config._attn_implementation = "eager"
+            model(ids)
+    finally:
+        mm.eager_attention_forward = original
+    assert n_sdpa == 0 and len(calls) > 0
+
+
+# ================================================================================== 2. writer invariants
+def _writer_model(**overrides):
+    return build_tiny_memformer(seed=7, **overrides)
+
+
+def _orthogonal_tokens(memory: torch.Tensor, n_tok: int, heads: int, seed: int) -> torch.Tensor:
+    """Random tokens [B, n_tok, d] whose every head slice is orthogonal to every slot's head slice."""
+    b, _, d = memory.shape
+    dw = d // heads
+    g = torch.Generator().manual_seed(seed)
+    tok = 3.0 * torch.randn(b, n_tok, d, generator=g, dtype=memory.dtype)
+    for r in range(b):
+        for h in range(heads):
+            sl = slice(h * dw, (h + 1) * dw)
+            q, _ = torch.linalg.qr(memory[r, :, sl].T)  # [dw, K] basis of the slots' span
+            tok[r, :, sl] -= tok[r, :, sl] @ q @ q.T
+    return tok
+
+
+def test_writer_one_hot_self_attention_leaves_slot_unchanged_before_bmn():
+    model = _writer_model()
+    writer = model.model.writer
+    memory = unit_memory(2, seed=1)
+    tokens = _orthogonal_tokens(memory, 5, writer.num_heads, seed=2)
+    captured = []
+    handle = writer.norm.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().clone()))
+    vb = writer.forget_bias.detach()
+
+    def run(scale: float):
+        with torch.no_grad():
+            writer.q_proj.weight.copy_(scale * torch.eye(16, dtype=torch.float64))
+            writer.q_proj.bias.zero_()
+            writer.k_proj.weight.copy_(torch.eye(16, dtype=torch.float64))
+            writer.k_proj.bias.zero_()
+            captured.clear()
+            return writer(memory, tokens, torch.ones(2, 5, dtype=torch.bool))
+
+    try:
+        new, probs = run(400.0)  # self score 400·|m_i^h|² ≫ token scores (exactly 0: orthogonal)
+        assert len(captured) == 1
+        torch.testing.assert_close(probs[..., 0], torch.ones_like(probs[..., 0]), atol=1e-12, rtol=0)
+        torch.testing.assert_close(captured[0], memory, atol=1e-12, rtol=0)  # pre-BMN value == the slot
+        expected = (memory + vb) / (memory + vb).norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(new, expected, atol=1e-12, rtol=0)
+        # control: with spread attention the slot does change (the check above can fail)
+        run(0.0)
+        assert (captured[0] - memory).abs().max() > 1e-2
+    finally:
+        handle.remove()
+
+
+def test_writer_with_no_valid_token_is_bmn_and_keeps_m0():
+    model = _writer_model()
+    writer = model.model.writer
+    P = _P(model)
+    vb = writer.forget_bias.detach()
+    m0 = reference_initial_memory(P)
+    memory = unit_memory(2, seed=3)
+    tokens = torch.randn(2, 4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        new, probs = writer(memory, tokens, torch.zeros(2, 4, dtype=torch.bool))
+        torch.testing.assert_close(new, (memory + vb) / (memory + vb).norm(dim=-1, keepdim=True), atol=1e-12, rtol=0)
+        torch.testing.assert_close(probs[..., 0], torch.ones_like(probs[..., 0]), atol=0, rtol=0)
+        assert (probs[..., 1:] == 0).all()
+        m0b = m0.expand(2, -1, -1)
+        new0, _ = writer(m0b, tokens, torch.zeros(2, 4, dtype=torch.bool))
+        torch.testing.assert_close(new0, m0b, atol=1e-14, rtol=0)
+        new_empty, _ = writer(m0b, tokens[:, :0], None)  # zero tokens at all
+        torch.testing.assert_close(new_empty, m0b, atol=1e-14, rtol=0)
+        torch.testing.assert_close(model.model.initial_memory(2), m0b, atol=1e-14, rtol=0)
+    # stream level: the empty boot gives M_0 = m_0 exactly (sdpa: B1 breaks the float64 eager path)
+    smodel = build_tiny_memformer(seed=7, first_segment_context="empty", attn="sdpa")
+    with torch.no_grad():
+        out = smodel(rand_ids(2, boot=False), output_memory_states=True)
+    torch.testing.assert_close(out.memory_states[-1][0], reference_initial_memory(_P(smodel)), atol=1e-14, rtol=0)
+
+
+def test_repeated_bmn_without_input_converges_to_m0():
+    model = _writer_model()
+    writer = model.model.writer
+    m0 = reference_initial_memory(_P(model))
+    memory = unit_memory(1, seed=5)
+    empty = torch.zeros(1, 0, 16, dtype=torch.float64)
+    dists = []
+    with torch.no_grad():
+        for _ in range(200):
+            memory, _ = writer(memory, empty, None)
+            dists.append(float((memory[0] - m0).norm()))
+    assert all(b <= a + 1e-15 for a, b in zip(dists, dists[1:]))
+    assert dists[0] > 1e-2 and dists[-1] < 1e-9
+
+
+WRITER_VARIANTS = {
+    "default": {},
+    "heads4_tau0.3": dict(memory_write_heads=4, memory_write_temperature=0.3),
+    "tau1": dict(memory_write_temperature=1.0),
+    "learnable_tau": dict(learnable_temperature=True),
+    "out_proj": dict(writer_out_proj=True),
+    "no_forget_bias": dict(use_forget_bias=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(WRITER_VARIANTS))
+def test_writer_matches_spec_formula(variant):
+    model = _writer_model(**WRITER_VARIANTS[variant])
+    writer = model.model.writer
+    if writer.log_temperature is not None:
+        with torch.no_grad():
+            writer.log_temperature.fill_(math.log(0.37))
+    P = _P(model)
+    memory = unit_memory(2, seed=8)
+    tokens = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        new, probs = writer(memory, tokens, mask)
+    for r in range(2):
+        ref, ref_probs = reference_writer(P, memory[r], tokens[r][mask[r]], return_probs=True)
+        torch.testing.assert_close(new[r], ref, atol=1e-12, rtol=0)
+        full_probs = torch.zeros_like(probs[r])
+        full_probs[..., 0] = ref_probs[..., 0]
+        full_probs[..., 1:][..., mask[r]] = ref_probs[..., 1:]
+        torch.testing.assert_close(probs[r], full_probs, atol=1e-12, rtol=0)
+    # the stream's writer attentions / memory states come from the same formula (on the reference encoder output)
+    ids = rand_ids(5, seed=10)
+    with torch.no_grad():
+        out = model(ids, output_memory_attentions=True, output_memory_states=True)
+    assert len(out.writer_attentions) == 2 and len(out.memory_states) == 3  # boot + one full segment
+    memory = reference_initial_memory(P)
+    for step, seg in enumerate([[BOS], ids[0, 1:].tolist()]):
+        hidden, _ = reference_encode(P, seg, memory)
+        new_ref, probs_ref = reference_writer(P, memory, hidden, return_probs=True)
+        got = out.writer_attentions[step][0]
+        torch.testing.assert_close(got[..., : 1 + len(seg)], probs_ref, atol=1e-6, rtol=0)
+        assert (got[..., 1 + len(seg):] == 0).all()
+        torch.testing.assert_close(out.memory_states[step + 1][0], new_ref, atol=1e-6, rtol=0)
+        memory = new_ref
+
+
+# ================================================================================== 3. resets, shape, norms
+def test_memory_reset_stream_mode_equals_fresh_row():
+    model = build_tiny_memformer(attn="sdpa")
+    first = rand_ids(10, batch=2, seed=11)
+    second = rand_ids(9, batch=2, seed=12)
+    with torch.no_grad():
+        cache = model(first)[CACHE_KWARG]
+        out = model(second, past_key_values=cache, memory_reset=torch.tensor([True, False]))
+        fresh = model(second[:1])
+        cont = model(torch.cat([first[1:], second[1:]], 1))
+    torch.testing.assert_close(out.logits[0], fresh.logits[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out.memory[0], fresh.memory[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out.logits[1], cont.logits[0, 10:], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out.memory[1], cont.memory[0], atol=1e-10, rtol=0)
+    # without the reset, row 0 is NOT the fresh row (the check above can fail)
+    with torch.no_grad():
+        cache2 = model(first)[CACHE_KWARG]
+        no_reset = model(second, past_key_values=cache2)
+    assert (no_reset.logits[0] - fresh.logits[0]).abs().max() > 1e-3
+    # cache.reset_rows is the same operation
+    with torch.no_grad():
+        cache3 = model(first)[CACHE_KWARG]
+        cache3.reset_rows(torch.tensor([True, False]))
+        via_rows = model(second, past_key_values=cache3)
+    torch.testing.assert_close(via_rows.logits, out.logits, atol=1e-10, rtol=0)
+
+
+def test_memory_reset_cell_mode_equals_fresh_row_and_cuts_gradient():
+    model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
+    enc = rand_ids(L, batch=2, seed=13, boot=False)
+    dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+    memory = unit_memory(2, seed=14).requires_grad_(True)
+    out = model(encoder_input_ids=enc, decoder_input_ids=dec, memory=memory, memory_reset=torch.tensor([True, False]))
+    with torch.no_grad():
+        fresh = model(encoder_input_ids=enc[:1], decoder_input_ids=dec[:1])  # memory=None → m0
+        kept = model(encoder_input_ids=enc[1:], decoder_input_ids=dec[1:], memory=memory[1:].detach())
+    torch.testing.assert_close(out.memory[0], fresh.memory[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.last_hidden_state[0], fresh.last_hidden_state[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.memory[1], kept.memory[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.last_hidden_state[1], kept.last_hidden_state[0], atol=1e-12, rtol=0)
+    (out.memory.sum() + out.last_hidden_state.sum()).backward()
+    assert (memory.grad[0] == 0).all() and memory.grad[1].abs().max() > 0
+    assert model.writer.forget_bias.grad is not None and model.writer.forget_bias.grad.abs().max() > 0
+    # m0 of the cell mode is the reference m0
+    torch.testing.assert_close(model.initial_memory(1)[0], reference_initial_memory(_P(model)), atol=1e-14, rtol=0)
+
+
+def _all_cache_tensors(cache: MemformerCache) -> dict[str, torch.Tensor]:
+    out = {n: getattr(cache, n) for n in ("memory", "fill", "started", "segment_ids", "cross_mask")}
+    for i, layer in enumerate(cache.layers):
+        for n in ("keys", "values", "cross_keys", "cross_values"):
+            out[f"layers.{i}.{n}"] = getattr(layer, n)
+    return out
+
+
+def test_memory_shape_constant_and_slots_unit_norm():
+    model = build_tiny_memformer(attn="sdpa")
+    shapes = {}
+    for n_seg in (1, 10):
+        ids = rand_ids(1 + n_seg * L, batch=2, seed=n_seg)
+        with torch.no_grad():
+            out = model(ids, output_memory_states=True)
+        assert out.memory.shape == (2, 3, 16)
+        assert len(out.memory_states) == n_seg + 2  # m0, boot write, one per segment
+        for state in out.memory_states:
+            assert state.shape == (2, 3, 16)
+            torch.testing.assert_close(state.norm(dim=-1), torch.ones(2, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+        shapes[n_seg] = {k: tuple(v.shape) for k, v in _all_cache_tensors(out[CACHE_KWARG]).items()}
+    assert shapes[1] == shapes[10]
+    assert shapes[1]["memory"] == (2, 3, 16) and shapes[1]["layers.0.keys"] == (2, 2, L, 8)
+
+
+# ================================================================================== 4. gradients, sensitivity
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(position_embedding_type="simplified_rpe", learnable_temperature=True, writer_out_proj=True,
+         normalize_memory_kv=True),
+], ids=["default", "all_optional_params"])
+def test_gradients_reach_every_parameter(overrides):
+    model = build_tiny_memformer(attn="eager", **overrides).train()
+    ids = rand_ids(1 + 3 * L + 2, batch=2, seed=15)  # loss over 4 segments: the writer matters from segment 2 on
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    names = [n for n, _ in model.named_parameters()]
+    assert "model.writer.forget_bias" in names and "model.writer.q_proj.weight" in names
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+def test_loss_is_token_mean_of_shifted_nll():
+    model = build_tiny_memformer(attn="sdpa")
+    ids = rand_ids(11, batch=2, seed=16)
+    labels = ids.clone()
+    labels[0, 5] = -100
+    out = model(ids, labels=labels)
+    logp = torch.log_softmax(out.logits[:, :-1], -1)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    expected = -logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0][keep].mean()
+    torch.testing.assert_close(out.loss, expected, atol=1e-12, rtol=0)
+
+
+def test_perturbing_memory_changes_next_segment_only_after_the_boundary():
+    model = build_tiny_memformer(attn="sdpa")
+    prefix = rand_ids(1 + L, seed=17)  # boot + one full segment: fill == 0
+    nxt = rand_ids(L + 2, seed=18, boot=False)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+        assert int(cache.fill[0]) == 0
+        other = copy.deepcopy(cache)
+        other.memory = unit_memory(1, seed=19)
+        a = model(nxt, past_key_values=cache).logits
+        b = model(nxt, past_key_values=other).logits
+    # the decoder never reads memory directly: columns before the next boundary are unchanged ...
+    torch.testing.assert_close(a[:, : L - 1], b[:, : L - 1], atol=1e-12, rtol=0)
+    # ... and the segment encoded with the perturbed memory changes everything after it
+    assert (a[:, L - 1:] - b[:, L - 1:]).abs().max() > 1e-2
+
+
+# ================================================================================== 5. save / load / remote code
+def test_save_pretrained_auto_classes_roundtrip(tmp_path):
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    ids = rand_ids(14, batch=2, seed=20)
+    with torch.no_grad():
+        expected = model(ids).logits
+        expected_hidden = model.model(ids).last_hidden_state
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "configuration_memformer.py", "modeling_memformer.py",
+            "cache_memformer.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "memformer"
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith("MemformerForCausalLM")
+    state = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in state  # tied, not saved
+    for key in ("model.embed_tokens.weight", "model.writer.forget_bias", "model.writer.q_proj.weight",
+                "model.encoder.layers.0.memory_read.q_proj.weight", "model.encoder.norm.weight",
+                "model.decoder.layers.1.cross_attn.o_proj.bias", "model.decoder.norm.bias"):
+        assert key in state, key
+
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(lm, MemformerForCausalLM)
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(base, MemformerModel)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(base(ids).last_hidden_state, expected_hidden, atol=1e-6, rtol=0)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(lm.state_dict()[name], p, atol=0, rtol=0)
+
+
+_REMOTE_SCRIPT = textwrap.dedent("""
+    import os, sys
+    repo = os.path.realpath(sys.argv[1])
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if "editable" not in (getattr(f, "__name__", "") + type(f).__module__).lower()]
+    sys.path[:] = [p for p in sys.path if not os.path.realpath(p or ".").startswith(repo)]
+    try:
+        import memformer_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("memformer_hf is importable in the remote-code subprocess")
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder = sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "model"), trust_remote_code=True).eval()
+    assert "memformer_hf" not in sys.modules, "memformer_hf was imported"
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    data = torch.load(os.path.join(folder, "inputs.pt"))
+    with torch.no_grad():
+        logits = model(data["ids"]).logits
+    torch.save({"logits": logits, "module": type(model).__module__}, os.path.join(folder, "outputs.pt"))
+""")
+
+
+def test_remote_code_load_in_fresh_process(tmp_path):
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    ids = rand_ids(13, batch=2, seed=21)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "model")
+    torch.save({"ids": ids}, tmp_path / "inputs.pt")
+    script = tmp_path / "load.py"
+    script.write_text(_REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-I", str(script), REPO_ROOT, str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = torch.load(tmp_path / "outputs.pt")
+    assert result["module"].startswith("transformers_modules")
+    torch.testing.assert_close(result["logits"], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("missing,overrides", [
+    ("model.writer.forget_bias", {}),
+    ("model.encoder.layers.0.self_attn.rel_pos.weight", dict(position_embedding_type="simplified_rpe")),
+    ("model.writer.log_temperature", dict(learnable_temperature=True, memory_write_temperature=0.25)),
+])
+def test_missing_parameter_initialises_finite(tmp_path, missing, overrides):
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa", **overrides)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    assert missing in state
+    del state[missing]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = MemformerForCausalLM.from_pretrained(tmp_path).eval()
+    p = loaded.state_dict()[missing]
+    assert torch.isfinite(p).all(), f"{missing} loaded as non-finite"
+    assert p.abs().max() < 10, f"{missing} loaded as garbage ({p.abs().max()})"
+    if missing.endswith("log_temperature"):
+        assert abs(float(p) - math.log(0.25)) < 1e-6
+    else:
+        assert p.std() > 1e-3  # a real random init, not zeros
+    if missing.endswith("forget_bias"):
+        d = p.shape[-1]
+        assert 0.3 / math.sqrt(d) < float(p.std()) < 3 / math.sqrt(d)  # N(0, 1/d) (SPEC §1.6)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(rand_ids(10)).logits).all()
+
+
+# ================================================================================== 6. input validation
+def _bad_input_cases():
+    return {
+        "3d_ids": (dict(input_ids=torch.ones(1, 2, 3, dtype=torch.long)), r"input_ids.*shape"),
+        "id_ge_vocab": (dict(input_ids=torch.tensor([[1, 5, 50]])), r"vocab_size"),
+        "negative_id": (dict(input_ids=torch.tensor([[1, -1, 5]])), r"vocab_size"),
+        "float_ids": (dict(input_ids=torch.tensor([[1.0, 5.0]])), r"integer"),
+        "mask_batch": (dict(input_ids=torch.tensor([[1, 5, 6]]), attention_mask=torch.ones(2, 3)), r"attention_mask"),
+        "mask_short": (dict(input_ids=torch.tensor([[1, 5, 6]]), attention_mask=torch.ones(1, 2)), r"attention_mask"),
+        "mask_1d": (dict(input_ids=torch.tensor([[1, 5, 6]]), attention_mask=torch.ones(3)), r"attention_mask"),
+        "ids_and_embeds": (dict(input_ids=torch.tensor([[1, 5]]), inputs_embeds=torch.zeros(1, 2, 16)),
+                           r"inputs_embeds"),
+        "reset_shape": (dict(input_ids=torch.tensor([[1, 5]]), memory_reset=torch.tensor([True, False])),
+                        r"memory_reset"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_input_cases()))
+def test_bad_stream_input_raises(case):
+    model = build_tiny_memformer(attn="sdpa")
+    kwargs, pattern = _bad_input_cases()[case]
+    with pytest.raises(ValueError, match=pattern):
+        model(**kwargs)
+
+
+def test_1d_input_ids_raise_value_error_base_model():
+    model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
+    with pytest.raises(ValueError, match=r"input_ids.*shape"):
+        model(input_ids=torch.tensor([1, 5, 6]))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG B4: MemformerForCausalLM.forward reads `input_ids.shape[1]` before "
+                                       "validating, so 1-D input_ids raise IndexError instead of ValueError")
+def test_1d_input_ids_raise_value_error_causal_lm():
+    model = build_tiny_memformer(attn="sdpa")
+    with pytest.raises(ValueError, match=r"input_ids.*shape"):
+        model(input_ids=torch.tensor([1, 5, 6]))
+
+
+def test_cache_batch_mismatch_and_foreign_config_raise():
+    model = build_tiny_memformer(attn="sdpa")
+    with torch.no_grad():
+        cache = model(rand_ids(6, batch=2))[CACHE_KWARG]
+        with pytest.raises(ValueError, match=r"batch size 2 != input batch size 3.*batch_repeat_interleave"):
+            model(rand_ids(2, batch=3, boot=False), past_key_values=cache)
+        other = build_tiny_memformer(attn="sdpa", num_memory_slots=5)
+        cache2 = other(rand_ids(6, batch=2))[CACHE_KWARG]
+        with pytest.raises(ValueError, match=r"different model configuration"):
+            model(rand_ids(2, batch=2, boot=False), past_key_values=cache2)
+        nan_cache = model(rand_ids(6, batch=2))[CACHE_KWARG]
+        nan_cache.memory = nan_cache.memory.clone()
+        nan_cache.memory[0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"NaN"):
+            model(rand_ids(2, batch=2, boot=False), past_key_values=nan_cache)
+
+
+def test_bad_cell_input_raises():
+    model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
+    enc = rand_ids(L, batch=2, boot=False)
+    dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+    with pytest.raises(ValueError, match=r"segment_length"):
+        model(encoder_input_ids=rand_ids(L + 1, batch=2, boot=False), decoder_input_ids=dec)
+    with pytest.raises(ValueError, match=r"segment_length"):
+        model(encoder_input_ids=enc, decoder_input_ids=rand_ids(L + 1, batch=2, boot=False))
+    memory = unit_memory(2, seed=0)
+    memory[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN"):
+        model(encoder_input_ids=enc, decoder_input_ids=dec, memory=memory)
+    with pytest.raises(ValueError, match=r"[Mm]emory batch size 3 != input batch size 2"):
+        model(encoder_input_ids=enc, decoder_input_ids=dec, memory=unit_memory(3, seed=0))
+    with pytest.raises(ValueError, match=r"num_memory_slots"):
+        model(encoder_input_ids=enc, decoder_input_ids=dec, memory=unit_memory(2, seed=0, k=4))
+    with pytest.raises(ValueError, match=r"vocab_size"):
+        model(encoder_input_ids=enc + 100, decoder_input_ids=dec)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(position_embedding_type="alibi"), "position_embedding_type"),
+    (dict(first_segment_context="zeros"), "first_segment_context"),
+    (dict(memory_write_temperature=0.0), "memory_write_temperature"),
+    (dict(memory_write_temperature=1.5), "memory_write_temperature"),
+    (dict(memory_write_temperature=-0.5), "memory_write_temperature"),
+    pytest.param(dict(num_attention_heads=3), "num_attention_heads", marks=pytest.mark.xfail(
+        condition=_TRANSFORMERS > (5, 17), strict=True,
+        reason="BUG B5: on transformers 5.24 HF's strict `validate_rope` runs inside super().__init__() before "
+               "MemformerConfig's own validation and raises huggingface_hub StrictDataclassClassValidationError (not a "
+               "ValueError) about an odd RoPE head_dim=5, never naming the divisibility problem")),
+    (dict(hidden_size=18, num_attention_heads=4), "num_attention_heads"),
+    (dict(memory_write_heads=5), "memory_write_heads"),
+    pytest.param(dict(hidden_size="16"), "hidden_size", marks=pytest.mark.xfail(
+        strict=True, reason="BUG B5: HF's `validate_architecture` fails first with TypeError wrapped in "
+                            "StrictDataclassClassValidationError (not a ValueError, does not name hidden_size)")),
+    (dict(segment_length=0), "segment_length"),
+])
+def test_bad_config_raises(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_memformer_config(**overrides)
+
+
+def test_config_roundtrip_and_tiny_config_values(tmp_path):
+    cfg = tiny_memformer_config(memory_write_temperature=0.25, position_embedding_type="simplified_rpe")
+    cfg.save_pretrained(tmp_path)
+    again = MemformerConfig.from_pretrained(tmp_path)
+    for key in ("memory_write_temperature", "position_embedding_type", "segment_length", "num_memory_slots",
+                "bos_token_id", "pad_token_id", "tie_word_embeddings"):
+        assert getattr(again, key) == getattr(cfg, key), key
+    assert again.num_hidden_layers == cfg.decoder_layers
+
+
+# ================================================================================== 7. padding, checkpointing
+def _left_pad(rows: list[torch.Tensor], garbage_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), PAD, dtype=torch.long)
+    if garbage_seed is not None:
+        ids = torch.randint(0, 50, (len(rows), n), generator=torch.Generator().manual_seed(garbage_seed))
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("boot", ["bos", "empty"])
+def test_left_padded_batch_equals_rows_alone(boot):
+    model = build_tiny_memformer(attn="sdpa", first_segment_context=boot)
+    if boot == "empty":
+        with torch.no_grad():  # B2, isolated in its own test
+            for layer in model.model.decoder.layers:
+                layer.cross_attn.o_proj.bias.zero_()
+    lengths = [13, 9, 6, 2]  # different phases in the segment grid: rows reach boundaries at different steps
+    rows = [rand_ids(n, seed=30 + i, boot=(boot == "bos"))[0] for i, n in enumerate(lengths)]
+    ids, mask = _left_pad(rows)
+    extra = rand_ids(7, batch=len(rows), seed=40, boot=False)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        garbage_ids, _ = _left_pad(rows, garbage_seed=41)
+        out_g = model(garbage_ids, attention_mask=mask)
+        # continue one column at a time with generate()'s 2-D mask of past + current columns
+        cache, step_logits, am = out[CACHE_KWARG], [], mask
+        for t in range(extra.shape[1]):
+            am = torch.cat([am, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+            o = model(extra[:, t: t + 1], attention_mask=am, past_key_values=cache)
+            cache = o[CACHE_KWARG]
+            step_logits.append(o.logits)
+        step_logits = torch.cat(step_logits, 1)
+    n = ids.shape[1]
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            alone = model(torch.cat([r, extra[i]])[None])
+        k = len(r)
+        torch.testing.assert_close(out.logits[i, n - k:], alone.logits[0, :k], atol=1e-10, rtol=0)
+        torch.testing.assert_close(out_g.logits[i, n - k:], out.logits[i, n - k:], atol=0, rtol=0)
+        torch.testing.assert_close(step_logits[i], alone.logits[0, k:], atol=1e-10, rtol=0)
+        torch.testing.assert_close(cache.memory[i], alone.memory[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out_g.memory, out.memory, atol=0, rtol=0)
+    assert len(set((n_ + extra.shape[1]) % L for n_ in lengths)) > 1
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    model = build_tiny_memformer(attn="eager").train()
+    ids = rand_ids(15, batch=2, seed=50)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_and_grads()
+    calls = []
+    hooks = [layer.self_attn_norm.register_forward_pre_hook(lambda *a: calls.append(1))
+             for layer in list(model.model.encoder.layers) + list(model.model.decoder.layers)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+    try:
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        n_forward = len(calls)
+        loss.backward()
+        n_recomputed = len(calls) - n_forward
+    finally:
+        for h in hooks:
+            h.remove()
+    assert n_recomputed > 0, "gradient checkpointing did not recompute any layer"
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(loss.detach(), ref_loss, atol=1e-12, rtol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_tuple_output_and_logits_to_keep():
+    model = build_tiny_memformer(attn="sdpa")
+    ids = rand_ids(11, batch=2, seed=60)
+    with torch.no_grad():
+        out = model(ids)
+        tup = model(ids, return_dict=False)
+        last = model(ids, logits_to_keep=1)
+    assert isinstance(tup, tuple)
+    torch.testing.assert_close(tup[0], out.logits, atol=0, rtol=0)
+    torch.testing.assert_close(last.logits[:, 0], out.logits[:, -1], atol=1e-10, rtol=0)
+    torch.testing.assert_close(last[CACHE_KWARG].memory, out[CACHE_KWARG].memory, atol=1e-10, rtol=0)

@@ -154,6 +154,13 @@ class MemformerCache(Cache):
         for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
             layer.set_tensors([k, v, ck, cv])
 
+    def __deepcopy__(self, memo: dict) -> MemformerCache:
+        """An independent copy (to branch a stream); tensors are cloned without their autograd history."""
+        new = MemformerCache(self.config)
+        new._set_all_tensors([None if t is None else t.detach().clone() for t in self._all_tensors()])
+        new.consumed = self.consumed
+        return new
+
     def detach_(self) -> MemformerCache:
         """Cut the autograd history of every tensor (in place); returns self."""
         self._map_rows(lambda t: t.detach())

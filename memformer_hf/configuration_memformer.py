@@ -125,8 +125,8 @@ class MemformerConfig(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.use_cache = use_cache
         kwargs.setdefault("is_encoder_decoder", False)
+        self.validate_memformer()  # before the base class, whose own checks give less specific errors
         super().__init__(**kwargs)
-        self.validate_memformer()
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MemformerConfig:

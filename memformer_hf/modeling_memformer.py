@@ -106,6 +106,11 @@ def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | N
     return x * cos + rotate_half(x) * sin
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision for softmax/loss; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -127,7 +132,7 @@ def eager_attention_forward(
     scores = scores * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)
     if rel is not None:
@@ -178,6 +183,8 @@ class MemformerAttention(nn.Module):
         `mask=None` means a plain causal mask over equal-length q and k (the flash-eligible training case)."""
         query = apply_rotary(self.split_heads(self.q_proj(hidden)), cos_sin)
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        attention_interface = (eager_attention_forward if impl == "eager" or self.uses_rel_pos
+                               else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward))
         dropout = self.config.attention_dropout if self.training else 0.0
         if causal and mask is None and (impl == "eager" or self.uses_rel_pos):
             q_len = query.shape[2]
@@ -187,15 +194,16 @@ class MemformerAttention(nn.Module):
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
             additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)
-        if impl == "eager" or self.uses_rel_pos:
+        if attention_interface is eager_attention_forward:
             out, _ = eager_attention_forward(self, query, key, value, additive, self.scaling, dropout,
                                              rel_index=rel_index if self.uses_rel_pos else None)
         else:
-            out, _ = ALL_ATTENTION_FUNCTIONS[impl](self, query, key, value, additive, dropout=dropout,
-                                                   scaling=self.scaling, is_causal=causal)
-        if mask is not None:  # safe softmax: no valid key → exact zero
-            out = out * mask.any(-1).transpose(1, 2)[..., None].to(out.dtype)
-        return self.o_proj(out.reshape(*hidden.shape[:-1], -1))
+            out, _ = attention_interface(self, query, key, value, additive, dropout=dropout, scaling=self.scaling,
+                                         is_causal=causal)
+        out = self.o_proj(out.reshape(*hidden.shape[:-1], -1))
+        if mask is not None:  # safe softmax: a query with no valid key outputs exactly zero (after o_proj's bias)
+            out = out * mask.any(-1).any(1)[..., None].to(out.dtype)
+        return out
 
 
 class MemformerFFN(nn.Module):
@@ -230,7 +238,7 @@ class MemoryReader(nn.Module):
         query = self.q_proj(hidden).view(n, q, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        probs = torch.softmax((query @ key.transpose(-1, -2)).float() * self.head_dim ** -0.5, dim=-1)
+        probs = torch.softmax(_at_least_fp32(query @ key.transpose(-1, -2)) * self.head_dim ** -0.5, dim=-1)
         probs = F.dropout(probs.to(value.dtype), p=self.dropout, training=self.training)
         out = (probs @ value).transpose(1, 2).reshape(n, q, -1)
         return self.o_proj(out), probs
@@ -1140,7 +1148,11 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         cell_mode = kwargs.get("encoder_input_ids") is not None
-        n = None if cell_mode else (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        source = input_ids if input_ids is not None else inputs_embeds
+        if not cell_mode and (source is None or source.dim() < 2):
+            raise ValueError("Pass `input_ids` of shape (batch, sequence) (or `inputs_embeds`, or the cell-mode "
+                             f"inputs); got {None if source is None else tuple(source.shape)}.")
+        n = None if cell_mode else source.shape[1]
         columns_to_keep = None
         if not cell_mode and labels is None and shift_labels is None and isinstance(logits_to_keep, int) \
                 and logits_to_keep > 0:

@@ -100,7 +100,7 @@ def memory_replay_backward(
 
     # phase 2: replay each encode step from its stored memory, last first
     g = None
-    total = torch.zeros((), device=input_ids.device)
+    total = None
     for k in reversed(range(max(len(memories) - 1, 1))):
         m_k = memories[k].detach().requires_grad_(k > 0)
         out = model(**common, past_key_values=past_key_values, use_cache=False, shift_labels=shift_labels,
@@ -109,7 +109,7 @@ def memory_replay_backward(
         if g is not None:
             objective = objective + (out.memory * g).sum()
         backward(objective)
-        total = total + out.loss.detach().to(total.dtype)
+        total = out.loss.detach() if total is None else total + out.loss.detach()
         if k > 0:
             g = m_k.grad
     return total, new_cache
@@ -221,11 +221,13 @@ def cells_backward(
             total, mem = total + obj.detach() / loss_scale, out.memory
         return total, mem.detach()
 
-    # MRBP phase 1: critical path only, no graph; store the memory before every cell
+    # MRBP phase 1: critical path only, no graph; store the memory before every cell. The last cell is skipped:
+    # its recomputation in phase 2 yields the window's final memory anyway.
     buf = [memory]
     with torch.no_grad():
-        for t in range(T):
+        for t in range(T - 1):
             buf.append(run(t, buf[-1], critical_path_only=True).memory)
+    final = None
     # phase 2: reverse sweep, one cell graph alive at a time
     g = None
     for t in reversed(range(T)):
@@ -235,13 +237,15 @@ def cells_backward(
             if g is not None:
                 obj = obj + (out.memory * g).sum()
             backward(obj)
+        if t == T - 1:
+            final = out.memory.detach()
         total = total + (out.loss.detach() * (1.0 if weights is None else weights[t]))
         if t > 0:
             g = m_t.grad
             if grad_scale is not None:
                 g = g / grad_scale()
             g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-    return total, buf[T].detach()
+    return total, final
 
 
 __all__ = ["memory_replay_backward", "cells_backward", "cell_batch", "seeded", "LOSS_WEIGHTINGS", "MODES"]

@@ -337,9 +337,6 @@ def test_deepcopy_of_plain_forward_cache():
     copy.deepcopy(cache)  # fine under no_grad (as inside generate)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG B6: a cache returned by a forward run with grad enabled (the default "
-                                       "outside generate) holds non-leaf tensors, so copy.deepcopy(cache) raises "
-                                       "RuntimeError (SPEC §2.7: deepcopy MUST work); cache.detach_() first works")
 def test_deepcopy_of_grad_enabled_forward_cache():
     model = build_tiny_memformer(seed=3, attn="sdpa")
     cache = model(rand_ids(6, seed=25))[CACHE_KWARG]

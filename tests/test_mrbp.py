@@ -649,9 +649,6 @@ def test_stream_api_refuses_dropout_in_training():
     memory_replay_backward(model, ids)
 
 
-@pytest.mark.xfail(strict=True, reason="memory_replay_backward accumulates the reported loss in float32 "
-                   "(`total = torch.zeros(())` + `.to(total.dtype)`), so a float64 model's loss is rounded to float32 "
-                   "and differs from `model(...).loss` by ~1e-9 relative; cells_backward keeps the model dtype")
 def test_stream_api_loss_keeps_model_dtype():
     model = build_model(seed=94)
     ids = torch.tensor([[BOS] + list(range(5, 18))])
@@ -662,10 +659,6 @@ def test_stream_api_loss_keeps_model_dtype():
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="eager_attention_forward computes softmax(scores.float()): for a float64 model "
-                   "the additive mask finfo(float64).min becomes -inf in float32, so a query with no valid key (all-pad "
-                   "/ inactive cell, 'empty' boot) gets NaN probabilities and NaN * 0 stays NaN; the softmax also "
-                   "drops float64 models to float32 precision (eager vs sdpa logits differ by ~1e-7)")
 def test_eager_float64_fully_masked_rows_stay_finite():
     model = build_model(seed=95, attn="eager")
     out = model(encoder_input_ids=torch.full((1, L), PAD), encoder_attention_mask=torch.zeros(1, L, dtype=torch.bool),
@@ -673,10 +666,6 @@ def test_eager_float64_fully_masked_rows_stay_finite():
     assert torch.isfinite(out.memory).all()
 
 
-@pytest.mark.xfail(strict=True, reason="MemoryReader computes softmax((q @ k.T).float()) unconditionally: a float64 "
-                   "model reads memory at float32 precision (~6e-7 off a float64 reference; the mathematically zero "
-                   "memory_read.k_proj.bias gradient comes out ~1e-9 instead of ~1e-17). MRBP == BPTT still holds "
-                   "(both recompute identically), but float64 exactness tests lose their margin")
 def test_memory_reader_keeps_float64():
     from memformer_hf.modeling_memformer import MemoryReader
 

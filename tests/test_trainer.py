@@ -1,0 +1,806 @@
+"""`MemformerTrainer` (SPEC §3.9, §4, §5.8 tests 10 and 12) against independent references.
+
+* the stock `transformers.Trainer` fed the same cells one segment per row (window 1, nothing to carry): identical
+  logged losses and parameters, i.e. loss scaling by `num_items_in_batch`, gradient accumulation and the optimizer
+  step are those of the stock Trainer;
+* a hand-written loop (plain `model(...)` calls in cell mode, full BPTT over the window, AdamW + linear schedule +
+  clipping) for the truncated, mrbp and bptt modes with carried memory;
+* the gradient of one optimizer step == the gradient of the token-weighted mean over all micro-batches;
+* the carried memory == a sequential no-grad recomputation of every stream from its document starts (m₀ there);
+* kill-and-resume, in process and with a real SIGKILL in a subprocess, with and without dropout;
+* checkpoint contents and a mismatched layout on resume;
+* `evaluate()` == one stream-mode forward per document (and the no-memory variant == m₀ before every cell);
+* bf16 autocast on CPU; bad arguments; 2-rank DDP (gloo, torchrun) == one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
+
+import memformer_hf.trainer_memformer as trainer_module
+from memformer_hf import MemformerConfig, MemformerForCausalLM, mrbp
+from memformer_hf.data_streams import StreamBatches
+from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
+
+BOS, EOS, PAD = 1, 2, 0
+L = 4  # segment length
+TINY = dict(
+    vocab_size=50, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2, intermediate_size=32,
+    segment_length=L, num_memory_slots=3, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    initializer_range=0.3,  # sharp (SPEC §5.8): the outputs depend strongly on the memory
+)
+CELL_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "decoder_attention_mask")
+
+
+# ============================================================================================== helpers
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> MemformerForCausalLM:
+    """A tiny sharp model; biases and LayerNorm affines randomised (their init 0 / 1 would hide bugs).
+
+    Attention key biases are frozen: softmax is shift-invariant, so their true gradient is 0 and what they get is
+    rounding noise, which Adam's normalisation would turn into ±lr updates that differ between summation orders."""
+    torch.manual_seed(seed)
+    model = MemformerForCausalLM(MemformerConfig(**{**TINY, "attn_implementation": "eager", **overrides}))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and not name.endswith("forget_bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+    for name, p in model.named_parameters():
+        if name.endswith("k_proj.bias"):
+            p.requires_grad_(False)
+    return model.to(dtype)
+
+
+def make_docs(seed: int, n: int, lo: int, hi: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, TINY["vocab_size"]) for _ in range(rng.randrange(lo, hi + 1))] for _ in range(n)]
+
+
+def targs(tmp, **overrides) -> MemformerTrainingArguments:
+    kw = dict(output_dir=str(tmp), per_device_train_batch_size=2, gradient_accumulation_steps=2, mrbp_window=2,
+              num_train_epochs=1, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+              use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0, optim="adamw_torch")
+    kw.update(overrides)
+    return MemformerTrainingArguments(**kw)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_params_close(got: dict, ref: dict, atol: float, what: str = "") -> None:
+    assert got.keys() == ref.keys()
+    worst = max(((g - ref[k]).abs().max().item(), k) for k, g in got.items())
+    assert worst[0] <= atol, f"{what}: parameter {worst[1]} differs by {worst[0]:.3g} > {atol}"
+
+
+def logged_losses(trainer, key: str = "loss") -> dict[int, float]:
+    return {h["step"]: h[key] for h in trainer.state.log_history if key in h}
+
+
+def cell(batch: dict, t: int) -> dict[str, torch.Tensor]:
+    """Cell t of a [B, T, L] window batch, built here (not with `mrbp.cell_batch`)."""
+    out = {k: batch[k][:, t] for k in CELL_KEYS}
+    out["memory_reset"] = batch["memory_reset"][:, t]
+    out["shift_labels"] = batch["shift_labels"][:, t * L:(t + 1) * L].clone()
+    return out
+
+
+class RecordCells:
+    """Wraps `trainer_memformer.cells_backward` (what `training_step` runs) to record the carried memory going in
+    and coming out of every micro-batch, keyed by the batch's stream ids."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        inner = mrbp.cells_backward  # the original, also when another recorder is installed
+
+        def wrapper(model, cells, memory, **kw):
+            loss, new = inner(model, cells, memory, **kw)
+            self.calls.append(dict(stream_ids=cells["stream_ids"].clone(), window=int(cells["window_index"]),
+                                   memory_in=None if memory is None else memory.detach().clone(),
+                                   memory_out=new.detach().clone(), loss=float(loss)))
+            return loss, new
+
+        monkeypatch.setattr(trainer_module, "cells_backward", wrapper)
+
+
+# ============================================================================================== 1. stock Trainer
+class _RowCells(torch.utils.data.Dataset):
+    """One cell per row for the stock Trainer: the rows of window-1 batches, in order."""
+
+    def __init__(self, batches: list[dict]):
+        self.rows = []
+        for b in batches:
+            for r in range(b["encoder_input_ids"].shape[0]):
+                row = {k: b[k][r, 0] for k in CELL_KEYS}
+                row["memory_reset"] = b["memory_reset"][r, 0]
+                row["shift_labels"] = b["shift_labels"][r]
+                row["labels"] = b["shift_labels"][r]  # only so that the stock Trainer counts `shift_labels`
+                self.rows.append(row)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_window1_equals_stock_trainer(tmp_path):
+    """Documents of one segment: every cell is a boot cell (reset), so there is nothing to carry and the stock
+    Trainer (with `memory=None`) sees exactly the same cells. Micro-batches hold very different token counts, so a
+    mean of micro-batch means would differ from the token-weighted mean."""
+    docs = make_docs(1, 24, 1, L)
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=3e-2,
+                  max_grad_norm=0.5, weight_decay=0.01, warmup_steps=1)
+    model = make_model(0)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    mt = MemformerTrainer(model=model, args=targs(tmp_path / "m", mrbp_window=1, training_mode="truncated", **common),
+                          train_dataset=docs)
+    batches = [mt.train_dataset[k] for k in range(len(mt.train_dataset))]
+    assert all(b["memory_reset"].all() for b in batches)
+    counts = [int(b["shift_labels"].ne(-100).sum()) for b in batches]
+    assert len(set(counts)) > 1, counts
+    mt.train()
+
+    ref_model = make_model(0)
+    ref_model.load_state_dict(init)
+    stock_args = TrainingArguments(
+        output_dir=str(tmp_path / "s"), num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0, optim="adamw_torch",
+        remove_unused_columns=False, train_sampling_strategy="sequential", **common)
+    st = Trainer(model=ref_model, args=stock_args, train_dataset=_RowCells(batches))
+    st.train()
+
+    got, ref = logged_losses(mt), logged_losses(st)
+    assert len(ref) == len(batches) // 2 >= 5
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got, ref)
+    # the gradient scale (AdamW and clipping would forgive a constant factor)
+    got, ref = logged_losses(mt, "grad_norm"), logged_losses(st, "grad_norm")
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+    assert_params_close(params(mt.model), params(st.model), 1e-6, "stock Trainer")
+    moved = max((v - init[k]).abs().max().item() for k, v in params(mt.model).items())
+    assert moved > 1e-2, "training did not move the parameters"
+
+
+# ============================================================================================== 1b. hand loop
+def reference_run(model, ds: StreamBatches, mode: str, lr: float, max_grad_norm: float, epochs: int = 1):
+    """What the Trainer should do, written out: per optimizer step, G window batches; N = all targets of the step;
+    per window one graph over its T cells (memory detached between cells in truncated mode); carry per stream."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    G = ds.grad_accum
+    steps_per_epoch = len(ds) // G
+    sched = get_linear_schedule_with_warmup(opt, 0, steps_per_epoch * epochs)
+    carry: dict[int, torch.Tensor] = {}
+    losses, norms = [], []
+    model.train()
+    for _ in range(epochs):
+        for step in range(steps_per_epoch):
+            batches = [ds[step * G + i] for i in range(G)]
+            n_items = sum(int(b["shift_labels"].ne(-100).sum()) for b in batches)
+            step_loss = 0.0
+            for b in batches:
+                ids = b["stream_ids"].tolist()
+                mem = torch.stack([carry[i] for i in ids]) if all(i in carry for i in ids) else None
+                objective = 0.0
+                for t in range(b["encoder_input_ids"].shape[1]):
+                    out = model(**cell(b, t), memory=mem, num_items_in_batch=n_items)
+                    objective = objective + out.loss
+                    mem = out.memory.detach() if mode == "truncated" else out.memory
+                objective.backward()
+                step_loss += float(objective.detach())
+                for i, m in zip(ids, mem.detach()):
+                    carry[i] = m
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)))
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            losses.append(step_loss)
+    return losses, norms, carry
+
+
+@pytest.mark.parametrize("mode,window", [("truncated", 1), ("truncated", 3), ("mrbp", 3), ("bptt", 2)])
+def test_training_equals_hand_written_loop(tmp_path, mode, window):
+    """Multi-segment documents with carried memory: logged losses, final parameters and final carries equal a
+    hand-written AdamW loop over the same window batches."""
+    docs = make_docs(2, 14, 3, 22)
+    model = make_model(0)
+    ref_model = make_model(0)
+    args = targs(tmp_path, mrbp_window=window, training_mode=mode, learning_rate=2e-2, max_grad_norm=1.0)
+    tr = MemformerTrainer(model=model, args=args, train_dataset=docs)
+    ds = tr.train_dataset
+    assert any(not b for b in (ds[k]["memory_reset"][:, 0].all() for k in range(len(ds)))), "no carry exercised"
+    tr.train()
+    ref_losses, ref_norms, ref_carry = reference_run(ref_model, ds, mode, lr=2e-2, max_grad_norm=1.0)
+    got, norms = logged_losses(tr), logged_losses(tr, "grad_norm")
+    assert list(got) == list(norms) == list(range(1, len(ref_losses) + 1))
+    for step, (ref, ref_norm) in enumerate(zip(ref_losses, ref_norms), 1):
+        assert got[step] == pytest.approx(ref, rel=1e-5), (step, got, ref_losses)
+        assert norms[step] == pytest.approx(ref_norm, rel=1e-5), (step, norms, ref_norms)
+    assert_params_close(params(tr.model), params(ref_model), 1e-5, mode)
+    carry = tr._carry  # the per-stream store of SPEC §4.3
+    for sid, m in ref_carry.items():
+        torch.testing.assert_close(carry[sid], m, rtol=0, atol=1e-5)
+
+
+def test_float64_training_with_inactive_cells_stays_finite(tmp_path):
+    """Regression: float64 batches mixing active rows with inactive (all-pad, fully masked) cells once gave NaN
+    (the eager softmax ran on `scores.float()`, turning finfo(float64).min into -inf)."""
+    docs = make_docs(2, 14, 3, 22)  # streams of different lengths: inactive cells next to active ones
+    tr = MemformerTrainer(model=make_model(0, dtype=torch.float64), train_dataset=docs,
+                          args=targs(tmp_path, mrbp_window=1, training_mode="truncated", learning_rate=2e-2))
+    tr.train()
+    norms = [h["grad_norm"] for h in tr.state.log_history if "grad_norm" in h]
+    assert norms and all(math.isfinite(x) for x in norms), norms
+
+
+# ============================================================================================== 2. accumulation
+def window_objective(model, batch: dict, memory, n_items) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full BPTT over one window: Σ_t NLL_t / n_items and the window-end memory."""
+    objective = 0.0
+    for t in range(batch["encoder_input_ids"].shape[1]):
+        out = model(**cell(batch, t), memory=memory, num_items_in_batch=n_items)
+        objective, memory = objective + out.loss, out.memory
+    return objective, memory
+
+
+class CaptureStep(TrainerCallback):
+    """Gradients and parameters seen just before each optimizer step."""
+
+    def __init__(self):
+        self.grads, self.params = [], []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None})
+        self.params.append({k: p.detach().clone() for k, p in model.state_dict().items()})
+
+
+def test_gradient_accumulation_is_token_weighted_mean_over_micro_batches(tmp_path):
+    """The gradient of an optimizer step (G = 3 micro-batches, each a window of another stream group) equals the
+    gradient of Σ NLL / N over all micro-batches, N = all their targets, with the carry of the previous step."""
+    docs = make_docs(3, 16, 2, 26)
+    G, B, T = 3, 2, 3
+    ref_model = make_model(0)
+    cap = CaptureStep()
+    tr = MemformerTrainer(model=make_model(0), callbacks=[cap], train_dataset=docs,
+                          args=targs(tmp_path, per_device_train_batch_size=B, gradient_accumulation_steps=G,
+                                     mrbp_window=T, max_steps=2, max_grad_norm=0.0, learning_rate=5e-2))
+    ds = tr.train_dataset
+    tr.train()
+    assert len(cap.grads) == 2
+    carry: dict[int, torch.Tensor] = {}
+    for step in range(2):
+        ref_model.load_state_dict(cap.params[step])
+        ref_model.zero_grad()
+        batches = [ds[step * G + g] for g in range(G)]
+        counts = [int(b["shift_labels"].ne(-100).sum()) for b in batches]
+        assert len(set(counts)) > 1, "equal token counts would not distinguish a mean of micro-batch means"
+        n_items = sum(counts)
+        new_carry = {}
+        for b in batches:
+            ids = b["stream_ids"].tolist()
+            mem = torch.stack([carry[i] for i in ids]) if step else None
+            objective, mem = window_objective(ref_model, b, mem, n_items)
+            objective.backward()
+            new_carry.update(zip(ids, mem.detach()))
+        carry = new_carry
+        ref = {k: p.grad for k, p in ref_model.named_parameters() if p.grad is not None}
+        got = cap.grads[step]
+        assert got.keys() == ref.keys()
+        scale = max(g.abs().max().item() for g in ref.values())
+        worst = max(((got[k] - ref[k]).abs().max().item(), k) for k in ref)
+        assert worst[0] <= 1e-5 * scale, f"step {step + 1}: {worst[1]} gradient differs by {worst[0]:.3g}"
+
+
+# ============================================================================================== 3. carry
+@torch.no_grad()
+def document_memories(model, doc: list[int], memory=None) -> list[torch.Tensor]:
+    """The memory after each cell of one document, computed cell by cell from `memory` (None: m₀, the document
+    start), with unpadded segments and no masks: boot [BOS], then s_0 .. s_{n-2} (the last one is never encoded)."""
+    segs = [doc[i:i + L] for i in range(0, len(doc), L)]
+    out = []
+    for j, seg in enumerate(segs):
+        enc = [BOS] if j == 0 else segs[j - 1]
+        res = model(encoder_input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([[BOS] + seg[:-1]]),
+                    memory=memory)
+        memory = res.memory
+        out.append(memory[0])
+    return out
+
+
+def test_carried_memory_equals_sequential_recomputation(tmp_path):
+    """After every optimizer step (all G stream groups advanced by one window) the checkpointed carry of each stream
+    equals the memory of a sequential recomputation of that stream from the start of its current document (m₀
+    there); an exhausted stream holds Write(m₀, ∅). lr = 0 keeps the parameters fixed."""
+    docs = make_docs(4, 13, 2, 23)
+    T = 3
+    tr = MemformerTrainer(model=make_model(0), train_dataset=docs,
+                          args=targs(tmp_path, mrbp_window=T, learning_rate=0.0, save_strategy="steps",
+                                     save_steps=1))
+    ds = tr.train_dataset
+    tr.train()
+    model = make_model(0).eval()
+    with torch.no_grad():
+        empty = model(encoder_input_ids=torch.full((1, L), PAD), encoder_attention_mask=torch.zeros(1, L, dtype=bool),
+                      decoder_input_ids=torch.tensor([[BOS]]), memory_reset=torch.ones(1, dtype=bool)).memory[0]
+    per_stream, no_reset = [], []
+    for s in range(ds.num_streams):
+        mems, cont, mem = [], [], None
+        for d in ds.stream_documents[s]:
+            mems += document_memories(model, docs[d])
+            cont += document_memories(model, docs[d], memory=mem)  # negative control: no reset at the start
+            mem = cont[-1][None]
+        per_stream.append(mems)
+        no_reset.append(cont)
+    n_steps = len(ds) // ds.grad_accum
+    assert n_steps >= 4
+    boundaries_inside = sum(bool(ds[k]["memory_reset"][:, 1:].any()) for k in range(len(ds)))
+    exhausted = control_differs = 0
+    for step in range(1, n_steps + 1):
+        carry = load_file(tmp_path / f"checkpoint-{step}" / "stream_state-rank0.safetensors")["carry"]
+        assert carry.shape == (ds.num_streams, TINY["num_memory_slots"], TINY["hidden_size"])
+        last = step * T - 1  # index of the last cell consumed by every stream
+        for s in range(ds.num_streams):
+            if last < len(per_stream[s]):
+                torch.testing.assert_close(carry[s], per_stream[s][last], rtol=0, atol=2e-6,
+                                           msg=f"stream {s} after step {step}")
+                if (carry[s] - no_reset[s][last]).abs().max() > 1e-3:
+                    control_differs += 1
+            else:
+                torch.testing.assert_close(carry[s], empty, rtol=0, atol=2e-6, msg=f"exhausted stream {s}")
+                exhausted += 1
+    assert boundaries_inside and exhausted and control_differs, (boundaries_inside, exhausted, control_differs)
+
+
+# ============================================================================================== 4. resume
+class StopAt(TrainerCallback):
+    """Ends training right after optimizer step `step` (after its checkpoint, as a crash right after it would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def resume_case(tmp_path, monkeypatch, docs, stop: int, epochs: int, dropout: float):
+    """Uninterrupted run vs. a run stopped after step `stop` and resumed by a fresh Trainer and model."""
+    kw = dict(mrbp_window=2, num_train_epochs=epochs, save_strategy="steps", save_steps=1000, learning_rate=2e-2)
+    drop = dict(attention_dropout=dropout, hidden_dropout=dropout)
+    full_rec = RecordCells(monkeypatch)
+    full = MemformerTrainer(model=make_model(0, **drop), args=targs(tmp_path / "full", **kw), train_dataset=docs)
+    full.train()
+    part_rec = RecordCells(monkeypatch)
+    part = MemformerTrainer(model=make_model(0, **drop), args=targs(tmp_path / "part", **kw), train_dataset=docs,
+                            callbacks=[StopAt(stop)])
+    part.train()
+    assert part.state.global_step == stop
+    res_rec = RecordCells(monkeypatch)
+    resumed = MemformerTrainer(model=make_model(1, **drop), args=targs(tmp_path / "part", **kw), train_dataset=docs)
+    resumed.train(resume_from_checkpoint=True)
+    return full, full_rec, part_rec, resumed, res_rec
+
+
+def assert_resumed_equal(full, full_rec, part_rec, resumed, res_rec, stop: int):
+    G = full.args.gradient_accumulation_steps
+    assert resumed.state.global_step == full.state.global_step
+    got, ref = logged_losses(resumed), logged_losses(full)
+    assert [s for s in got if s > stop] == [s for s in ref if s > stop] != []
+    for s in ref:
+        if s > stop:
+            assert got[s] == pytest.approx(ref[s], rel=1e-6), (s, got, ref)
+    assert_params_close(params(resumed.model), params(full.model), 1e-6, "resumed run")
+    # the stream cursor and the carries: the micro-batches after the stop are the uninterrupted run's
+    assert len(part_rec.calls) == stop * G
+    tail = full_rec.calls[stop * G:]
+    assert len(res_rec.calls) == len(tail)
+    for a, b in zip(res_rec.calls, tail):
+        assert a["window"] == b["window"] and torch.equal(a["stream_ids"], b["stream_ids"])
+        torch.testing.assert_close(a["memory_in"], b["memory_in"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a["memory_out"], b["memory_out"], rtol=0, atol=1e-6)
+    # the first resumed window starts from the checkpoint's carry, which is not m0 of the checkpoint's weights
+    ckpt = Path(resumed.args.output_dir) / f"checkpoint-{stop}"
+    saved = load_file(ckpt / "stream_state-rank0.safetensors")["carry"]
+    first = res_rec.calls[0]
+    torch.testing.assert_close(first["memory_in"], saved[first["stream_ids"]], rtol=0, atol=0)
+    m0 = MemformerForCausalLM.from_pretrained(ckpt).model.initial_memory(1).detach()
+    assert (first["memory_in"] - m0).abs().max() > 1e-3, "the first resumed window does not use a restored carry"
+    assert (saved - saved[:1]).abs().max() > 1e-3, "the saved carries are not per-stream memories"
+
+
+@pytest.mark.parametrize("stop,dropout", [(3, 0.0), (9, 0.1)])
+def test_kill_and_resume_in_process(tmp_path, monkeypatch, stop, dropout):
+    """Stop after step `stop` (in the first epoch; in the second, with dropout whose RNG must be restored), resume
+    with a fresh Trainer and a differently initialised model: the same batches, carries, losses and parameters."""
+    docs = make_docs(2, 14, 3, 22)
+    out = resume_case(tmp_path, monkeypatch, docs, stop, epochs=2, dropout=dropout)
+    assert out[0].state.global_step > stop + 2
+    assert_resumed_equal(*out, stop=stop)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: StreamBatches re-deals streams every epoch, so len() changes per epoch, "
+                                       "but Trainer resume computes the position as global_step // steps_per_epoch "
+                                       "(of epoch 0): after a shorter epoch the resumed run replays steps (21 vs 20)")
+def test_resume_after_an_epoch_of_another_length(tmp_path, monkeypatch):
+    """The stream layout is re-dealt every epoch, so epochs hold different numbers of batches (here 14, 12, 14).
+    Resuming in the third epoch must still continue exactly where the uninterrupted run was."""
+    docs = make_docs(0, 14, 3, 22)
+    ds = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
+                       pad_token_id=PAD)
+    lengths = []
+    for e in range(3):
+        ds.set_epoch(e)
+        lengths.append(len(ds))
+    assert lengths == [14, 12, 14]
+    stop = 15  # 7 + 6 steps in the first two epochs, then two steps into the third
+    out = resume_case(tmp_path, monkeypatch, docs, stop, epochs=3, dropout=0.0)
+    assert_resumed_equal(*out, stop=stop)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the Trainer runs len(epoch-0 loader) // G optimizer steps in every "
+                                       "epoch; a later epoch with more windows (16 batches vs 14 here) silently "
+                                       "drops its last windows")
+def test_every_window_of_every_epoch_is_trained(tmp_path, monkeypatch):
+    docs = make_docs(1, 14, 3, 22)
+    ds = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
+                       pad_token_id=PAD)
+    expected = []
+    for e in range(2):
+        ds.set_epoch(e)
+        expected += [(e, int(ds[k]["window_index"]), tuple(ds[k]["stream_ids"].tolist())) for k in range(len(ds))]
+    assert len(expected) == 14 + 16
+    rec = RecordCells(monkeypatch)
+    tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path, num_train_epochs=2), train_dataset=docs)
+    tr.train()
+    got = [(c["window"], tuple(c["stream_ids"].tolist())) for c in rec.calls]
+    assert got == [x[1:] for x in expected]
+
+
+# ---------------------------------------------------------------------------------------------- real SIGKILL
+class _KillSelf(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_substep_end(self, args, state, control, **kwargs):  # mid-way through optimizer step `step + 1`
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sigkill_run(out: str, mode: str, kill_at: int) -> MemformerTrainer:
+    """The training run of the SIGKILL test (also run as a script): dropout 0.1, a checkpoint every step, two epochs
+    of 4 optimizer steps. mode: "full", "kill" (SIGKILL itself during step kill_at + 1) or "resume"."""
+    docs = make_docs(0, 8, 3, 16)
+    drop = dict(attention_dropout=0.1, hidden_dropout=0.1)
+    args = targs(out, mrbp_window=2, num_train_epochs=2, save_strategy="steps", save_steps=1, learning_rate=2e-2)
+    tr = MemformerTrainer(model=make_model(0 if mode != "resume" else 5, **drop), args=args, train_dataset=docs,
+                          callbacks=[_KillSelf(kill_at)] if mode == "kill" else None)
+    tr.train(resume_from_checkpoint=True if mode == "resume" else None)
+    final = {k: v.detach().contiguous() for k, v in tr.model.named_parameters()}
+    save_file(final, os.path.join(out, "final.safetensors"))
+    with open(os.path.join(out, "log.json"), "w") as f:
+        json.dump(tr.state.log_history, f)
+    return tr
+
+
+def test_sigkill_and_resume_in_subprocesses(tmp_path):
+    """A training process SIGKILLs itself in the middle of an optimizer step of the second epoch; a new process
+    resumes from the last checkpoint. Final parameters, the losses and the last checkpoint's carries equal those of
+    an uninterrupted run (in this process, meanwhile)."""
+    kill_at = 5  # killed during step 6, in the second epoch
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_trainer; "
+            f"test_trainer.sigkill_run(sys.argv[1], sys.argv[2], {kill_at})")
+
+    def launch(mode):
+        return subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "crash"), mode], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    killed = launch("kill")
+    sigkill_run(str(tmp_path / "full"), "full", kill_at)
+    out_killed, _ = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, out_killed[-3000:])
+    crash = tmp_path / "crash"
+    assert sorted(int(p.name.split("-")[1]) for p in crash.glob("checkpoint-*"))[-1] == kill_at
+    assert not (crash / "final.safetensors").exists()
+    resumed = launch("resume")
+    out_res, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out_res[-3000:]
+
+    ref, got = load_file(tmp_path / "full" / "final.safetensors"), load_file(crash / "final.safetensors")
+    assert_params_close(got, ref, 1e-6, "SIGKILL + resume")
+    log_ref = {h["step"]: h["loss"] for h in json.loads((tmp_path / "full" / "log.json").read_text()) if "loss" in h}
+    log_got = {h["step"]: h["loss"] for h in json.loads((crash / "log.json").read_text()) if "loss" in h}
+    assert max(log_ref) >= kill_at + 3 and log_got.keys() == log_ref.keys()
+    for s in log_got:
+        assert log_got[s] == pytest.approx(log_ref[s], rel=1e-6), (s, log_got, log_ref)
+    last = max(log_ref)
+    carry_ref = load_file(tmp_path / "full" / f"checkpoint-{last}" / "stream_state-rank0.safetensors")["carry"]
+    carry_got = load_file(crash / f"checkpoint-{last}" / "stream_state-rank0.safetensors")["carry"]
+    torch.testing.assert_close(carry_got, carry_ref, rtol=0, atol=1e-6)
+
+
+# ============================================================================================== 5. checkpoints
+def test_checkpoint_holds_stream_state_and_mismatched_layout_resets_carries(tmp_path, monkeypatch, caplog):
+    docs = make_docs(2, 14, 3, 22)
+    kw = dict(mrbp_window=2, save_strategy="steps", save_steps=3, max_steps=3)
+    tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path, **kw), train_dataset=docs)
+    tr.train()
+    ckpt = tmp_path / "checkpoint-3"
+    state = json.loads((ckpt / "stream_state-rank0.json").read_text())
+    expected = dict(seed=0, world_size=1, rank=0, batch_size=2, grad_accum=2, streams_per_rank=4, segment_length=L,
+                    window=2, boot="bos", epoch=0)
+    assert {k: state.get(k) for k in expected} == expected
+    assert isinstance(state.get("packer_version"), int)
+    carry = load_file(ckpt / "stream_state-rank0.safetensors")["carry"]
+    assert carry.dtype == torch.float32 and carry.shape == (4, TINY["num_memory_slots"], TINY["hidden_size"])
+    assert not list(ckpt.glob("*.tmp*"))
+
+    # resume with another per-device batch size (another stream layout): warn, restart carries from m0, no crash
+    rec = RecordCells(monkeypatch)
+    other = MemformerTrainer(model=make_model(0), train_dataset=docs,
+                             args=targs(tmp_path, per_device_train_batch_size=1, **{**kw, "max_steps": 5}))
+    with caplog.at_level(logging.WARNING):
+        other.train(resume_from_checkpoint=str(ckpt))
+    assert any("stream layout differs" in r.getMessage() for r in caplog.records), caplog.text
+    assert rec.calls and rec.calls[0]["memory_in"] is not None
+    m0 = MemformerForCausalLM.from_pretrained(ckpt).model.initial_memory(1).detach()  # m0 of the resumed weights
+    torch.testing.assert_close(rec.calls[0]["memory_in"], m0, rtol=0, atol=1e-7)
+    assert (carry[0] - m0[0]).abs().max() > 1e-3  # what a compatible resume would have restored
+    assert other.state.global_step == 5
+    assert all(math.isfinite(h["loss"]) for h in other.state.log_history if "loss" in h)
+
+
+# ============================================================================================== 6. evaluation
+@torch.no_grad()
+def reference_eval(model, docs):
+    """Per-token NLLs, position in the document and the no-memory NLLs, independently of the trainer and packer.
+
+    With memory: one stream-mode forward per document over [BOS] + doc (the boot segment and the same recurrence
+    as the cells). Without: each segment decoded from the encoding of the previous one (the boot [BOS] first)
+    starting from m₀ (`memory=None`), in cell mode, unpadded."""
+    nll, pos, nll_nomem = [], [], []
+    for doc in docs:
+        ids = torch.tensor([[BOS] + doc])
+        logits = model(ids).logits[0, :-1].float()
+        nll.append(F.cross_entropy(logits, torch.tensor(doc), reduction="none").double())
+        lm = model(ids, labels=ids).loss  # the model's own mean over the document
+        torch.testing.assert_close(lm.double(), nll[-1].mean(), rtol=1e-5, atol=1e-6)
+        pos.append(torch.arange(len(doc)))
+        segs = [doc[i:i + L] for i in range(0, len(doc), L)]
+        for j, seg in enumerate(segs):
+            out = model(encoder_input_ids=torch.tensor([[BOS] if j == 0 else segs[j - 1]]),
+                        decoder_input_ids=torch.tensor([[BOS] + seg[:-1]]), memory=None)
+            nll_nomem.append(F.cross_entropy(out.logits[0].float(), torch.tensor(seg), reduction="none").double())
+    return torch.cat(nll), torch.cat(pos), torch.cat(nll_nomem)
+
+
+@pytest.mark.parametrize("eval_batch,eval_window", [(2, 2), (3, 16)])
+def test_evaluate_equals_stream_forward_per_document(tmp_path, eval_batch, eval_window):
+    docs = make_docs(5, 6, 1, 30) + [make_docs(6, 1, 150, 150)[0]]  # one document reaches the [64, 512) bucket
+    model = make_model(0)
+    tr = MemformerTrainer(model=model, train_dataset=docs[:3], eval_dataset=docs,
+                          args=targs(tmp_path, per_device_eval_batch_size=eval_batch, eval_window=eval_window))
+    metrics = tr.evaluate()
+    nll, pos, nll_nomem = reference_eval(make_model(0).eval(), docs)
+    n = sum(len(d) for d in docs)
+    assert metrics["eval_tokens"] == n == nll.numel() == nll_nomem.numel()
+    assert metrics["eval_loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert metrics["eval_ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert metrics["eval_loss_no_memory"] == pytest.approx(nll_nomem.mean().item(), rel=1e-5)
+    assert metrics["eval_ppl_no_memory"] == pytest.approx(math.exp(nll_nomem.mean().item()), rel=1e-5)
+    assert abs(metrics["eval_loss"] - metrics["eval_loss_no_memory"]) > 1e-3  # the memory matters here
+    for lo, hi, name in ((0, 64, "0-64"), (64, 512, "64-512")):
+        sel = (pos >= lo) & (pos < hi)
+        assert metrics[f"eval_ppl_pos_{name}"] == pytest.approx(math.exp(nll[sel].mean().item()), rel=1e-5)
+    assert not any(k.startswith("eval_ppl_pos_512") for k in metrics)
+    # the model is left as it was and evaluating again gives the same numbers
+    assert tr.evaluate()["eval_loss"] == metrics["eval_loss"]
+    assert any("eval_loss" in h for h in tr.state.log_history)
+
+
+# ============================================================================================== 7. mixed precision
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_mixed_precision_autocast_on_cpu(tmp_path, monkeypatch, precision):
+    """`bf16=True` on CPU: the cells run under autocast (a Linear inside the recomputed cells emits bf16), the
+    carried memory stays fp32, and the losses stay finite and close to the fp32 run's."""
+    docs = make_docs(2, 10, 3, 22)
+    kw = dict(mrbp_window=3, max_steps=4, learning_rate=1e-2)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    try:
+        args = targs(tmp_path / precision, **{precision: True}, **kw)
+        model = make_model(0)
+        tr = MemformerTrainer(model=model, args=args, train_dataset=docs)
+    except (ValueError, ImportError) as e:  # pragma: no cover - depends on the accelerate / torch build
+        pytest.skip(f"{precision} on CPU is not supported by this transformers/accelerate/torch build: {e}")
+    seen = set()
+    model.model.encoder.layers[0].ffn.fc1.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    rec = RecordCells(monkeypatch)
+    tr.train()
+    assert half in seen, seen
+    assert all(c["memory_out"].dtype == torch.float32 for c in rec.calls)
+    assert tr._carry.dtype == torch.float32
+    got = logged_losses(tr)
+    ref = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "fp32", **kw), train_dataset=docs)
+    ref.train()
+    fp32 = logged_losses(ref)
+    assert got.keys() == fp32.keys() == {1, 2, 3, 4}
+    for s in fp32:
+        assert math.isfinite(got[s]) and got[s] == pytest.approx(fp32[s], rel=5e-2), (got, fp32)
+    assert any(got[s] != fp32[s] for s in fp32)  # it really ran in another precision
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="fp16 needs CUDA: on CPU accelerate applies neither fp16 autocast nor a GradScaler "
+                           "(fp16=True silently trains in fp32), so the loss scaling / memory-gradient unscaling "
+                           "path cannot run")
+def test_fp16_grad_scaler_on_cuda(tmp_path, monkeypatch):  # pragma: no cover - CPU CI
+    docs = make_docs(2, 10, 3, 22)
+    tr = MemformerTrainer(model=make_model(0), train_dataset=docs,
+                          args=targs(tmp_path, fp16=True, use_cpu=False, mrbp_window=3, max_steps=4))
+    assert tr.accelerator.scaler is not None
+    rec = RecordCells(monkeypatch)
+    tr.train()
+    assert all(c["memory_out"].dtype == torch.float32 for c in rec.calls)
+    assert all(math.isfinite(v) for v in logged_losses(tr).values())
+
+
+# ============================================================================================== 8. bad input
+def test_bad_arguments_raise(tmp_path):
+    model = make_model(0)
+    docs = make_docs(0, 4, 3, 10)
+    with pytest.raises(TypeError, match="MemformerTrainingArguments"):
+        MemformerTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                         train_dataset=docs)
+    for bad in ("some text", ["a document", "another"], {"input_ids": docs}, 42):
+        with pytest.raises(ValueError, match="train_dataset"):
+            MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=bad)
+    with pytest.raises(ValueError, match="eval_dataset"):
+        MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs, eval_dataset="text")
+    with pytest.raises(ValueError, match="mrbp_window"):
+        targs(tmp_path, mrbp_window=0)
+    with pytest.raises(ValueError, match="training_mode"):
+        targs(tmp_path, training_mode="x")
+    with pytest.raises(ValueError, match="mrbp_loss_weighting"):
+        targs(tmp_path, mrbp_loss_weighting="mean")
+    with pytest.raises(ValueError, match="eval_window"):
+        targs(tmp_path, eval_window=0)
+    # a ready StreamBatches with another layout than the run's
+    wrong = StreamBatches(docs, segment_length=L, window=2, batch_size=3, grad_accum=2, bos_token_id=BOS,
+                          pad_token_id=PAD)
+    with pytest.raises(ValueError, match="layout"):
+        MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=wrong)
+    # no eval documents
+    tr = MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs)
+    with pytest.raises(ValueError, match="eval"):
+        tr.evaluate()
+
+
+def test_datasets_dataset_input(tmp_path):
+    """A `datasets.Dataset` with an `input_ids` column packs exactly like the list of documents."""
+    datasets = pytest.importorskip("datasets")
+    docs = make_docs(2, 10, 3, 22)
+    a = MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=docs)
+    b = MemformerTrainer(model=make_model(0), args=targs(tmp_path),
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": docs}))
+    assert len(a.train_dataset) == len(b.train_dataset)
+    for k in range(len(a.train_dataset)):
+        x, y = a.train_dataset[k], b.train_dataset[k]
+        assert all(torch.equal(x[key], y[key]) for key in x)
+    with pytest.raises(ValueError, match="input_ids"):
+        MemformerTrainer(model=make_model(0), args=targs(tmp_path),
+                         train_dataset=datasets.Dataset.from_dict({"text": ["a", "b"]}))
+
+
+# ============================================================================================== 9. DDP
+DDP_DOCS = dict(seed=7, n=10, lo=3, hi=22)
+# SGD: Adam's normalisation would turn the rounding noise of all-reduce order on near-zero gradients into ±lr
+# (and no clipping, which would hide a gradient scale error)
+DDP_KW = dict(gradient_accumulation_steps=2, mrbp_window=2, max_steps=2, learning_rate=0.5, optim="sgd",
+              max_grad_norm=0.0, per_device_eval_batch_size=2, eval_window=3)
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    from safetensors.torch import save_file
+    from test_trainer import DDP_DOCS, DDP_KW, make_docs, make_model, targs
+    from memformer_hf.trainer_memformer import MemformerTrainer
+
+    out = sys.argv[1]
+    docs = make_docs(**DDP_DOCS)
+    args = targs(out, per_device_train_batch_size=1, ddp_backend="gloo", **DDP_KW)
+    tr = MemformerTrainer(model=make_model(0), args=args, train_dataset=docs, eval_dataset=docs[:7])
+    assert tr.args.world_size == 2, tr.args.world_size
+    tr.train()
+    metrics = tr.evaluate()
+    rank = tr.args.process_index
+    save_file({{"carry": tr._carry.cpu().contiguous()}}, os.path.join(out, f"carry{{rank}}.safetensors"))
+    if rank == 0:
+        save_file({{k: v.detach().contiguous() for k, v in tr.model.named_parameters()}},
+                  os.path.join(out, "params.safetensors"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(dict(log=tr.state.log_history, metrics=metrics), f)
+""")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One 2-rank torchrun (gloo, per-device batch 1) and one single process (batch 2), same global batch."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_gloo_available():
+            pytest.skip("torch.distributed with the gloo backend is not available")
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"torch.distributed unavailable: {e}")
+    script = tmp / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp / "ddp")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    # the single-process run meanwhile, in this process
+    docs = make_docs(**DDP_DOCS)
+    single = MemformerTrainer(model=make_model(0), args=targs(tmp / "single", per_device_train_batch_size=2, **DDP_KW),
+                              train_dataset=docs, eval_dataset=docs[:7])
+    single.train()
+    single_metrics = single.evaluate()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-4000:]
+    return tmp / "ddp", single, single_metrics
+
+
+def test_ddp_two_ranks_equal_single_process(ddp_runs):
+    """Streams are dealt globally (rank r owns [r·S, (r+1)·S)), so 2 ranks × batch 1 see the streams of 1 process ×
+    batch 2: after 2 optimizer steps (GA 2, MRBP window 2) parameters and each rank's carries are equal, and the
+    gathered evaluation equals the single-process one."""
+    ddp, single, single_metrics = ddp_runs
+    got, ref = load_file(ddp / "params.safetensors"), params(single.model)
+    assert_params_close(got, ref, 1e-6, "DDP vs single")
+    init = make_model(0).state_dict()
+    assert max((v - init[k]).abs().max().item() for k, v in ref.items()) > 0.05
+    S = single.train_dataset.streams_per_rank // 2
+    for rank in range(2):
+        carry = load_file(ddp / f"carry{rank}.safetensors")["carry"]
+        torch.testing.assert_close(carry, single._carry[rank * S:(rank + 1) * S], rtol=0, atol=1e-5)
+    metrics = json.loads((ddp / "result.json").read_text())["metrics"]
+    assert metrics["eval_tokens"] == single_metrics["eval_tokens"]
+    for key in ("eval_loss", "eval_loss_no_memory"):
+        assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: under DDP with average_tokens_across_devices the logged loss is 1/W of "
+                                       "the true loss: training_step returns NLL_rank/N_global without the world "
+                                       "factor, and the Trainer logs the mean over ranks (stock Trainer returns "
+                                       "loss * num_processes)")
+def test_ddp_logged_loss_equals_single_process(ddp_runs):
+    ddp, single, _ = ddp_runs
+    log = json.loads((ddp / "result.json").read_text())["log"]
+    got = {h["step"]: h["loss"] for h in log if "loss" in h}
+    ref = logged_losses(single)
+    assert got.keys() == ref.keys() == {1, 2}
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), (got, ref)

@@ -43,6 +43,7 @@ from .trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 PROG = "memformer-hf"
 DEFAULT_OUTPUT_DIR = "outputs/memformer-shakespeare"
 MAX_SEGMENT_LENGTH = 4096
+DEFAULT_MAX_STEPS = 120
 SPECIAL_BOS_EOS = "<|endoftext|>"
 SPECIAL_PAD = "<pad>"
 CONFIG_OVERRIDE_FIELDS = ("hidden_size", "encoder_layers", "decoder_layers", "num_attention_heads",
@@ -175,8 +176,8 @@ class DataArguments:
     max_train_documents: int | None = field(default=None, metadata={"help": "Use only the first N train documents."})
     max_eval_documents: int | None = field(default=None, metadata={
         "help": "Use only the first N validation / test documents."})
-    max_eval_tokens: int | None = field(default=None, metadata={
-        "help": "Evaluate on the first N tokens of every validation / test document (None: whole documents)."})
+    max_eval_tokens: int = field(default=8192, metadata={
+        "help": "Evaluate on the first N tokens of every validation / test document (0: whole documents)."})
 
 
 @dataclass
@@ -204,19 +205,20 @@ class CliTrainingArguments(MemformerTrainingArguments):
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train streams."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps (overrides num_train_epochs)."})
+    max_steps: int = field(default=DEFAULT_MAX_STEPS, metadata={
+        "help": f"Optimizer steps (default {DEFAULT_MAX_STEPS}: the ~10-minute CPU run; -1, or passing only "
+                "--num_train_epochs, trains for num_train_epochs)."})
     per_device_train_batch_size: int = field(default=16, metadata={
         "help": "Parallel document streams per device (rows of a window)."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Parallel evaluation streams."})
     mrbp_window: int = field(default=4, metadata={"help": "Segments per MRBP window T."})
-    logging_steps: float = field(default=10, metadata={"help": "Log the train loss every N steps."})
+    logging_steps: float = field(default=5, metadata={"help": "Log the train loss every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step."})
     eval_strategy: str = field(default="steps", metadata={"help": "'no', 'steps' or 'epoch'."})
     eval_steps: float | None = field(default=0.25, metadata={
         "help": "Evaluate every N steps (a float < 1: a fraction of the run)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps', 'epoch' or 'best'."})
     seed: int = field(default=42, metadata={"help": "Random seed (model init, stream shuffling, sampling)."})
-
 
 
 @dataclass
@@ -270,6 +272,16 @@ def _parse(dataclass_types, argv: list[str], description: str):
         raise CliError(_one_line(e)) from None
 
 
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _flag_given(argv: list[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
@@ -305,7 +317,7 @@ def _check_data_args(data: DataArguments) -> None:
         raise CliError("--validation_file/--test_file need --train_file for training (or use `memformer-hf eval`)")
     _check_positive("max_train_documents", data.max_train_documents)
     _check_positive("max_eval_documents", data.max_eval_documents)
-    _check_positive("max_eval_tokens", data.max_eval_tokens)
+    _check_positive("max_eval_tokens", data.max_eval_tokens, allow_zero=True)
     if not 0 <= data.validation_split_percentage < 100:
         raise CliError(f"--validation_split_percentage must be in [0, 100), got {data.validation_split_percentage}")
 
@@ -747,6 +759,8 @@ def cmd_train(argv: list[str]) -> int:
     model_args, data, report, args = _parse(
         (ModelArguments, DataArguments, ReportArguments, CliTrainingArguments), argv,
         "train a Memformer language model with MRBP and write a Hub-ready folder")
+    if _flag_given(argv, "num_train_epochs") and not _flag_given(argv, "max_steps"):
+        args.max_steps = -1  # an explicit epoch count replaces the default step budget
     _check_model_args(model_args)
     _check_data_args(data)
     _check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)
@@ -757,6 +771,7 @@ def cmd_train(argv: list[str]) -> int:
     import torch
     from transformers import GenerationConfig, set_seed
 
+    from .configuration_memformer import MemformerConfig
     from .modeling_memformer import MemformerForCausalLM
 
     set_seed(args.seed)
@@ -777,12 +792,12 @@ def cmd_train(argv: list[str]) -> int:
     print(f"corpus: {corpus_description}")
 
     # ---- tokenizer
-    pretrained = None
+    pretrained_config = None
     if model_args.model_name_or_path:
         try:
-            pretrained = MemformerForCausalLM.from_pretrained(model_args.model_name_or_path)
+            pretrained_config = MemformerConfig.from_pretrained(model_args.model_name_or_path)
         except Exception as e:  # noqa: BLE001
-            raise CliError(f"cannot load a Memformer model from {model_args.model_name_or_path}: "
+            raise CliError(f"cannot load a Memformer config from {model_args.model_name_or_path}: "
                            f"{_one_line(e)}") from None
     tok_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if tok_path:
@@ -796,10 +811,17 @@ def cmd_train(argv: list[str]) -> int:
         print(f"tokenizer: {tokenizer_description}, {time.time() - t:.1f}s")
 
     # ---- model
-    config = _build_config(model_args, tokenizer, pretrained.config if pretrained is not None else None)
+    config = _build_config(model_args, tokenizer, pretrained_config)
     if len(tokenizer) > config.vocab_size:
         raise CliError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
-    model = pretrained if pretrained is not None else MemformerForCausalLM(config)
+    if pretrained_config is not None:
+        try:
+            model = MemformerForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
+        except Exception as e:  # noqa: BLE001
+            raise CliError(f"cannot load a Memformer model from {model_args.model_name_or_path}: "
+                           f"{_one_line(e)}") from None
+    else:
+        model = MemformerForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
 
@@ -815,6 +837,8 @@ def cmd_train(argv: list[str]) -> int:
           f"{config.position_embedding_type}")
 
     # ---- train
+    if args.per_device_eval_batch_size > len(docs["validation"]):  # no all-padding evaluation streams
+        args.per_device_eval_batch_size = len(docs["validation"])
     try:
         trainer = CliTrainer(model=model, args=args, train_dataset=docs["train"], eval_dataset=docs["validation"],
                              processing_class=tokenizer)
@@ -884,7 +908,9 @@ def cmd_train(argv: list[str]) -> int:
     settings = _training_settings(args, config, model_args, tokenizer, docs, total_steps, tokens_per_step)
     record = {"metrics": metrics, "settings": dict(settings), "versions": versions,
               "config": config.to_diff_dict(), "corpus": corpus_description, "sample_prompt": report.sample_prompt,
-              "sample": sample, "command": " ".join([PROG, "train", *argv]),
+              "sample": sample, "command": " ".join([PROG, "train", *map(_quote, argv)]),
+              "trained_how": (f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
+                              else "trained from scratch"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": _device_description(args.device), "log_history": trainer.state.log_history}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
@@ -938,6 +964,7 @@ def _card_values(args, record: dict, settings: list, tokenizer_description: str,
                f"{_fmt(m.get('eval_unigram_ppl'))})")
     return {
         "model_name": Path(args.output_dir).name,
+        "trained_how": record["trained_how"],
         "repo_id": repo_id,
         "corpus": record["corpus"],
         "tokenizer": tokenizer_description,
@@ -986,7 +1013,7 @@ def cmd_eval(argv: list[str]) -> int:
     for flag in ("train_file", "validation_file", "test_file"):
         if getattr(data, flag):
             _split_paths(getattr(data, flag), flag)
-    _check_positive("max_eval_tokens", data.max_eval_tokens)
+    _check_positive("max_eval_tokens", data.max_eval_tokens, allow_zero=True)
     _check_positive("per_device_eval_batch_size", ev.per_device_eval_batch_size)
     _check_positive("eval_window", ev.eval_window)
     model, tokenizer = _load_model_dir(ev.model, ev.use_cpu)
@@ -995,10 +1022,12 @@ def cmd_eval(argv: list[str]) -> int:
         raise CliError(f"no {ev.split!r} split in {description}")
     texts = corpus[ev.split][: data.max_eval_documents] if data.max_eval_documents else corpus[ev.split]
     docs = _prepare_documents(texts, tokenizer, data.max_eval_tokens)
+    if not docs:
+        raise CliError(f"the {ev.split} split has no non-empty documents")
     import tempfile
 
     args = MemformerTrainingArguments(output_dir=os.path.join(tempfile.gettempdir(), "memformer-hf-eval"),
-                                      per_device_eval_batch_size=ev.per_device_eval_batch_size,
+                                      per_device_eval_batch_size=min(ev.per_device_eval_batch_size, len(docs)),
                                       eval_window=ev.eval_window, report_to="none", use_cpu=ev.use_cpu,
                                       bf16=ev.bf16, disable_tqdm=True)
     trainer = MemformerTrainer(model=model, args=args, processing_class=tokenizer)

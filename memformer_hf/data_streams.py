@@ -404,8 +404,14 @@ class StreamBatches(torch.utils.data.Dataset):
         pad_token_id: int,
         boot: BootMode = "bos",
         shuffle: bool = True,
+        length_epochs: int = 1,
     ) -> None:
+        """``length_epochs`` > 1: the dataset length is the largest over epochs ``0..length_epochs-1`` (and the
+        current one), so every epoch of a training run has the same number of batches; shorter dealings end with
+        inactive windows. Pass the number of epochs the run will do. With 1, each epoch has its natural length."""
         _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        if length_epochs < 1:
+            raise ValueError(f"length_epochs must be >= 1, got {length_epochs}")
         for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -431,20 +437,20 @@ class StreamBatches(torch.utils.data.Dataset):
         self._nonempty = [i for i, c in enumerate(self._doc_cells) if c > 0]
         if not self._nonempty:
             raise ValueError("StreamBatches: no non-empty documents")
+        self.length_epochs = length_epochs
+        self._fixed_cells = (0 if length_epochs == 1 else
+                             max(self._round_up(max(self._deal(e)[1])) for e in range(length_epochs)))
         self.epoch = -1
         self.set_epoch(epoch)
 
-    # -- layout ---------------------------------------------------------------------------------------------------
+    def _round_up(self, cells: int) -> int:
+        return -(-cells // self.window) * self.window
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle and re-deal the documents for ``epoch`` (a no-op if it is the current epoch)."""
-        if epoch == self.epoch:
-            return
-        self.epoch = epoch
+    def _deal(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """Greedy dealing of the (shuffled) documents to the currently shortest stream; identical on every rank."""
         docs = self._nonempty
         if self.shuffle:
             docs = [docs[i] for i in _shuffle_order(len(docs), self.seed, epoch)]
-        # Greedy dealing to the currently shortest stream (in cells); identical on every rank.
         heap = [(0, s) for s in range(self.num_streams)]
         stream_docs: list[list[int]] = [[] for _ in range(self.num_streams)]
         stream_cells = [0] * self.num_streams
@@ -454,10 +460,19 @@ class StreamBatches(torch.utils.data.Dataset):
             cells += self._doc_cells[d]
             stream_cells[s] = cells
             heapq.heappush(heap, (cells, s))
+        return stream_docs, stream_cells
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle and re-deal the documents for ``epoch`` (a no-op if it is the current epoch)."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        stream_docs, stream_cells = self._deal(epoch)
         self.stream_num_cells = stream_cells  # active cells per global stream
         self.stream_documents = stream_docs  # document indices (into the input list) per global stream
-        max_cells = max(stream_cells)
-        self.num_cells = -(-max_cells // self.window) * self.window
+        self.num_cells = max(self._round_up(max(stream_cells)), self._fixed_cells)
         self.num_windows = self.num_cells // self.window
 
         # Compact per-rank storage: one flat token tensor plus per-cell (start, length, boot) tables.
@@ -534,6 +549,7 @@ class StreamBatches(torch.utils.data.Dataset):
             "window": self.window,
             "boot": self.boot,
             "shuffle": self.shuffle,
+            "length_epochs": self.length_epochs,
             "bos_token_id": self.bos_token_id,
             "pad_token_id": self.pad_token_id,
             "num_documents": len(self._doc_cells),

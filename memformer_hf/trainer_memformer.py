@@ -118,6 +118,14 @@ class MemformerTrainer(Trainer):
                       pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id,
                       boot=cfg.first_segment_context)
         params.update(overrides)
+        if "shuffle" not in overrides:  # training: every epoch gets the same number of batches (the largest)
+            probe = StreamBatches(documents, **params)
+            steps_per_epoch = max(len(probe) // args.gradient_accumulation_steps, 1)
+            epochs = (math.ceil(args.max_steps / steps_per_epoch) if args.max_steps > 0
+                      else math.ceil(args.num_train_epochs))
+            if epochs > 1:
+                probe = StreamBatches(documents, **params, length_epochs=epochs)
+            return probe
         return StreamBatches(documents, **params)
 
     def _check_stream_layout(self, ds: StreamBatches) -> None:
@@ -181,7 +189,8 @@ class MemformerTrainer(Trainer):
             loss_scale=loss_scale, grad_scale=(scaler.get_scale if scaler is not None else None))
         local = stream_ids - args.process_index * self.train_dataset.streams_per_rank
         self._carry[local] = new_memory.to(self._carry.dtype)
-        return loss.detach() * (1.0 if token_mean else loss_scale)
+        # for logging the Trainer averages over ranks: report this rank's share × world (like Trainer.compute_loss)
+        return loss.detach() * loss_scale
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,

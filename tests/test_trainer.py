@@ -440,37 +440,36 @@ def test_kill_and_resume_in_process(tmp_path, monkeypatch, stop, dropout):
     assert_resumed_equal(*out, stop=stop)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StreamBatches re-deals streams every epoch, so len() changes per epoch, "
-                                       "but Trainer resume computes the position as global_step // steps_per_epoch "
-                                       "(of epoch 0): after a shorter epoch the resumed run replays steps (21 vs 20)")
 def test_resume_after_an_epoch_of_another_length(tmp_path, monkeypatch):
-    """The stream layout is re-dealt every epoch, so epochs hold different numbers of batches (here 14, 12, 14).
-    Resuming in the third epoch must still continue exactly where the uninterrupted run was."""
+    """The stream layout is re-dealt every epoch, so the natural epoch lengths differ (here 14, 12, 14 batches); the
+    trainer packs with `length_epochs` so every epoch has the largest length. Resuming in the third epoch must still
+    continue exactly where the uninterrupted run was."""
     docs = make_docs(0, 14, 3, 22)
-    ds = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
-                       pad_token_id=PAD)
-    lengths = []
+    common = dict(segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS, pad_token_id=PAD)
+    natural, fixed = StreamBatches(docs, **common), StreamBatches(docs, **common, length_epochs=3)
+    lengths, fixed_lengths = [], []
     for e in range(3):
-        ds.set_epoch(e)
-        lengths.append(len(ds))
-    assert lengths == [14, 12, 14]
+        natural.set_epoch(e)
+        fixed.set_epoch(e)
+        lengths.append(len(natural))
+        fixed_lengths.append(len(fixed))
+    assert lengths == [14, 12, 14] and fixed_lengths == [14, 14, 14]
     stop = 15  # 7 + 6 steps in the first two epochs, then two steps into the third
     out = resume_case(tmp_path, monkeypatch, docs, stop, epochs=3, dropout=0.0)
     assert_resumed_equal(*out, stop=stop)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the Trainer runs len(epoch-0 loader) // G optimizer steps in every "
-                                       "epoch; a later epoch with more windows (16 batches vs 14 here) silently "
-                                       "drops its last windows")
 def test_every_window_of_every_epoch_is_trained(tmp_path, monkeypatch):
+    """Natural epoch lengths 14 and 16 batches: both epochs get 16 (the first ends with inactive windows), so every
+    window of every epoch is trained."""
     docs = make_docs(1, 14, 3, 22)
     ds = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
-                       pad_token_id=PAD)
+                       pad_token_id=PAD, length_epochs=2)
     expected = []
     for e in range(2):
         ds.set_epoch(e)
         expected += [(e, int(ds[k]["window_index"]), tuple(ds[k]["stream_ids"].tolist())) for k in range(len(ds))]
-    assert len(expected) == 14 + 16
+    assert len(expected) == 16 + 16
     rec = RecordCells(monkeypatch)
     tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path, num_train_epochs=2), train_dataset=docs)
     tr.train()
@@ -792,10 +791,6 @@ def test_ddp_two_ranks_equal_single_process(ddp_runs):
         assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: under DDP with average_tokens_across_devices the logged loss is 1/W of "
-                                       "the true loss: training_step returns NLL_rank/N_global without the world "
-                                       "factor, and the Trainer logs the mean over ranks (stock Trainer returns "
-                                       "loss * num_processes)")
 def test_ddp_logged_loss_equals_single_process(ddp_runs):
     ddp, single, _ = ddp_runs
     log = json.loads((ddp / "result.json").read_text())["log"]

@@ -52,6 +52,7 @@ def memformer_state(model, context: int, device: str):
         return model(ids, use_cache=True, logits_to_keep=1)[CACHE_KWARG]
 
 
+@torch.no_grad()
 def bench_memformer(model, cache1, batch: int, mode: str, steps: int, device: str) -> dict:
     import copy
 
@@ -82,6 +83,7 @@ def fill_dynamic(model, batch: int, context: int, device: str):
     return cache
 
 
+@torch.no_grad()
 def bench_baseline(model, batch: int, context: int, mode: str, steps: int, device: str) -> dict:
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     cfg = model.config

@@ -43,7 +43,7 @@ from .trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 PROG = "memformer-hf"
 DEFAULT_OUTPUT_DIR = "outputs/memformer-shakespeare"
 MAX_SEGMENT_LENGTH = 4096
-DEFAULT_MAX_STEPS = 120
+DEFAULT_MAX_STEPS = 900
 SPECIAL_BOS_EOS = "<|endoftext|>"
 SPECIAL_PAD = "<pad>"
 CONFIG_OVERRIDE_FIELDS = ("hidden_size", "encoder_layers", "decoder_layers", "num_attention_heads",
@@ -208,11 +208,11 @@ class CliTrainingArguments(MemformerTrainingArguments):
     max_steps: int = field(default=DEFAULT_MAX_STEPS, metadata={
         "help": f"Optimizer steps (default {DEFAULT_MAX_STEPS}: the ~10-minute CPU run; -1, or passing only "
                 "--num_train_epochs, trains for num_train_epochs)."})
-    per_device_train_batch_size: int = field(default=16, metadata={
+    per_device_train_batch_size: int = field(default=8, metadata={
         "help": "Parallel document streams per device (rows of a window)."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Parallel evaluation streams."})
     mrbp_window: int = field(default=4, metadata={"help": "Segments per MRBP window T."})
-    logging_steps: float = field(default=5, metadata={"help": "Log the train loss every N steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the train loss every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step."})
     eval_strategy: str = field(default="steps", metadata={"help": "'no', 'steps' or 'epoch'."})
     eval_steps: float | None = field(default=0.25, metadata={
@@ -545,18 +545,24 @@ def _device_description(device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def plot_training_curve(log_history: list[dict], path: Path, unigram: float | None = None) -> None:
-    """Train loss per logging step and evaluation perplexity (memory carried / reset every segment)."""
+def plot_training_curve(step_losses: list[tuple[int, float]], log_history: list[dict], path: Path,
+                        unigram: float | None = None, smooth: int = 10) -> None:
+    """Train loss per optimizer step (and its moving average) and evaluation perplexity (memory carried / reset
+    every segment)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_ppl"], h.get("eval_ppl_no_memory")) for h in log_history if "eval_ppl" in h]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax1.plot(*zip(*train), marker=".", color="tab:blue")
+    if step_losses:
+        steps, losses = zip(*step_losses)
+        ax1.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
+        k = max(1, min(int(smooth), len(losses)))
+        avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        ax1.plot(steps, avg, color="tab:blue", lw=1.8, label=f"mean of {k} steps")
+        ax1.legend()
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("train loss (nats / token)")
     ax1.set_title("Training loss (MRBP)")
@@ -719,6 +725,19 @@ def _kv_table(items: list[tuple[str, Any]], header=("setting", "value")) -> str:
 
 
 # ================================================================================================ train
+def _warn_if_busy(args) -> None:
+    """Multi-threaded CPU kernels slow down badly (10x was seen) when other processes share the cores."""
+    import torch
+
+    if args.device.type != "cpu" or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.75 * cores:
+        print(f"note: the machine is busy (load {load:.1f} on {cores} cores); CPU training with "
+              f"{torch.get_num_threads()} threads slows down badly under contention: OMP_NUM_THREADS=1 may be faster",
+              flush=True)
+
+
 def _print_rule(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
 
@@ -739,6 +758,24 @@ class CliTrainer(MemformerTrainer):
             super().__init__(*args, **kwargs)
         finally:
             training_args.eval_strategy = strategy
+        self.step_records: list[tuple[int, Any, Any]] = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Also record each step's loss and target-token count (empty padding windows are left out of the curve:
+        the Trainer logs them as loss 0)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        tokens = inputs["shift_labels"].ne(-100).sum() if "shift_labels" in inputs else None
+        self.step_records.append((self.state.global_step + 1, loss.detach(), tokens))
+        return loss
+
+    def step_losses(self) -> list[tuple[int, float]]:
+        """(optimizer step, loss) of every step that had target tokens (GA micro-steps summed)."""
+        steps: dict[int, list[float]] = {}
+        for step, loss, tokens in self.step_records:
+            acc = steps.setdefault(step, [0.0, 0])
+            acc[0] += float(loss)
+            acc[1] += 1 if tokens is None else int(tokens)
+        return [(step, acc[0]) for step, acc in sorted(steps.items()) if acc[1] > 0]
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         if self.card_text is not None and self.is_world_process_zero():
@@ -836,6 +873,8 @@ def cmd_train(argv: list[str]) -> int:
           f"K={config.num_memory_slots} slots, L={L}, tau={config.memory_write_temperature}, "
           f"{config.position_embedding_type}")
 
+    _warn_if_busy(args)
+
     # ---- train
     if args.per_device_eval_batch_size > len(docs["validation"]):  # no all-padding evaluation streams
         args.per_device_eval_batch_size = len(docs["validation"])
@@ -894,7 +933,12 @@ def cmd_train(argv: list[str]) -> int:
     # ---- plots, metrics, card
     _print_rule("report")
     unigram = metrics.get("eval_unigram_ppl")
-    plot_training_curve(trainer.state.log_history, out_dir / "training_curve.png", unigram)
+    step_losses = trainer.step_losses()
+    if step_losses:
+        tail = [loss for _, loss in step_losses[-max(1, int(args.logging_steps)):]]
+        metrics["train_loss_final"] = sum(tail) / len(tail)
+    plot_training_curve(step_losses, trainer.state.log_history, out_dir / "training_curve.png", unigram,
+                        smooth=max(1, int(args.logging_steps)))
     heat_doc = max(docs["validation"], key=len)
     weights = writer_self_weights(model, heat_doc, report.heatmap_segments)
     metrics.update(plot_writer_attention(
@@ -912,7 +956,8 @@ def cmd_train(argv: list[str]) -> int:
               "trained_how": (f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
                               else "trained from scratch"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": _device_description(args.device), "log_history": trainer.state.log_history}
+              "device": _device_description(args.device), "log_history": trainer.state.log_history,
+              "step_losses": step_losses}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     card = render_model_card(template.read_text(encoding="utf-8") if template else _FALLBACK_CARD,
                              _card_values(args, record, settings, tokenizer_description, n_params, n_embed))
@@ -930,6 +975,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def _training_settings(args, config, model_args, tokenizer, docs, total_steps, tokens_per_step) -> list:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     return [
         ("preset", model_args.preset if not model_args.model_name_or_path else f"continued from "
                                                                                 f"{model_args.model_name_or_path}"),
@@ -946,7 +992,7 @@ def _training_settings(args, config, model_args, tokenizer, docs, total_steps, t
         ("optimizer steps", total_steps),
         ("token slots per step", tokens_per_step),
         ("train documents / tokens", f"{len(docs['train'])} / {sum(map(len, docs['train'])):,}"),
-        ("learning rate, schedule, warmup", f"{args.learning_rate}, {args.lr_scheduler_type}, {args.warmup_steps}"),
+        ("learning rate, schedule, warmup", f"{args.learning_rate}, {schedule}, {args.warmup_steps}"),
         ("weight decay, max grad norm", f"{args.weight_decay}, {args.max_grad_norm}"),
         ("precision", precision),
         ("seed", args.seed),
@@ -981,7 +1027,7 @@ def _card_values(args, record: dict, settings: list, tokenizer_description: str,
         "command": record["command"],
         "date": record["date"][:10],
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "sample_prompt": record["sample_prompt"].replace("```", "'''"),
+        "sample_prompt": json.dumps(record["sample_prompt"], ensure_ascii=False),
         "sample": (record["sample"] or "(no sample)").replace("```", "'''"),
     }
 

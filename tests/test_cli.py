@@ -111,6 +111,7 @@ def test_train_writes_hub_ready_folder(trained):
     assert "test_ppl" in metrics and "test_ppl_no_memory" in metrics
     assert any("eval_ppl" in h for h in record["log_history"])  # evaluation during training ran
     assert record["settings"]["optimizer steps"] == 4
+    assert [step for step, _ in record["step_losses"]] == [1, 2, 3, 4] and metrics["train_loss_final"] > 0
     assert "== sample" in proc.stdout and record["sample"]
     assert "validation perplexity" in proc.stdout
     assert "Traceback" not in proc.stderr

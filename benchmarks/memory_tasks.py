@@ -92,7 +92,9 @@ def window(cells: dict[str, torch.Tensor], start: int, size: int) -> dict[str, t
 def train_memformer(args, task: RecallTask, slots: int, mrbp_window: int, no_memory: bool, gen) -> dict[int, float]:
     cfg = MemformerConfig(vocab_size=task.vocab, hidden_size=args.hidden, encoder_layers=2, decoder_layers=2,
                           num_attention_heads=4, intermediate_size=4 * args.hidden, segment_length=task.L,
-                          num_memory_slots=slots, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD)
+                          num_memory_slots=slots, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD,
+                          normalize_memory_kv=bool(args.normalize_memory_kv),
+                          memory_write_temperature=args.temperature)
     model = MemformerForCausalLM(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
@@ -184,6 +186,8 @@ def main() -> None:
     p.add_argument("--eval_distances", default=None, help="default: the training distances")
     p.add_argument("--mixed", type=int, default=1, help="sample a training distance per batch (else the max)")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--normalize_memory_kv", type=int, default=0, help="LayerNorm the memory before the reader")
+    p.add_argument("--temperature", type=float, default=0.5, help="memory_write_temperature")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--eval_batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -748,16 +748,7 @@ class CliTrainer(MemformerTrainer):
     card_text: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # MemformerTrainer keeps its eval documents itself and hands Trainer.__init__ eval_dataset=None, which
-        # Trainer rejects when eval_strategy != "no"; hide the strategy during __init__ only.
-        training_args = kwargs["args"]
-        strategy = training_args.eval_strategy
-        if kwargs.get("eval_dataset") is not None:
-            training_args.eval_strategy = "no"
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            training_args.eval_strategy = strategy
+        super().__init__(*args, **kwargs)
         self.step_records: list[tuple[int, Any, Any]] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -102,7 +102,8 @@ class MemformerTrainer(Trainer):
         if train_dataset is not None and not isinstance(train_dataset, StreamBatches):
             train_dataset = self._pack(_as_documents(train_dataset, "train_dataset"), args)
         self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=None, **kwargs)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
+                         **kwargs)
         self._carry: torch.Tensor | None = None
         if isinstance(train_dataset, StreamBatches):
             self._check_stream_layout(train_dataset)

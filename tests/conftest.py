@@ -30,6 +30,18 @@ def tiny_memformer_config(**overrides) -> MemformerConfig:
     return MemformerConfig(**{**TINY_MEMFORMER, **overrides})
 
 
+def randomize_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
+    """Random biases (not the forgetting vector) and LayerNorm gains, so that a missing bias or a wrong LayerNorm
+    cannot hide behind zero / one initial values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and not name.endswith("forget_bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+
+
 def build_tiny_memformer(seed: int = 0, dtype: torch.dtype = torch.float64, attn: str = "eager",
                          randomize: bool = True, cls=MemformerForCausalLM, **overrides):
     """A tiny sharp model in eval mode. `randomize` also gives every bias / LayerNorm affine a random value (they are
@@ -37,13 +49,7 @@ def build_tiny_memformer(seed: int = 0, dtype: torch.dtype = torch.float64, attn
     torch.manual_seed(seed)
     model = cls(tiny_memformer_config(**overrides))
     if randomize:
-        gen = torch.Generator().manual_seed(seed + 1000)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias") and not name.endswith("forget_bias"):
-                    p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-                elif "norm" in name and name.endswith("weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+        randomize_biases_and_norms(model, seed + 1000)
     model = model.to(dtype).eval()
     # `set_attn_implementation` is a no-op for this model (bug B3, see test_modeling.py); the model dispatches on the
     # config attribute at call time (SPEC §5.6), shared by every submodule.

@@ -26,6 +26,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_biases_and_norms
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells
@@ -64,13 +65,7 @@ def build_model(seed: int = 0, dropout: float = 0.0, boot: str = "bos", attn: st
     cfg = MemformerConfig(**{**TINY, "attention_dropout": dropout, "hidden_dropout": dropout,
                              "first_segment_context": boot, "attn_implementation": attn, **overrides})
     model = MemformerForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and not name.endswith("forget_bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+    randomize_biases_and_norms(model, seed + 1000)
     model = model.double()
     assert model.config._attn_implementation == attn
     return model.train() if dropout > 0 else model.eval()

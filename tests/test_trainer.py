@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_biases_and_norms
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
@@ -55,13 +56,7 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     rounding noise, which Adam's normalisation would turn into ±lr updates that differ between summation orders."""
     torch.manual_seed(seed)
     model = MemformerForCausalLM(MemformerConfig(**{**TINY, "attn_implementation": "eager", **overrides}))
-    gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and not name.endswith("forget_bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+    randomize_biases_and_norms(model, seed + 1000)
     for name, p in model.named_parameters():
         if name.endswith("k_proj.bias"):
             p.requires_grad_(False)

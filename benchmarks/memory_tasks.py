@@ -100,8 +100,12 @@ def train_memformer(args, task: RecallTask, slots: int, mrbp_window: int, no_mem
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device == "cuda" else None
     distances = args.distance_list
-    for _ in range(args.steps):
-        d = distances[torch.randint(0, len(distances), (1,), generator=gen).item()] if args.mixed else max(distances)
+    for step in range(args.steps):
+        choices = distances
+        if args.curriculum:  # grow the largest allowed distance linearly over the first `curriculum` steps
+            reach = min(distances) + (max(distances) - min(distances)) * min(1.0, step / args.curriculum)
+            choices = [x for x in distances if x <= reach]
+        d = choices[torch.randint(0, len(choices), (1,), generator=gen).item()] if args.mixed else max(choices)
         docs, _ = task.sample(args.batch, d, gen)
         cells = {k: v.to(args.device) for k, v in memformer_cells(docs, task.L).items()}
         if no_memory:
@@ -186,7 +190,8 @@ def main() -> None:
     p.add_argument("--eval_distances", default=None, help="default: the training distances")
     p.add_argument("--mixed", type=int, default=1, help="sample a training distance per batch (else the max)")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--normalize_memory_kv", type=int, default=0, help="LayerNorm the memory before the reader")
+    p.add_argument("--normalize_memory_kv", type=int, default=1, help="LayerNorm the memory before the reader")
+    p.add_argument("--curriculum", type=int, default=0, help="steps over which the training distance grows (0: off)")
     p.add_argument("--temperature", type=float, default=0.5, help="memory_write_temperature")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--eval_batch", type=int, default=512)

@@ -30,6 +30,15 @@ def tiny_memformer_config(**overrides) -> MemformerConfig:
     return MemformerConfig(**{**TINY_MEMFORMER, **overrides})
 
 
+def rand_ids(n: int, batch: int = 1, seed: int = 0, boot: bool = True) -> torch.Tensor:
+    """Content ids in [3, 50) (never pad/bos/eos); column 0 is BOS when `boot`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (batch, n), generator=g)
+    if boot:
+        ids[:, 0] = BOS
+    return ids
+
+
 def randomize_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
     """Random biases (not the forgetting vector) and LayerNorm gains, so that a missing bias or a wrong LayerNorm
     cannot hide behind zero / one initial values."""

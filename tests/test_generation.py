@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BOS, EOS, PAD, build_tiny_memformer
+from conftest import BOS, EOS, PAD, build_tiny_memformer, rand_ids
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, TextStreamer, pipeline
 
@@ -18,13 +18,6 @@ from memformer_hf.modeling_memformer import CACHE_KWARG
 
 L = 4
 
-
-def rand_ids(n: int, batch: int = 1, seed: int = 0, boot: bool = True) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 50, (batch, n), generator=g)
-    if boot:
-        ids[:, 0] = BOS
-    return ids
 
 
 def left_padded_prompt(lengths=(7, 3), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

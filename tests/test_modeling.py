@@ -20,6 +20,7 @@ from conftest import (
     BOS,
     PAD,
     build_tiny_memformer,
+    rand_ids,
     reference_encode,
     reference_initial_memory,
     reference_stream,
@@ -38,14 +39,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ================================================================================================ helpers
-def rand_ids(n: int, batch: int = 1, seed: int = 0, boot: bool = True) -> torch.Tensor:
-    """Content ids in [3, 50) (never pad/bos/eos); column 0 is BOS when `boot`."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 50, (batch, n), generator=g)
-    if boot:
-        ids[:, 0] = BOS
-    return ids
-
 
 def run_chunks(model, ids: torch.Tensor, sizes: list[int], mask: torch.Tensor | None = None):
     """Feed `ids` in consecutive chunks, carrying the returned cache; the mask passed is the full 2-D mask of the

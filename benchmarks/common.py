@@ -86,3 +86,29 @@ def write_results(name: str, title: str, body: str, output: str | None = None) -
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run_variants_in_parallel(variants: list[str], out_dir: str) -> dict[str, dict]:
+    """Run this script once per variant, all at the same time, and return each variant's JSON row.
+
+    The benchmark models are tiny, so one of them leaves a GPU mostly idle (its step is bound by kernel launches);
+    several processes share it at close to one process's wall time. Each child gets this process's arguments plus
+    `--variants <one> --row_json <out_dir>/<one>.json --parallel 0`; its output goes to `<out_dir>/<one>.log`."""
+    import json
+    import subprocess
+
+    os.makedirs(out_dir, exist_ok=True)
+    procs = {}
+    for v in variants:
+        argv = [sys.executable, sys.argv[0], *sys.argv[1:], "--variants", v, "--parallel", "0",
+                "--row_json", os.path.join(out_dir, f"{v}.json")]
+        procs[v] = subprocess.Popen(argv, stdout=open(os.path.join(out_dir, f"{v}.log"), "w"),
+                                    stderr=subprocess.STDOUT)
+    rows = {}
+    for v, proc in procs.items():
+        if proc.wait() != 0:
+            print(f"variant {v} failed (exit {proc.returncode}); log: {os.path.join(out_dir, v + '.log')}", flush=True)
+            continue
+        with open(os.path.join(out_dir, f"{v}.json")) as f:
+            rows[v] = json.load(f)
+    return rows

@@ -20,15 +20,18 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import transformers
-from common import param_counts, write_results
+from common import param_counts, run_variants_in_parallel, write_results
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
+from memformer_hf.cli import plot_writer_attention, writer_self_weights
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "corpora")
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
 BOS, PAD = 0, 1
 
 VARIANTS = {
@@ -96,7 +99,7 @@ def run_memformer(name: str, overrides: dict, args, train, valid, test) -> dict:
     cfg = MemformerConfig(vocab_size=args.vocab, hidden_size=args.hidden, encoder_layers=args.enc_layers,
                           decoder_layers=args.dec_layers, num_attention_heads=args.heads,
                           intermediate_size=4 * args.hidden, segment_length=args.segment_length,
-                          num_memory_slots=32, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD, **overrides)
+                          bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD, **{"num_memory_slots": 32, **overrides})
     torch.manual_seed(args.seed)
     model = MemformerForCausalLM(cfg)
     tokens_per_step = args.batch * window * args.segment_length
@@ -125,6 +128,12 @@ def run_memformer(name: str, overrides: dict, args, train, valid, test) -> dict:
         valid_ppl = trainer.evaluate_documents(valid, "valid")["valid_ppl"] if name in args.valid_for else float("nan")
         test_m = trainer.evaluate_documents(test, "test")
         test_ppl = test_m["test_ppl"]
+    # the writer analysis (paper Fig. 6): each slot's attention on itself over 128 segments of the first test book
+    weights = writer_self_weights(trainer.model, test[0], 128)
+    png = os.path.join(os.path.dirname(args.output) if args.output else RESULTS,
+                       f"{args.results_name}_writer_{name}.png")
+    test_m.update(plot_writer_attention(weights, Path(png), f"{name}: writer attention of each slot on itself, "
+                                                            f"{weights.shape[1]} segments of a test book"))
     total, non_emb = param_counts(model)
     return dict(name=name, params=total, non_embedding=non_emb, steps=steps, tokens=steps * tokens_per_step,
                 seconds=seconds, valid_ppl=valid_ppl, test_ppl=test_ppl, metrics=test_m)
@@ -224,41 +233,59 @@ def main() -> None:
     p.add_argument("--max_eval_documents", type=int, default=0)
     p.add_argument("--output", default=None)
     p.add_argument("--results_name", default="quality", help="results/<name>.md")
+    p.add_argument("--parallel", type=int, default=0, help="train the variants in parallel processes on one GPU")
+    p.add_argument("--row_json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.valid_for = set(args.valid_for.split(","))
     if args.prepare:
         prepare(args.prepare, args.vocab)
         return
+    names = args.variants.split(",")
+    if args.parallel and len(names) > 1:
+        rows = list(run_variants_in_parallel(names, os.path.join(args.work, "variants")).values())
+        return report(rows, args)
     train, valid, test = (load(args.data, s) for s in ("train", "valid", "test"))
     if args.max_eval_documents:  # smoke runs: the last (short) documents of each split
         valid, test = valid[-args.max_eval_documents:], test[-args.max_eval_documents:]
     rows = []
-    for name in args.variants.split(","):
+    for name in names:
         if name in ("llama", "mistral"):
             row = run_baseline(name, args, train, valid, test)
         else:
             row = run_memformer(name, VARIANTS[name], args, train, valid, test)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    lines = [f"Corpus: shared/data/corpora (train {sum(map(len, train)):,} / valid {sum(map(len, valid)):,} / test "
-             f"{sum(map(len, test)):,} BPE tokens, vocab {args.vocab}). Memformer d={args.hidden}, "
+        if args.row_json:
+            with open(args.row_json, "w") as f:
+                json.dump(row, f)
+            return
+    report(rows, args)
+
+
+def report(rows: list[dict], args) -> None:
+    sizes = {s: int(torch.load(os.path.join(args.data, f"{s}.pt"))["offsets"][-1]) for s in ("train", "valid", "test")}
+    lines = [f"Corpus: shared/data/corpora (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
+             f"{sizes['test']:,} BPE tokens, vocab {args.vocab}). Memformer d={args.hidden}, "
              f"{args.enc_layers}+{args.dec_layers} layers, L={args.segment_length}, K=32, MRBP T={args.window}, "
              f"batch {args.batch} streams; baselines {args.baseline_layers} layers, d={args.hidden}, context "
              f"{args.context} (Mistral sliding window {args.sliding_window}). ~{args.train_tokens:,} training tokens "
              f"each, AdamW lr {args.lr} cosine, bf16, seed {args.seed}. Test perplexity is per BPE token; Memformer "
              "carries memory through whole documents.", "",
              "| model | params (non-emb) | train tokens | train s | valid ppl | test ppl | test ppl, memory reset "
-             "each segment | test ppl by position 0-64 / 64-512 / 512-4k / 4k-32k / 32k+ |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "each segment | test ppl by position 0-64 / 64-512 / 512-4k / 4k-32k / 32k+ | writer: mean self weight "
+             "/ retaining slots |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         m = r.get("metrics", {})
         pos = " / ".join(f"{m[k]:.1f}" if k in m else "–" for k in
                          ("test_ppl_pos_0-64", "test_ppl_pos_64-512", "test_ppl_pos_512-4096",
                           "test_ppl_pos_4096-32768", "test_ppl_pos_32768+"))
         nomem = f"{m['test_ppl_no_memory']:.2f}" if "test_ppl_no_memory" in m else "–"
+        writer = (f"{m['writer_self_weight_mean']:.2f} / {m['writer_retain_fraction']:.0%}"
+                  if "writer_self_weight_mean" in m else "–")
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M ({r['non_embedding'] / 1e6:.2f}M) | "
                      f"{r['tokens']:,} | {r['seconds']:.0f} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {nomem} | "
-                     f"{pos} |")
+                     f"{pos} | {writer} |")
     table = "\n".join(lines)
     print(table)
     write_results(args.results_name, "Real-text perplexity: Memformer, ablations and baselines", table, args.output)

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
-from common import write_results
+from common import run_variants_in_parallel, write_results
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import document_cells
@@ -94,7 +94,9 @@ def train_memformer(args, task: RecallTask, slots: int, mrbp_window: int, no_mem
                           num_attention_heads=4, intermediate_size=4 * args.hidden, segment_length=task.L,
                           num_memory_slots=slots, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD,
                           normalize_memory_kv=bool(args.normalize_memory_kv),
-                          memory_write_temperature=args.temperature)
+                          memory_write_temperature=args.temperature, forget_bias_init_scale=args.forget_scale,
+                          **({} if args.self_bias == "default" else
+                             {"memory_write_self_bias": None if args.self_bias == "none" else float(args.self_bias)}))
     model = MemformerForCausalLM(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
@@ -111,11 +113,14 @@ def train_memformer(args, task: RecallTask, slots: int, mrbp_window: int, no_mem
         if no_memory:
             cells["memory_reset"] = torch.ones_like(cells["memory_reset"])
         n_cells = cells["encoder_input_ids"].shape[1]
-        memory = None
+        memory, loss = None, 0.0
         n_items = (cells["shift_labels"] != -100).sum()
         for start in range(0, n_cells, mrbp_window):
-            memory = cells_backward(model, window(cells, start, mrbp_window), memory, num_items_in_batch=n_items,
-                                    context=autocast)[1]
+            part, memory = cells_backward(model, window(cells, start, mrbp_window), memory,
+                                          num_items_in_batch=n_items, context=autocast)
+            loss = loss + part
+        if step % 100 == 0 or step == args.steps - 1:
+            print(json.dumps({"step": step, "distance": d, "loss": round(float(loss), 4)}), flush=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -160,7 +165,8 @@ def train_sliding(args, task: RecallTask, gen) -> dict[int, float]:
         d = args.distance_list[torch.randint(0, len(args.distance_list), (1,), generator=gen).item()] \
             if args.mixed else max(args.distance_list)
         docs, answer = task.sample(args.batch, d, gen)
-        ids = torch.cat([torch.full((args.batch, 1), BOS), docs], 1)[:, : (d + 2) * task.L + 1].to(args.device)
+        # [BOS] + docs up to and including the answer (docs[(d + 2) L]): the last input is the key
+        ids = torch.cat([torch.full((args.batch, 1), BOS), docs], 1)[:, : (d + 2) * task.L + 2].to(args.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda"):
             logits = model(ids[:, :-1]).logits[:, -1]
         loss = F.cross_entropy(logits.float(), ids[:, -1])
@@ -174,7 +180,8 @@ def train_sliding(args, task: RecallTask, gen) -> dict[int, float]:
     with torch.no_grad():
         for d in args.eval_distances:
             docs, answer = task.sample(args.eval_batch, d, gen)
-            ids = torch.cat([torch.full((args.eval_batch, 1), BOS), docs], 1)[:, : (d + 2) * task.L + 1]
+            ids = torch.cat([torch.full((args.eval_batch, 1), BOS), docs], 1)[:, : (d + 2) * task.L + 2]
+            assert torch.equal(ids[:, -1], answer)
             pred = model(ids[:, :-1].to(args.device)).logits[:, -1].argmax(-1).cpu()
             acc[d] = float((pred == answer).float().mean())
     return acc
@@ -193,6 +200,8 @@ def main() -> None:
     p.add_argument("--normalize_memory_kv", type=int, default=1, help="LayerNorm the memory before the reader")
     p.add_argument("--curriculum", type=int, default=0, help="steps over which the training distance grows (0: off)")
     p.add_argument("--temperature", type=float, default=0.5, help="memory_write_temperature")
+    p.add_argument("--self_bias", default="default", help="memory_write_self_bias: a number, 'none' or 'default'")
+    p.add_argument("--forget_scale", type=float, default=1.0, help="forget_bias_init_scale")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--eval_batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -200,6 +209,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None)
+    p.add_argument("--parallel", type=int, default=int(torch.cuda.is_available()),
+                   help="train the variants in parallel processes (default on a GPU)")
+    p.add_argument("--row_json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", default="/tmp/memory_tasks", help="logs of the parallel variants")
     args = p.parse_args()
     args.distance_list = [int(x) for x in args.distances.split(",")]
     args.eval_distances = [int(x) for x in (args.eval_distances or args.distances).split(",")]
@@ -210,7 +223,10 @@ def main() -> None:
              f"Mistral sliding window {2 * args.segment_length} tokens (4 layers)", "slots1": "Memformer K=1, T=16",
              "slots4": "Memformer K=4, T=16", "slots32": "Memformer K=32, T=16"}
     results = {}
-    for v in args.variants.split(","):
+    if args.parallel and len(args.variants.split(",")) > 1:
+        rows = run_variants_in_parallel(args.variants.split(","), args.work)
+        results = {v: dict(acc={int(d): a for d, a in r["acc"].items()}, seconds=r["seconds"]) for v, r in rows.items()}
+    for v in [] if results else args.variants.split(","):
         gen = torch.Generator().manual_seed(args.seed)
         t0 = time.time()
         if v == "sliding":
@@ -220,6 +236,10 @@ def main() -> None:
             acc = train_memformer(args, task, slots, 1 if v == "mrbp1" else 16, v == "nomem", gen)
         results[v] = dict(acc=acc, seconds=time.time() - t0)
         print(json.dumps({"variant": v, **results[v]}), flush=True)
+        if args.row_json:
+            with open(args.row_json, "w") as f:
+                json.dump(results[v], f)
+            return
     chance = 1.0 / task.n_values
     lines = [f"Associative recall: {args.pairs} key–value pairs in segment 0, D filler segments, then the query; "
              f"segment length {args.segment_length}, answer chance {chance:.1%}. d={args.hidden}, 2+2 layers "

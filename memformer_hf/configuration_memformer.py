@@ -1,7 +1,9 @@
+# Copyright 2026 The memformer_hf authors. Licensed under the MIT License.
 """Configuration of the Memformer model (Wu et al., arXiv 2010.06891)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -48,6 +50,11 @@ class MemformerConfig(PretrainedConfig):
         memory_write_temperature: writer softmax temperature tau in (0, 1]; tau < 1 sharpens (the paper's choice).
         learnable_temperature: learn log(tau) instead of keeping it fixed.
         writer_out_proj: add an output projection to the writer (ablation; the paper has none).
+        memory_write_self_bias: None (the paper) or the initial value of a learnable per-slot bias added to each
+            slot's score on itself in the writer; a positive value starts the slots in "retain" (see
+            `MemoryWriter`).
+        forget_bias_init_scale: expected initial norm of each slot's forgetting vector v_bias (init N(0, s²/d));
+            smaller values forget less per segment at the start of training.
         use_forget_bias: add the per-slot forgetting vector before normalisation (BMN); False is the ablation.
         normalize_memory_kv: LayerNorm the memory before the reader's key/value projections. Default True, an
             engineering choice (SPEC §11.5, ambiguity A6): memory rows have unit norm while the layer-normed token
@@ -81,6 +88,8 @@ class MemformerConfig(PretrainedConfig):
         memory_write_temperature: float = 0.5,
         learnable_temperature: bool = False,
         writer_out_proj: bool = False,
+        memory_write_self_bias: float | None = None,
+        forget_bias_init_scale: float = 1.0,
         use_forget_bias: bool = True,
         normalize_memory_kv: bool = True,
         position_embedding_type: str = "rope",
@@ -112,6 +121,8 @@ class MemformerConfig(PretrainedConfig):
         self.memory_write_temperature = memory_write_temperature
         self.learnable_temperature = learnable_temperature
         self.writer_out_proj = writer_out_proj
+        self.memory_write_self_bias = memory_write_self_bias
+        self.forget_bias_init_scale = forget_bias_init_scale
         self.use_forget_bias = use_forget_bias
         self.normalize_memory_kv = normalize_memory_kv
         self.position_embedding_type = position_embedding_type
@@ -161,6 +172,12 @@ class MemformerConfig(PretrainedConfig):
                f"a divisor of hidden_size={self.hidden_size}")
         tau = self.memory_write_temperature
         _check(is_num(tau) and 0.0 < tau <= 1.0, "memory_write_temperature", tau, "a number in (0, 1]")
+        bias = self.memory_write_self_bias
+        _check(bias is None or (is_num(bias) and math.isfinite(bias)), "memory_write_self_bias", bias,
+               "None or a finite number")
+        scale = self.forget_bias_init_scale
+        _check(is_num(scale) and math.isfinite(scale) and scale > 0, "forget_bias_init_scale", scale,
+               "a positive finite number")
         _check(self.position_embedding_type in POSITION_EMBEDDING_TYPES, "position_embedding_type",
                self.position_embedding_type, f"one of {POSITION_EMBEDDING_TYPES}")
         _check(self.first_segment_context in FIRST_SEGMENT_CONTEXTS, "first_segment_context",

@@ -281,6 +281,8 @@ class MemoryWriter(nn.Module):
         self.forget_bias = nn.Parameter(torch.empty(config.num_memory_slots, d))
         self.log_temperature = (nn.Parameter(torch.tensor(math.log(config.memory_write_temperature)))
                                 if config.learnable_temperature else None)
+        self.self_bias = (nn.Parameter(torch.full((config.num_memory_slots,), float(config.memory_write_self_bias)))
+                          if config.memory_write_self_bias is not None else None)
         self.temperature = config.memory_write_temperature
         self.norm = BiasedMemoryNorm(config)
         self.dropout = config.attention_dropout
@@ -306,11 +308,13 @@ class MemoryWriter(nn.Module):
             k_tok, v_tok = split(self._linear(self.k_proj, hidden)), split(self._linear(self.v_proj, hidden))
             tau = self.log_temperature.exp().to(dtype) if self.log_temperature is not None else self.temperature
             scale = 1.0 / (math.sqrt(self.head_dim) * tau)
-            self_score = (q * k_self).sum(-1, keepdim=True)  # [N, H, K, 1]
-            tok_score = q @ k_tok.transpose(-1, -2)  # [N, H, K, L]
+            self_score = (q * k_self).sum(-1, keepdim=True) * scale  # [N, H, K, 1]
+            if self.self_bias is not None:
+                self_score = self_score + self.self_bias.to(dtype)[:, None]
+            tok_score = (q @ k_tok.transpose(-1, -2)) * scale  # [N, H, K, L]
             if mask is not None:
                 tok_score = tok_score.masked_fill(~mask[:, None, None, :], torch.finfo(dtype).min)
-            probs = torch.softmax(torch.cat([self_score, tok_score], dim=-1) * scale, dim=-1)
+            probs = torch.softmax(torch.cat([self_score, tok_score], dim=-1), dim=-1)
             probs = F.dropout(probs, p=self.dropout, training=self.training)
             m_heads = split(memory)
             new = probs[..., :1] * m_heads + probs[..., 1:] @ v_tok
@@ -444,7 +448,10 @@ class MemformerPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, MemoryWriter):
-            init.normal_(module.forget_bias, mean=0.0, std=self.config.hidden_size ** -0.5)
+            init.normal_(module.forget_bias, mean=0.0,
+                         std=self.config.forget_bias_init_scale * self.config.hidden_size ** -0.5)
+            if module.self_bias is not None:
+                init.constant_(module.self_bias, float(self.config.memory_write_self_bias))
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(self.config.memory_write_temperature))
 

@@ -182,8 +182,11 @@ def reference_writer(P: _P, memory: torch.Tensor, tokens: torch.Tensor, return_p
         kt, vt = Wk(tokens), Wv(tokens)
         for h in range(Hw):
             sl = slice(h * dw, (h + 1) * dw)
-            scores = [qi[sl] @ ki[sl]] + [qi[sl] @ kt[j, sl] for j in range(tokens.shape[0])]
-            a = torch.softmax(torch.stack(scores) / math.sqrt(dw) / tau, 0)
+            scores = torch.stack([qi[sl] @ ki[sl]] + [qi[sl] @ kt[j, sl] for j in range(tokens.shape[0])])
+            scores = scores / math.sqrt(dw) / tau
+            if cfg.memory_write_self_bias is not None:  # a learned bias on the slot's score on itself only
+                scores = scores + torch.nn.functional.one_hot(torch.tensor(0), len(scores)) * P["writer.self_bias"][i]
+            a = torch.softmax(scores, 0)
             probs[h, i] = a
             value = a[0] * memory[i, sl]  # the RAW slot slice is the self value
             for j in range(tokens.shape[0]):

@@ -303,6 +303,7 @@ WRITER_VARIANTS = {
     "learnable_tau": dict(learnable_temperature=True),
     "out_proj": dict(writer_out_proj=True),
     "no_forget_bias": dict(use_forget_bias=False),
+    "self_bias": dict(memory_write_self_bias=1.5, forget_bias_init_scale=0.1),
 }
 
 
@@ -656,6 +657,8 @@ def test_bad_cell_input_raises():
     (dict(memory_write_heads=5), "memory_write_heads"),
     (dict(hidden_size="16"), "hidden_size"),
     (dict(segment_length=0), "segment_length"),
+    (dict(memory_write_self_bias=float("nan")), "memory_write_self_bias"),
+    (dict(forget_bias_init_scale=0.0), "forget_bias_init_scale"),
 ])
 def test_bad_config_raises(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -765,3 +768,23 @@ def test_tuple_output_and_logits_to_keep():
     torch.testing.assert_close(tup[0], out.logits, atol=0, rtol=0)
     torch.testing.assert_close(last.logits[:, 0], out.logits[:, -1], atol=1e-10, rtol=0)
     torch.testing.assert_close(last[CACHE_KWARG].memory, out[CACHE_KWARG].memory, atol=1e-10, rtol=0)
+
+
+def test_writer_self_bias_and_forget_bias_scale_init():
+    """`memory_write_self_bias` starts every slot's self score at that bias (a large one retains the slot, as the
+    one-hot test above); `forget_bias_init_scale` sets the initial norm of v_bias."""
+    d = 64
+    model = build_tiny_memformer(seed=3, randomize=False, hidden_size=d, num_attention_heads=4, intermediate_size=64,
+                                 memory_write_self_bias=30.0, forget_bias_init_scale=0.05, num_memory_slots=64)
+    writer = model.model.writer
+    assert torch.equal(writer.self_bias.detach(), torch.full((64,), 30.0, dtype=torch.float64))
+    norms = writer.forget_bias.detach().norm(dim=-1)
+    assert 0.035 < float(norms.mean()) < 0.065  # E‖v_bias‖ ≈ 0.05 (N(0, 0.05²/d) per element)
+    memory = unit_memory(2, seed=1, k=64, d=d)
+    tokens = torch.randn(2, 5, d, dtype=torch.float64)
+    with torch.no_grad():
+        new, probs = writer(memory, tokens, torch.ones(2, 5, dtype=torch.bool))
+    assert float(probs[..., 0].min()) > 1 - 1e-9  # all attention on the slot itself
+    vb = writer.forget_bias.detach()
+    torch.testing.assert_close(new, (memory + vb) / (memory + vb).norm(dim=-1, keepdim=True), atol=1e-8, rtol=0)
+    assert build_tiny_memformer(seed=3).model.writer.self_bias is None  # default: the paper's writer

@@ -504,6 +504,16 @@ def _load_tokenizer(path: str):
     return tok
 
 
+def _check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """A one-line error when the tokenizer has more tokens than the model's embedding (`data_streams.check_vocab`)."""
+    from .data_streams import check_vocab
+
+    try:
+        check_vocab(vocab_size, tokenizer=tokenizer)
+    except ValueError as e:
+        raise CliError(f"{where}: {e}") from None
+
+
 def _prepare_documents(texts: list[str], tokenizer, max_tokens: int | None = None) -> list[list[int]]:
     from .data_streams import tokenize_documents
 
@@ -840,8 +850,7 @@ def cmd_train(argv: list[str]) -> int:
 
     # ---- model
     config = _build_config(model_args, tokenizer, pretrained_config)
-    if len(tokenizer) > config.vocab_size:
-        raise CliError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    _check_tokenizer_fits(tokenizer, config.vocab_size, tok_path or "the trained tokenizer")
     if pretrained_config is not None:
         try:
             model = MemformerForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
@@ -1027,6 +1036,7 @@ def _card_values(args, record: dict, settings: list, tokenizer_description: str,
 def _load_model_dir(path: str, use_cpu: bool = False):
     import torch
 
+    from .configuration_memformer import MemformerConfig
     from .modeling_memformer import MemformerForCausalLM
 
     if not Path(path).expanduser().is_dir():
@@ -1034,10 +1044,15 @@ def _load_model_dir(path: str, use_cpu: bool = False):
     if not Path(path, "config.json").is_file():
         raise CliError(f"--model {path}: no config.json (not a saved model folder)")
     try:
-        model = MemformerForCausalLM.from_pretrained(path)
+        config = MemformerConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise CliError(f"cannot load a Memformer config from {path}: {_one_line(e)}") from None
+    tokenizer = _load_tokenizer(path)
+    _check_tokenizer_fits(tokenizer, config.vocab_size, path)  # before the weights are loaded
+    try:
+        model = MemformerForCausalLM.from_pretrained(path, config=config)
     except Exception as e:  # noqa: BLE001
         raise CliError(f"cannot load a Memformer model from {path}: {_one_line(e)}") from None
-    tokenizer = _load_tokenizer(path)
     device = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
     return model.to(device).eval(), tokenizer
 

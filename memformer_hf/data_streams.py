@@ -8,6 +8,7 @@ inputs, all ``-100`` targets) give every stream a common length.
 Public API:
 
 * :func:`load_documents` / :func:`tokenize_documents`: texts from a ``datasets`` dataset or local files, then token ids.
+* :func:`check_vocab`: a clear error when a tokenizer or token ids do not fit the model's ``vocab_size``.
 * :class:`StreamBatches`: map-style dataset of ready per-rank batches (Transformer-XL style streams with carry).
 * :class:`DocumentWindows`: one independent window of ``T`` cells per sample (no carry), for fine-tuning.
 * :func:`document_cells`: all cells of one document, for evaluators that carry memory through a whole document.
@@ -34,6 +35,7 @@ __all__ = [
     "BootMode",
     "load_documents",
     "tokenize_documents",
+    "check_vocab",
     "document_cells",
     "StreamBatches",
     "DocumentWindows",
@@ -247,6 +249,39 @@ def tokenize_documents(
         )
         out.extend(list(ids) for ids in enc["input_ids"])
     return out
+
+
+def check_vocab(
+    vocab_size: int,
+    *,
+    tokenizer: Any = None,
+    documents: Sequence[Sequence[int]] | StreamBatches | None = None,
+    what: str = "documents",
+) -> None:
+    """Raise a ``ValueError`` naming both sizes when a tokenizer or tokenized documents do not fit a model's
+    embedding of ``vocab_size`` rows: ``len(tokenizer) > vocab_size``, or a token id ``>= vocab_size`` in
+    ``documents`` (token-id lists or a :class:`StreamBatches`; e.g. data tokenized with another tokenizer).
+
+    ``tokenizer``: a ``transformers`` tokenizer, a processor with a ``tokenizer``, or a raw ``tokenizers.Tokenizer``.
+    """
+    if tokenizer is not None:
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        n = len(tok) if hasattr(tok, "__len__") else getattr(tok, "get_vocab_size", lambda: None)()
+        if n is not None and n > vocab_size:
+            raise ValueError(
+                f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}: token ids >= {vocab_size} "
+                f"have no embedding; use the model's tokenizer or model.resize_token_embeddings({n})"
+            )
+    if documents is not None:
+        if isinstance(documents, StreamBatches):
+            top = int(documents._doc_flat.max()) if documents._doc_flat.numel() else -1
+        else:
+            top = max((int(d.max() if torch.is_tensor(d) else max(d)) for d in documents if len(d)), default=-1)
+        if top >= vocab_size:
+            raise ValueError(
+                f"{what} hold token id {top} but the model's vocab_size is {vocab_size} (valid ids are "
+                f"0..{vocab_size - 1}); were they tokenized with another tokenizer?"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ unscaled before they are injected again, and the loss is normalised by the globa
 
 Evaluation carries the memory through whole documents and reports perplexity, the same with the memory reset at
 every segment (`*_no_memory`), and perplexity by position in the document. Checkpoints also hold the carried
-memory and the stream layout, so a resumed run continues exactly.
+memory and the stream layout, so a resumed run continues exactly; they are written atomically (staged in
+`_tmp-checkpoint-N`, renamed to `checkpoint-N` when complete), so a crash during a save is never resumed from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +26,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
-from .data_streams import StreamBatches, collate_single
+from .data_streams import StreamBatches, check_vocab, collate_single
 from .mrbp import LOSS_WEIGHTINGS, MODES, cell_batch, cells_backward
 
 logger = logging.get_logger(__name__)
@@ -87,10 +90,14 @@ class MemformerTrainer(Trainer):
 
     `train_dataset`: a `StreamBatches`, or tokenized documents (a list of token-id lists, or a `datasets.Dataset`
     with an `input_ids` column), which are packed into streams with the arguments' batch size, gradient
-    accumulation, world size, seed and `mrbp_window`. `eval_dataset`: tokenized documents (same forms).
+    accumulation, world size, seed and `mrbp_window`. `eval_dataset`: tokenized documents (same forms). A
+    `processing_class` tokenizer with more tokens than the model's `vocab_size`, or token ids `>= vocab_size` in the
+    data, raise a `ValueError` (`data_streams.check_vocab`).
     """
 
     loss_is_scaled_for_ga = True
+    _staging_dir: str | None = None  # set while `_save_checkpoint` writes a staged checkpoint
+    _push_pending: bool = False
 
     def __init__(self, model=None, args: MemformerTrainingArguments | None = None, train_dataset=None,
                  eval_dataset=None, **kwargs: Any) -> None:
@@ -99,9 +106,15 @@ class MemformerTrainer(Trainer):
         if not isinstance(args, MemformerTrainingArguments):
             raise TypeError("MemformerTrainer needs MemformerTrainingArguments (window, training mode, weighting).")
         self._model_config = model.config
+        vocab = model.config.vocab_size
+        check_vocab(vocab, tokenizer=kwargs.get("processing_class"))
         if train_dataset is not None and not isinstance(train_dataset, StreamBatches):
             train_dataset = self._pack(_as_documents(train_dataset, "train_dataset"), args)
+        if train_dataset is not None:
+            check_vocab(vocab, documents=train_dataset, what="train_dataset")
         self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
+        if self._eval_documents is not None:
+            check_vocab(vocab, documents=self._eval_documents, what="eval_dataset")
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
                          **kwargs)
         self._carry: torch.Tensor | None = None
@@ -216,6 +229,7 @@ class MemformerTrainer(Trainer):
         model.eval()
         ds = self._pack(list(documents), args, window=args.eval_window, batch_size=args.per_device_eval_batch_size,
                         grad_accum=1, shuffle=False)
+        check_vocab(self._model_config.vocab_size, documents=ds, what="the eval documents")
         variants = {"": False}
         if args.eval_no_memory:
             variants["_no_memory"] = True
@@ -269,20 +283,67 @@ class MemformerTrainer(Trainer):
         return metrics
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        """The run folder; while a checkpoint is being written, its staging folder (see `_save_checkpoint`)."""
+        return self._staging_dir or super()._get_output_dir(trial=trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """Save an atomic checkpoint: the Trainer's `_save_checkpoint` writes everything (model, optimizer, scheduler,
+        scaler, RNG and trainer state; here also each rank's carried memory and stream layout) into
+        `<run>/_tmp-checkpoint-N/checkpoint-N`, which is fsynced and renamed to `<run>/checkpoint-N` only once every
+        rank is done; then the Hub push and `save_total_limit` rotation run on the complete folder. A crash during
+        the save leaves only the staging folder, which `get_last_checkpoint` (resume) and rotation never consider
+        (`_tmp-*` is also skipped by `push_to_hub`); the next checkpoint save removes it."""
+        acc = self.accelerator
+        run_dir = super()._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, f"_tmp-{name}"), os.path.join(run_dir, name)
+        staged = os.path.join(staging, name)
+        if acc.is_local_main_process and os.path.isdir(run_dir):  # leftovers of an interrupted save
+            for stale in os.listdir(run_dir):
+                if stale.startswith(f"_tmp-{PREFIX_CHECKPOINT_DIR}-"):
+                    shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
+        acc.wait_for_everyone()
+        self._staging_dir, self._push_pending = staging, False
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder: a no-op
+            if self.state.best_model_checkpoint == staged:  # the Trainer found the best checkpoint among the staged
+                self.state.best_model_checkpoint = final
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            self._save_stream_state(staged)
+        finally:
+            self._staging_dir = None
+        acc.wait_for_everyone()
+        for first in (True, False):  # the main process; then other nodes' local mains (when not on a shared disk)
+            mine = acc.is_main_process if first else acc.is_local_main_process and not acc.is_main_process
+            if mine and os.path.isdir(staged):
+                _commit_checkpoint(staged, final)
+            acc.wait_for_everyone()
+        if self._push_pending:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Deferred while a checkpoint is staged: the push runs from the complete, renamed folder."""
+        if self._staging_dir is not None:
+            self._push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_stream_state(self, folder: str) -> None:
+        """This rank's carried memory and stream layout (`stream_state-rank{r}.safetensors` / `.json`)."""
         if self._carry is None or not isinstance(self.train_dataset, StreamBatches):
             return
         from safetensors.torch import save_file
 
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        name = STREAM_STATE.format(rank=self.args.process_index)
-        tmp = os.path.join(folder, name + ".tmp")
-        save_file({"carry": self._carry.detach().cpu().contiguous()}, tmp + ".safetensors")
-        with open(tmp + ".json", "w") as f:
+        path = os.path.join(folder, STREAM_STATE.format(rank=self.args.process_index))
+        os.makedirs(folder, exist_ok=True)
+        save_file({"carry": self._carry.detach().cpu().contiguous()}, path + ".safetensors")
+        with open(path + ".json", "w") as f:
             json.dump(self.train_dataset.state_dict(), f)
-        os.replace(tmp + ".safetensors", os.path.join(folder, name + ".safetensors"))
-        os.replace(tmp + ".json", os.path.join(folder, name + ".json"))
 
     def _load_stream_state(self, checkpoint: str) -> None:
         from safetensors.torch import load_file
@@ -309,6 +370,35 @@ class MemformerTrainer(Trainer):
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
             self._load_stream_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _commit_checkpoint(staged: str, final: str) -> None:
+    """Flush a complete checkpoint folder to disk and rename it to `final` (an existing `final`, from an earlier
+    save of the same step, is moved aside first and deleted after); then remove the staging parent."""
+    for root, _, files in os.walk(staged):
+        for name in files:
+            _fsync(os.path.join(root, name))
+    _fsync(staged)
+    staging = os.path.dirname(staged)
+    if os.path.exists(final):
+        os.replace(final, os.path.join(staging, "replaced"))
+    os.replace(staged, final)
+    _fsync(os.path.dirname(final))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    """fsync a file or a folder (where the platform allows folders to be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def _as_documents(data: Any, name: str) -> list[list[int]]:

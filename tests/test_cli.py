@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,44 @@ def test_bad_arguments_for_a_trained_model(trained, capsys, monkeypatch):
     assert err.count("\n") == 1 and "does not match the model's segment_length=32" in err, err
     assert cli.main(["generate", "--model", str(out), "--top_p", "2"]) == 2
     assert "--top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_tokenizer_or_weights_problems_give_one_line(trained, tmp_path, capsys, monkeypatch):
+    """A tokenizer larger than the model's vocab_size (eval, generate, train from the model), a truncated
+    model.safetensors and a pickle checkpoint: exit code 2 and one line naming the problem."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    big = tmp_path / "big_vocab"
+    shutil.copytree(out, big)
+    tok = AutoTokenizer.from_pretrained(big)
+    tok.add_tokens([f"<extra{i}>" for i in range(vocab - len(tok) + 1)])
+    tok.save_pretrained(big)
+    sizes = f"the tokenizer has {vocab + 1} tokens but the model's vocab_size is {vocab}"
+    for argv in (["eval", "--model", str(big)], ["generate", "--model", str(big), "--prompt", "KING"],
+                 ["train", "--model_name_or_path", str(out), "--tokenizer_name_or_path", str(big), "--train_file",
+                  "train.jsonl", "--max_steps", "1"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and sizes in err and str(big) in err, err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / "model.safetensors"
+    state = {k: v.clone() for k, v in load_file(weights).items()}  # not backed by the file truncated next
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert cli.main(["generate", "--model", str(broken), "--prompt", "KING"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights}: truncated or corrupted safetensors file" in err, err
+    weights.unlink()
+    torch.save(state, broken / "pytorch_model.bin")
+    assert cli.main(["eval", "--model", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds pytorch_model.bin but no model.safetensors" in err, err
 
 
 def test_bad_arguments_in_a_subprocess_have_no_traceback(corpus):

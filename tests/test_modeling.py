@@ -665,6 +665,66 @@ def test_bad_config_raises(overrides, field):
         tiny_memformer_config(**overrides)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_inf_in_provided_memory_raises(value):
+    model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
+    enc = rand_ids(L, batch=2, boot=False)
+    dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+    memory = unit_memory(2, seed=0)
+    memory[0, 1, 2] = value
+    with pytest.raises(ValueError, match=r"`memory` contains NaN or inf"):
+        model(encoder_input_ids=enc, decoder_input_ids=dec, memory=memory)
+    lm = build_tiny_memformer(attn="sdpa")
+    with torch.no_grad():
+        cache = lm(rand_ids(6, batch=2))[CACHE_KWARG]
+        cache.memory = cache.memory.clone()
+        cache.memory[1, 0, 0] = value
+        with pytest.raises(ValueError, match=r"cache's memory contains NaN or inf"):
+            lm(rand_ids(2, batch=2, boot=False), past_key_values=cache)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    """Only safetensors weights load (transformers 5 would otherwise fall back to unpickling pytorch_model.bin)."""
+    model = build_tiny_memformer(attn="sdpa")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(OSError, match=r"holds pytorch_model\.bin but no model\.safetensors.*safetensors "
+                                          r"checkpoints only"):
+            load(tmp_path)
+    with pytest.raises(OSError, match=r"pytorch_model\.bin is not a safetensors file"):
+        MemformerForCausalLM.from_pretrained(tmp_path / "pytorch_model.bin", config=model.config)
+    with pytest.raises(ValueError, match="use_safetensors=False is not supported"):
+        MemformerForCausalLM.from_pretrained(tmp_path, use_safetensors=False)
+    model.save_pretrained(tmp_path)  # with model.safetensors beside it, the safetensors file is what loads
+    loaded = MemformerForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(loaded.dtype))
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "header_bytes":  # inside the JSON header
+        data[12:24] = b"\xff" * 12
+    elif how == "header_length":  # the 8-byte header length
+        data[:8] = (len(data) * 4).to_bytes(8, "little")
+    elif how == "empty":
+        data = bytearray()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "header_bytes", "header_length", "empty"])
+def test_corrupted_safetensors_raises_naming_the_file(tmp_path, how):
+    build_tiny_memformer(attn="sdpa").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    _damage(weights, how)
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(OSError, match="truncated or corrupted safetensors file") as err:
+            load(tmp_path)
+        assert str(weights) in str(err.value)
+
+
 def test_config_roundtrip_and_tiny_config_values(tmp_path):
     cfg = tiny_memformer_config(memory_write_temperature=0.25, position_embedding_type="simplified_rpe")
     cfg.save_pretrained(tmp_path)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from conftest import randomize_biases_and_norms
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
+from transformers.trainer_utils import get_last_checkpoint
 
 import memformer_hf.trainer_memformer as trainer_module
 from memformer_hf import MemformerConfig, MemformerForCausalLM, mrbp
@@ -566,6 +567,61 @@ def test_checkpoint_holds_stream_state_and_mismatched_layout_resets_carries(tmp_
     assert all(math.isfinite(h["loss"]) for h in other.state.log_history if "loss" in h)
 
 
+def test_crash_during_checkpoint_save_resumes_from_the_previous_complete_one(tmp_path, monkeypatch):
+    """Checkpoints are staged in `_tmp-checkpoint-N` and renamed when complete: a crash after the model file of step
+    4 is written leaves no `checkpoint-4`, resume picks `checkpoint-2` and ends with the uninterrupted parameters."""
+    docs = make_docs(2, 14, 3, 22)
+    kw = dict(mrbp_window=2, num_train_epochs=2, save_strategy="steps", save_steps=2, learning_rate=2e-2)
+    full = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "full", **kw), train_dataset=docs)
+    full.train()
+    assert full.state.global_step > 6
+
+    crash = tmp_path / "crash"
+    save_rng = MemformerTrainer._save_rng_state
+
+    def crashing(self, output_dir):  # after the model, optimizer and scheduler of step 4 are written
+        if self.state.global_step == 4:
+            raise RuntimeError("simulated crash while saving")
+        save_rng(self, output_dir)
+
+    monkeypatch.setattr(MemformerTrainer, "_save_rng_state", crashing)
+    part = MemformerTrainer(model=make_model(0), args=targs(crash, **kw), train_dataset=docs)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        part.train()
+    monkeypatch.undo()
+    assert (crash / "_tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").is_file()
+    assert sorted(p.name for p in crash.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert get_last_checkpoint(str(crash)) == str(crash / "checkpoint-2")
+
+    resumed = MemformerTrainer(model=make_model(1), args=targs(crash, **kw), train_dataset=docs)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == full.state.global_step
+    assert_params_close(params(resumed.model), params(full.model), 1e-6, "crash during save + resume")
+    assert not list(crash.glob("_tmp-*"))  # the stale staging folder is gone
+    assert {p.name for p in crash.glob("checkpoint-*")} == {p.name for p in (tmp_path / "full").glob("checkpoint-*")}
+    for ckpt in crash.glob("checkpoint-*"):
+        assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.pt", "rng_state.pth",
+                                                    "trainer_state.json", "stream_state-rank0.safetensors"}
+
+
+def test_atomic_checkpoints_keep_rotation_and_best_model(tmp_path):
+    """`save_total_limit` rotation and `load_best_model_at_end` see the renamed folders: the best checkpoint path is
+    the final one (also in its trainer_state.json), and at most best + latest remain."""
+    docs = make_docs(2, 14, 3, 22)
+    args = targs(tmp_path, mrbp_window=2, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                 eval_steps=2, save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                 eval_no_memory=False, learning_rate=2e-2)
+    tr = MemformerTrainer(model=make_model(0), args=args, train_dataset=docs, eval_dataset=docs[:4])
+    tr.train()
+    best = Path(tr.state.best_model_checkpoint)
+    assert best.parent == tmp_path and best.name.startswith("checkpoint-") and best.is_dir()
+    state = json.loads((best / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(best)
+    kept = {p.name for p in tmp_path.glob("checkpoint-*")}
+    assert "checkpoint-6" in kept and best.name in kept and len(kept) <= 2
+    assert not list(tmp_path.glob("_tmp-*"))
+
+
 # ============================================================================================== 6. evaluation
 @torch.no_grad()
 def reference_eval(model, docs):
@@ -689,6 +745,38 @@ def test_bad_arguments_raise(tmp_path):
     tr = MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs)
     with pytest.raises(ValueError, match="eval"):
         tr.evaluate()
+
+
+def word_tokenizer(n: int):
+    """A `PreTrainedTokenizerFast` with `n` tokens (word level, built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="w0", bos_token="w1", eos_token="w2")
+
+
+def test_tokenizer_or_token_ids_beyond_vocab_raise(tmp_path):
+    """A tokenizer larger than the embedding, or data with ids >= vocab_size, fails at construction (or at
+    evaluation), naming both sizes, instead of at some later training step."""
+    model, vocab = make_model(0), TINY["vocab_size"]
+    docs = make_docs(0, 4, 3, 10)
+    bad = docs[:2] + [docs[2] + [vocab]]
+    with pytest.raises(ValueError, match=rf"tokenizer has {vocab + 10} tokens but the model's vocab_size is {vocab}"):
+        MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs, processing_class=word_tokenizer(60))
+    MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs, processing_class=word_tokenizer(vocab))
+    with pytest.raises(ValueError, match=rf"train_dataset hold token id {vocab} but the model's vocab_size is {vocab}"):
+        MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=bad)
+    packed = StreamBatches(bad, segment_length=L, window=2, batch_size=2, grad_accum=2, bos_token_id=BOS,
+                           pad_token_id=PAD)
+    with pytest.raises(ValueError, match=rf"token id {vocab} but the model's vocab_size is {vocab}"):
+        MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=packed)
+    with pytest.raises(ValueError, match=rf"eval_dataset hold token id {vocab + 5}"):
+        MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs, eval_dataset=[[3, vocab + 5]])
+    tr = MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs)
+    with pytest.raises(ValueError, match=rf"eval documents hold token id {vocab} but the model's vocab_size"):
+        tr.evaluate_documents(bad)
 
 
 def test_datasets_dataset_input(tmp_path):

@@ -805,6 +805,8 @@ def cmd_train(argv: list[str]) -> int:
     _check_positive("heatmap_segments", report.heatmap_segments)
     template = _template_path(report.model_card_template)
     t_start = time.time()
+    if args.world_size > 1 and args.process_index != 0:  # torchrun / accelerate launch: rank 0 reports
+        sys.stdout = open(os.devnull, "w")
 
     import torch
     from transformers import GenerationConfig, set_seed
@@ -937,10 +939,14 @@ def cmd_train(argv: list[str]) -> int:
     if step_losses:
         tail = [loss for _, loss in step_losses[-max(1, int(args.logging_steps)):]]
         metrics["train_loss_final"] = sum(tail) / len(tail)
+    heat_doc = max(docs["validation"], key=len)
+    weights = writer_self_weights(model, heat_doc, report.heatmap_segments)  # forwards: on every rank (FSDP)
+    if not trainer.is_world_process_zero():  # the other ranks only join push_to_hub's (collective) save_model
+        if args.push_to_hub:
+            trainer.push_to_hub()
+        return 0
     plot_training_curve(step_losses, trainer.state.log_history, out_dir / "training_curve.png", unigram,
                         smooth=max(1, int(args.logging_steps)))
-    heat_doc = max(docs["validation"], key=len)
-    weights = writer_self_weights(model, heat_doc, report.heatmap_segments)
     metrics.update(plot_writer_attention(
         weights, out_dir / "memory_writer_attention.png",
         f"Memory writer: attention of each slot on itself, {weights.shape[1]} segments of a validation document"))

@@ -389,6 +389,11 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
         return hidden, key, value
 
+    def project_cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V of the encoder output H [N, L, d], computed once per segment outside `forward`
+        (FSDP2 must register it with `register_fsdp_forward_method` so that the layer's shards are gathered)."""
+        return self.cross_attn.project_kv(states)
+
 
 @dataclass
 class DecoderPlan:
@@ -691,7 +696,7 @@ class MemformerModel(MemformerPreTrainedModel):
         self_kv, cross_kv = [], []
         for i, layer in enumerate(self.decoder.layers):
             if torch.is_tensor(cross_states):
-                ck, cv = layer.cross_attn.project_kv(cross_states)
+                ck, cv = layer.project_cross_kv(cross_states)
             else:
                 ck, cv = cross_states[i]
             past_k = past_v = None
@@ -1041,7 +1046,7 @@ class MemformerModel(MemformerPreTrainedModel):
             for i, layer in enumerate(self.decoder.layers):
                 parts_k, parts_v = [], []
                 if h_cross is not None:
-                    ck, cv = layer.cross_attn.project_kv(h_cross)
+                    ck, cv = layer.project_cross_kv(h_cross)
                     parts_k.append(ck)
                     parts_v.append(cv)
                 if cont_parts:

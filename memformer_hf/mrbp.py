@@ -13,7 +13,7 @@ Two entry points:
   carried cache. RNG replay needs per-step seeding, which only the cell API provides: with dropout active in
   training mode use `cells_backward` (what `MemformerTrainer` runs).
 * `cells_backward(model, cells, memory, ...)`: one window of T cells per row (the `data_streams` batch layout,
-  SPEC §4.2), with per-cell resets, per-cell RNG replay, loss weighting, DDP `no_sync` and fp16 loss scaling.
+  SPEC §4.2), with per-cell resets, per-cell RNG replay, loss weighting, DDP / FSDP `no_sync` and fp16 loss scaling.
   `mode="bptt"` (one graph over the window) and `mode="truncated"` (T=1 truncation: no gradient through memory)
   run the same cells for comparison.
 """
@@ -169,7 +169,8 @@ def cells_backward(
         loss_weighting: "token_mean" (Σ NLL / N, N = `num_items_in_batch` or this window's targets),
             "exponential" or "per_cell_mean" (weights on per-cell mean losses, SPEC §3.6).
         backward: back-propagates a scalar (default `Tensor.backward`; the trainer passes `accelerator.backward`).
-        no_sync: a context factory wrapping every backward but the last (DDP/FSDP gradient sync only once).
+        no_sync: a context factory wrapping every backward but the last (DDP/FSDP gradient sync only once), e.g.
+            `lambda: accelerator.no_sync(model)`; None when the caller keeps sync off for the whole call.
         context: a context factory wrapping every model call (e.g. autocast).
         loss_scale: multiplies each objective (e.g. the world-size factor when tokens are averaged across ranks).
         grad_scale: returns the current fp16 loss scale; the memory gradient is unscaled with it before it is

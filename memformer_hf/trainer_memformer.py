@@ -3,9 +3,10 @@
 Each training batch is a window of T cells of B parallel streams (`data_streams.StreamBatches`, SPEC §4.2); the
 memory at the end of a window is carried (detached) to the next window of the same streams, keyed by stream id,
 and restarts from m₀ at every document start. `training_step` runs `mrbp.cells_backward`, so one optimizer step may
-contain several backward calls: DDP gradient sync happens only on the last one (`no_sync`), fp16 memory gradients are
-unscaled before they are injected again, and the loss is normalised by the global token count of the optimizer step
-(`num_items_in_batch`, including gradient accumulation and, with `average_tokens_across_devices`, all ranks).
+contain several backward calls: DDP / FSDP gradient sync happens only on the last one of the optimizer step
+(`accelerator.no_sync`), fp16 memory gradients are unscaled before they are injected again, and the loss is
+normalised by the global token count of the optimizer step (`num_items_in_batch`, including gradient accumulation
+and, with `average_tokens_across_devices`, all ranks). Under FSDP2 each replayed cell re-gathers the shards.
 
 Evaluation carries the memory through whole documents and reports perplexity, the same with the memory reset at
 every segment (`*_no_memory`), and perplexity by position in the document. Checkpoints also hold the carried
@@ -15,11 +16,13 @@ memory and the stream layout, so a resumed run continues exactly; they are writt
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,12 +171,71 @@ class MemformerTrainer(Trainer):
             count = self.accelerator.gather(count).sum()
         return count
 
+    # ------------------------------------------------------------------------------------------------ FSDP
+    def create_accelerator_and_postprocess(self) -> None:
+        """As the Trainer's; with FSDP2 mixed precision the memory stays in float32 (no cast of the forward inputs
+        and outputs, SPEC §3.9) and gradients are accumulated and reduced in float32 across the window's backwards."""
+        super().create_accelerator_and_postprocess()
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        policy = getattr(plugin, "mixed_precision_policy", None)
+        if getattr(plugin, "fsdp_version", 1) == 2 and dataclasses.is_dataclass(policy) and policy.param_dtype:
+            plugin.mixed_precision_policy = dataclasses.replace(
+                policy, reduce_dtype=torch.float32, output_dtype=None, cast_forward_inputs=False)
+
+    @staticmethod
+    def _register_fsdp_methods(model: torch.nn.Module) -> None:
+        """FSDP2 gathers a module's shards only around its `forward`; the decoder layers' cross K/V projection runs
+        outside it (once per segment), so it is registered as a forward method of every sharded layer."""
+        try:
+            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+        except ImportError:  # pragma: no cover - torch without FSDP2
+            return
+        for module in model.modules():
+            if (isinstance(module, FSDPModule) and hasattr(module, "project_cross_kv")
+                    and not getattr(module, "_memformer_fsdp_methods", False)):
+                register_fsdp_forward_method(module, "project_cross_kv")
+                module._memformer_fsdp_methods = True
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _full_parameters(model: torch.nn.Module) -> Iterator[None]:
+        """Gather FSDP2-sharded parameters for a computation outside `forward` (a no-op otherwise)."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without FSDP2
+            FSDPModule = ()
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in sharded:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.reshard()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """As the Trainer's. FSDP2 gives the model a subclass defined in torch (`FSDP<cls>`); saving under the
+        model's own class keeps `save_pretrained`'s remote-code files and `auto_map` those of this package."""
+        model = self.accelerator.unwrap_model(self.model)
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without FSDP2
+            FSDPModule = ()
+        if not isinstance(model, FSDPModule):
+            return super()._save(output_dir, state_dict)
+        sharded_cls = type(model)
+        model.__class__ = next(c for c in sharded_cls.__mro__ if not issubclass(c, FSDPModule))
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__class__ = sharded_cls
+
     # ------------------------------------------------------------------------------------------------ training
     def _carry_for(self, stream_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         model = self.accelerator.unwrap_model(self.model)
         if self._carry is None:
             streams = self.train_dataset.streams_per_rank
-            with torch.no_grad():
+            with torch.no_grad(), self._full_parameters(model):
                 self._carry = model.model.initial_memory(streams).detach().clone().to(device)
         return self._carry[stream_ids - self.args.process_index * self.train_dataset.streams_per_rank]
 
@@ -182,6 +244,7 @@ class MemformerTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        self._register_fsdp_methods(model)
         inputs = self._prepare_inputs(inputs)
         stream_ids = inputs["stream_ids"]
         memory = self._carry_for(stream_ids, stream_ids.device)
@@ -196,11 +259,17 @@ class MemformerTrainer(Trainer):
             num_items_in_batch = None
             loss_scale = 1.0 / self.current_gradient_accumulation_steps
         scaler = getattr(self.accelerator, "scaler", None)
-        loss, new_memory = cells_backward(
-            model, inputs, memory, mode=args.training_mode, loss_weighting=args.mrbp_loss_weighting,
-            num_items_in_batch=num_items_in_batch, backward=self.accelerator.backward,
-            no_sync=lambda: self.accelerator.no_sync(model), context=self.compute_loss_context_manager,
-            loss_scale=loss_scale, grad_scale=(scaler.get_scale if scaler is not None else None))
+        acc = self.accelerator
+        # Gradients are synchronised once per optimizer step: in the window's last backward of the step's last
+        # micro-batch. Before other micro-batches every backward runs under one `no_sync` here (the Trainer's own is
+        # not enough: accelerate's FSDP2 `no_sync` switches sync back on when the window's inner one exits).
+        sync = acc.sync_gradients or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            loss, new_memory = cells_backward(
+                model, inputs, memory, mode=args.training_mode, loss_weighting=args.mrbp_loss_weighting,
+                num_items_in_batch=num_items_in_batch, backward=acc.backward,
+                no_sync=(lambda: acc.no_sync(model)) if sync else None, context=self.compute_loss_context_manager,
+                loss_scale=loss_scale, grad_scale=(scaler.get_scale if scaler is not None else None))
         local = stream_ids - args.process_index * self.train_dataset.streams_per_rank
         self._carry[local] = new_memory.to(self._carry.dtype)
         # for logging the Trainer averages over ranks: report this rank's share × world (like Trainer.compute_loss)
@@ -227,6 +296,7 @@ class MemformerTrainer(Trainer):
         if not self.is_in_train:
             model = model.to(args.device)
         model.eval()
+        self._register_fsdp_methods(model)
         ds = self._pack(list(documents), args, window=args.eval_window, batch_size=args.per_device_eval_batch_size,
                         grad_accum=1, shuffle=False)
         check_vocab(self._model_config.vocab_size, documents=ds, what="the eval documents")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
@@ -681,6 +682,7 @@ class MemformerModel(MemformerPreTrainedModel):
         cross_mask: torch.Tensor | None,
         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         output_hidden_states: bool = False,
+        relayout: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]],
                tuple[torch.Tensor, ...] | None]:
         """Run the decoder over N chunks at once.
@@ -688,11 +690,22 @@ class MemformerModel(MemformerPreTrainedModel):
         inputs_embeds [N, q, d]; chunk j holds positions starts[j]..starts[j]+lengths[j]-1 of its segment.
         cross_states: the encoder output H [N, L, d] (projected here) or per-layer projected (K, V).
         past: per-layer self K/V buffers [N, H, ≥max(starts), d_h] holding positions < starts[j].
+        relayout: with `output_hidden_states`, maps chunk states to (the same states routed through another layout,
+            the states in that layout); the layer states are recorded in that layout, as nodes of the graph.
         Returns normalised hidden states, per-layer self K/V buffers, per-layer cross K/V, all layer states."""
         plan, buffer_len = self._decoder_plan(starts, lengths, inputs_embeds.shape[1], cross_mask,
                                               inputs_embeds.dtype)
-        hidden = inputs_embeds
-        all_hidden = [hidden] if output_hidden_states else None
+        all_hidden = [] if output_hidden_states else None
+
+        def record(states: torch.Tensor) -> torch.Tensor:
+            if relayout is not None:
+                states, recorded = relayout(states)
+            else:
+                recorded = states
+            all_hidden.append(recorded)
+            return states
+
+        hidden = record(inputs_embeds) if output_hidden_states else inputs_embeds
         self_kv, cross_kv = [], []
         for i, layer in enumerate(self.decoder.layers):
             if torch.is_tensor(cross_states):
@@ -712,7 +725,7 @@ class MemformerModel(MemformerPreTrainedModel):
             self_kv.append((k, v))
             cross_kv.append((ck, cv))
             if output_hidden_states:
-                all_hidden.append(hidden)
+                hidden = record(hidden)
         return self.decoder.norm(hidden), self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
 
     # ------------------------------------------------------------------------------------------ stream planning
@@ -799,7 +812,8 @@ class MemformerModel(MemformerPreTrainedModel):
         r"""
         Stream mode:
             input_ids / inputs_embeds [B, n]: any length; each row's real tokens (attention_mask 1) are consumed in
-                order. A row's first token, if it is BOS, is its boot segment (else an implicit BOS boot is added).
+                order. A row's first token, if it is BOS, is its boot segment (else an implicit BOS boot is added;
+                with `inputs_embeds` the boot is always implicit, as a BOS embedding cannot be recognised).
             attention_mask [B, n]: 0 marks padding (left padding for generation); pads never reach the memory.
             past_key_values (`MemformerCache`): the state to continue from; updated in place and returned.
             memory_reset [B] bool: rows that restart from the initial memory m₀ (a new document) in this call.
@@ -1067,10 +1081,7 @@ class MemformerModel(MemformerPreTrainedModel):
                     pk[cont_index] = lay.keys[cont_rows]
                     pv[cont_index] = lay.values[cont_rows]
                     past.append((pk, pv))
-            dec_hidden, self_kv, cross_kv, layer_states = self.decode_chunks(
-                embed(rows, src), starts, lengths, cross_kv_layers, cross_mask, past, output_hidden_states)
-
-            # scatter chunk outputs to their input columns
+            # chunk outputs are scattered to their input columns
             flat_chunk, flat_pos, flat_row, flat_col = [], [], [], []
             for j, c in enumerate(chs):
                 for i, col in enumerate(c.cols):
@@ -1088,11 +1099,19 @@ class MemformerModel(MemformerPreTrainedModel):
                 out = states.new_zeros(b, n, d)
                 return out.index_put((fr, fcol), states[fc, fp])
 
+            def through_columns(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                """Identity on values; routes the layer states through their per-column copy, so that the returned
+                `hidden_states` are nodes of the forward graph (gradients and `retain_grad` reach them)."""
+                columns = scatter(states)
+                return states.index_put((fc, fp), columns[fr, fcol]), columns
+
+            dec_hidden, self_kv, cross_kv, layer_states = self.decode_chunks(
+                embed(rows, src), starts, lengths, cross_kv_layers, cross_mask, past, output_hidden_states,
+                relayout=through_columns)
             hidden_out = scatter(dec_hidden)
             output_mask = torch.zeros(b, n, dtype=torch.bool, device=device).index_put((fr, fcol),
                                                                                       torch.ones_like(fr, dtype=torch.bool))
-            if output_hidden_states:
-                all_hidden_out = tuple(scatter(s) for s in layer_states)
+            all_hidden_out = layer_states  # already per column
 
             # the cache keeps, per row, the state of its last chunk
             if use_cache and replay_step is None:

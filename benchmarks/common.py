@@ -92,18 +92,20 @@ def run_variants_in_parallel(variants: list[str], out_dir: str) -> dict[str, dic
     """Run this script once per variant, all at the same time, and return each variant's JSON row.
 
     The benchmark models are tiny, so one of them leaves a GPU mostly idle (its step is bound by kernel launches);
-    several processes share it at close to one process's wall time. Each child gets this process's arguments plus
+    several processes share it at close to one process's wall time (with several GPUs, round robin). Each child gets this process's arguments plus
     `--variants <one> --row_json <out_dir>/<one>.json --parallel 0`; its output goes to `<out_dir>/<one>.log`."""
     import json
     import subprocess
 
     os.makedirs(out_dir, exist_ok=True)
+    gpus = torch.cuda.device_count()
     procs = {}
-    for v in variants:
+    for i, v in enumerate(variants):
         argv = [sys.executable, sys.argv[0], *sys.argv[1:], "--variants", v, "--parallel", "0",
                 "--row_json", os.path.join(out_dir, f"{v}.json")]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else None  # spread over the GPUs
         procs[v] = subprocess.Popen(argv, stdout=open(os.path.join(out_dir, f"{v}.log"), "w"),
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, env=env)
     rows = {}
     for v, proc in procs.items():
         if proc.wait() != 0:

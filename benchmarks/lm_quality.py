@@ -37,6 +37,8 @@ BOS, PAD = 0, 1
 VARIANTS = {
     "memformer": {},
     "no_memory": {"_reset_every_segment": True},
+    "no_kv_norm": {"normalize_memory_kv": False},
+    "retain_init": {"memory_write_self_bias": 2.0, "forget_bias_init_scale": 0.1},
     "simplified_rpe": {"position_embedding_type": "simplified_rpe"},
     "bmn_off": {"use_forget_bias": False},
     "tau_1": {"memory_write_temperature": 1.0},

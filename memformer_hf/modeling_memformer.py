@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -143,6 +144,9 @@ def eager_attention_forward(
     return out.transpose(1, 2).contiguous(), probs
 
 
+_TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class MemformerAttention(nn.Module):
     """Multi-head attention used for encoder/decoder self-attention (with RoPE or simplified RPE) and for decoder
     cross-attention to the previous segment's encoder output (no positions)."""
@@ -200,6 +204,13 @@ class MemformerAttention(nn.Module):
         if attention_interface is eager_attention_forward:
             out, _ = eager_attention_forward(self, query, key, value, additive, self.scaling, dropout,
                                              rel_index=rel_index if self.uses_rel_pos else None)
+        elif self.training and query.is_cuda:
+            # cuDNN's SDPA backward returned NaN gradients on some training batches while its forward and the
+            # memory-efficient and math kernels were finite (H100, torch 2.11, bf16; benchmarks/results/quality.md):
+            # training never uses the cuDNN kernel.
+            with sdpa_kernel(_TRAINING_SDPA_BACKENDS):
+                out, _ = attention_interface(self, query, key, value, additive, dropout=dropout, scaling=self.scaling,
+                                             is_causal=causal)
         else:
             out, _ = attention_interface(self, query, key, value, additive, dropout=dropout, scaling=self.scaling,
                                          is_causal=causal)

@@ -187,6 +187,28 @@ def train_sliding(args, task: RecallTask, gen) -> dict[int, float]:
     return acc
 
 
+def plot_accuracy(curves: dict[str, dict[int, float]], chance: float, path: str) -> None:
+    """Accuracy vs distance in segments, one line per model, with the chance level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, acc in curves.items():
+        ds = sorted(acc)
+        ax.plot(ds, [100 * acc[d] for d in ds], marker="o", label=name)
+    ax.axhline(100 * chance, color="gray", linestyle="--", label="chance")
+    ax.set_xlabel("filler segments between the pair and the query (D)")
+    ax.set_ylabel("recall accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--segment_length", type=int, default=16)
@@ -253,7 +275,8 @@ def main() -> None:
                      + f" | {r['seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)
-    write_results("memory_tasks", "Memory tasks: associative recall across segments", table, args.output)
+    path = write_results("memory_tasks", "Memory tasks: associative recall across segments", table, args.output)
+    plot_accuracy({names[v]: r["acc"] for v, r in results.items()}, chance, path.replace(".md", ".png"))
     if not math.isfinite(chance):
         raise SystemExit(1)
 

@@ -244,24 +244,26 @@ def main() -> None:
              "nomem": f"Memformer K={args.slots}, memory reset every segment", "sliding":
              f"Mistral sliding window {2 * args.segment_length} tokens (4 layers)", "slots1": "Memformer K=1, T=16",
              "slots4": "Memformer K=4, T=16", "slots32": "Memformer K=32, T=16"}
+    variants = args.variants.split(",")
     results = {}
-    if args.parallel and len(args.variants.split(",")) > 1:
-        rows = run_variants_in_parallel(args.variants.split(","), args.work)
+    if args.parallel and len(variants) > 1:
+        rows = run_variants_in_parallel(variants, args.work)  # JSON keys are strings: distances back to int
         results = {v: dict(acc={int(d): a for d, a in r["acc"].items()}, seconds=r["seconds"]) for v, r in rows.items()}
-    for v in [] if results else args.variants.split(","):
-        gen = torch.Generator().manual_seed(args.seed)
-        t0 = time.time()
-        if v == "sliding":
-            acc = train_sliding(args, task, gen)
-        else:
-            slots = {"slots1": 1, "slots4": 4, "slots32": 32}.get(v, args.slots)
-            acc = train_memformer(args, task, slots, 1 if v == "mrbp1" else 16, v == "nomem", gen)
-        results[v] = dict(acc=acc, seconds=time.time() - t0)
-        print(json.dumps({"variant": v, **results[v]}), flush=True)
-        if args.row_json:
-            with open(args.row_json, "w") as f:
-                json.dump(results[v], f)
-            return
+    else:
+        for v in variants:
+            gen = torch.Generator().manual_seed(args.seed)
+            t0 = time.time()
+            if v == "sliding":
+                acc = train_sliding(args, task, gen)
+            else:
+                slots = {"slots1": 1, "slots4": 4, "slots32": 32}.get(v, args.slots)
+                acc = train_memformer(args, task, slots, 1 if v == "mrbp1" else 16, v == "nomem", gen)
+            results[v] = dict(acc=acc, seconds=time.time() - t0)
+            print(json.dumps({"variant": v, **results[v]}), flush=True)
+            if args.row_json:
+                with open(args.row_json, "w") as f:
+                    json.dump(results[v], f)
+                return
     chance = 1.0 / task.n_values
     lines = [f"Associative recall: {args.pairs} key–value pairs in segment 0, D filler segments, then the query; "
              f"segment length {args.segment_length}, answer chance {chance:.1%}. d={args.hidden}, 2+2 layers "

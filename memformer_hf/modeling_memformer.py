@@ -11,6 +11,7 @@ decoder stacks → `MemformerPreTrainedModel` → `MemformerModel` (stream plann
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -204,16 +205,15 @@ class MemformerAttention(nn.Module):
         if attention_interface is eager_attention_forward:
             out, _ = eager_attention_forward(self, query, key, value, additive, self.scaling, dropout,
                                              rel_index=rel_index if self.uses_rel_pos else None)
-        elif self.training and query.is_cuda:
+        else:
             # cuDNN's SDPA backward returned NaN gradients on some training batches while its forward and the
             # memory-efficient and math kernels were finite (H100, torch 2.11, bf16; benchmarks/results/quality.md):
             # training never uses the cuDNN kernel.
-            with sdpa_kernel(_TRAINING_SDPA_BACKENDS):
+            backends = (sdpa_kernel(_TRAINING_SDPA_BACKENDS) if self.training and query.is_cuda
+                        else contextlib.nullcontext())
+            with backends:
                 out, _ = attention_interface(self, query, key, value, additive, dropout=dropout, scaling=self.scaling,
                                              is_causal=causal)
-        else:
-            out, _ = attention_interface(self, query, key, value, additive, dropout=dropout, scaling=self.scaling,
-                                         is_causal=causal)
         out = self.o_proj(out.reshape(*hidden.shape[:-1], -1))
         if mask is not None:  # safe softmax: a query with no valid key outputs exactly zero (after o_proj's bias)
             out = out * mask.any(-1).any(1)[..., None].to(out.dtype)

@@ -187,11 +187,11 @@ class MemformerTrainer(Trainer):
         """FSDP2 gathers a module's shards only around its `forward`; the decoder layers' cross K/V projection runs
         outside it (once per segment), so it is registered as a forward method of every sharded layer."""
         try:
-            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+            from torch.distributed.fsdp import register_fsdp_forward_method
         except ImportError:  # pragma: no cover - torch without FSDP2
             return
         for module in model.modules():
-            if (isinstance(module, FSDPModule) and hasattr(module, "project_cross_kv")
+            if (isinstance(module, _fsdp_module_class()) and hasattr(module, "project_cross_kv")
                     and not getattr(module, "_memformer_fsdp_methods", False)):
                 register_fsdp_forward_method(module, "project_cross_kv")
                 module._memformer_fsdp_methods = True
@@ -200,11 +200,7 @@ class MemformerTrainer(Trainer):
     @contextlib.contextmanager
     def _full_parameters(model: torch.nn.Module) -> Iterator[None]:
         """Gather FSDP2-sharded parameters for a computation outside `forward` (a no-op otherwise)."""
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:  # pragma: no cover - torch without FSDP2
-            FSDPModule = ()
-        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        sharded = [m for m in model.modules() if isinstance(m, _fsdp_module_class())]
         for m in sharded:
             m.unshard()
         try:
@@ -217,14 +213,11 @@ class MemformerTrainer(Trainer):
         """As the Trainer's. FSDP2 gives the model a subclass defined in torch (`FSDP<cls>`); saving under the
         model's own class keeps `save_pretrained`'s remote-code files and `auto_map` those of this package."""
         model = self.accelerator.unwrap_model(self.model)
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:  # pragma: no cover - torch without FSDP2
-            FSDPModule = ()
-        if not isinstance(model, FSDPModule):
+        fsdp_module = _fsdp_module_class()
+        if not isinstance(model, fsdp_module):
             return super()._save(output_dir, state_dict)
         sharded_cls = type(model)
-        model.__class__ = next(c for c in sharded_cls.__mro__ if not issubclass(c, FSDPModule))
+        model.__class__ = next(c for c in sharded_cls.__mro__ if not issubclass(c, fsdp_module))
         try:
             super()._save(output_dir, state_dict)
         finally:
@@ -440,6 +433,15 @@ class MemformerTrainer(Trainer):
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
             self._load_stream_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _fsdp_module_class() -> type | tuple:
+    """torch's `FSDPModule` (the base of FSDP2-sharded modules), or `()` (matches nothing) without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return ()
+    return FSDPModule
 
 
 def _commit_checkpoint(staged: str, final: str) -> None:

@@ -51,6 +51,15 @@ def randomize_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
 
 
+def cache_tensors(cache) -> dict[str, torch.Tensor]:
+    """Every tensor of a `MemformerCache` (state and per-layer K/V), detached copies keyed by name."""
+    out = {name: getattr(cache, name) for name in ("memory", "cross_mask", "segment_ids", "fill", "started")}
+    for i, layer in enumerate(cache.layers):
+        for name in ("keys", "values", "cross_keys", "cross_values"):
+            out[f"layers.{i}.{name}"] = getattr(layer, name)
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
 def build_tiny_memformer(seed: int = 0, dtype: torch.dtype = torch.float64, attn: str = "eager",
                          randomize: bool = True, cls=MemformerForCausalLM, **overrides):
     """A tiny sharp model in eval mode. `randomize` also gives every bias / LayerNorm affine a random value (they are

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BOS, EOS, PAD, build_tiny_memformer, rand_ids
+from conftest import BOS, EOS, PAD, build_tiny_memformer, cache_tensors, rand_ids
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, TextStreamer, pipeline
 
@@ -50,14 +50,6 @@ def gen(model, ids, mask=None, **kwargs):
 def assert_logits_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
     """generate() hands out float32 logits (it casts them); compare at float32 resolution."""
     torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=0)
-
-
-def cache_tensors(cache: MemformerCache) -> dict[str, torch.Tensor]:
-    out = {n: getattr(cache, n) for n in ("memory", "fill", "started", "segment_ids", "cross_mask")}
-    for i, layer in enumerate(cache.layers):
-        for n in ("keys", "values", "cross_keys", "cross_values"):
-            out[f"layers.{i}.{n}"] = getattr(layer, n)
-    return out
 
 
 # ============================================================================== incremental decoding

@@ -20,6 +20,7 @@ from conftest import (
     BOS,
     PAD,
     build_tiny_memformer,
+    cache_tensors,
     rand_ids,
     reference_encode,
     reference_initial_memory,
@@ -30,7 +31,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
-from memformer_hf import MemformerCache, MemformerConfig, MemformerForCausalLM, MemformerModel
+from memformer_hf import MemformerConfig, MemformerForCausalLM, MemformerModel
 from memformer_hf.modeling_memformer import CACHE_KWARG
 
 L = 4  # segment_length of the tiny config
@@ -390,14 +391,6 @@ def test_memory_reset_cell_mode_equals_fresh_row_and_cuts_gradient():
     torch.testing.assert_close(model.initial_memory(1)[0], reference_initial_memory(_P(model)), atol=1e-14, rtol=0)
 
 
-def _all_cache_tensors(cache: MemformerCache) -> dict[str, torch.Tensor]:
-    out = {n: getattr(cache, n) for n in ("memory", "fill", "started", "segment_ids", "cross_mask")}
-    for i, layer in enumerate(cache.layers):
-        for n in ("keys", "values", "cross_keys", "cross_values"):
-            out[f"layers.{i}.{n}"] = getattr(layer, n)
-    return out
-
-
 def test_memory_shape_constant_and_slots_unit_norm():
     model = build_tiny_memformer(attn="sdpa")
     shapes = {}
@@ -410,7 +403,7 @@ def test_memory_shape_constant_and_slots_unit_norm():
         for state in out.memory_states:
             assert state.shape == (2, 3, 16)
             torch.testing.assert_close(state.norm(dim=-1), torch.ones(2, 3, dtype=torch.float64), atol=1e-12, rtol=0)
-        shapes[n_seg] = {k: tuple(v.shape) for k, v in _all_cache_tensors(out[CACHE_KWARG]).items()}
+        shapes[n_seg] = {k: tuple(v.shape) for k, v in cache_tensors(out[CACHE_KWARG]).items()}
     assert shapes[1] == shapes[10]
     assert shapes[1]["memory"] == (2, 3, 16) and shapes[1]["layers.0.keys"] == (2, 2, L, 8)
 

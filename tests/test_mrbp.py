@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_biases_and_norms
+from conftest import cache_tensors, randomize_biases_and_norms
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells
@@ -516,18 +516,10 @@ def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, am
 
 
-def _cache_tensors(cache) -> dict[str, torch.Tensor]:
-    out = {name: getattr(cache, name) for name in ("memory", "cross_mask", "segment_ids", "fill", "started")}
-    for i, layer in enumerate(cache.layers):
-        for name in ("keys", "values", "cross_keys", "cross_values"):
-            out[f"layers.{i}.{name}"] = getattr(layer, name)
-    return {k: v.detach().clone() for k, v in out.items()}
-
-
 def assert_cache_equal(got, ref):
     """Equal states: every tensor, except the decoder self-K/V past each row's `fill` (positions fill+1.. are not
     part of the state, SPEC §2.2, and are never attended); those are checked functionally instead."""
-    a, b = _cache_tensors(got), _cache_tensors(ref)
+    a, b = cache_tensors(got), cache_tensors(ref)
     assert a.keys() == b.keys()
     assert got.consumed == ref.consumed
     valid = (torch.arange(L)[None, :] <= b["fill"][:, None])[:, None, :, None]  # [B, 1, L, 1]
@@ -552,7 +544,7 @@ def assert_same_continuation(model, got, ref):
 
 def _stream_check(model, ids, am, past=None, memory_reset=None, what=""):
     """memory_replay_backward == model(...).loss.backward(); returned cache == plain forward's; `past` untouched."""
-    snapshot = None if past is None else (_cache_tensors(past), past.consumed)
+    snapshot = None if past is None else (cache_tensors(past), past.consumed)
     model.zero_grad(set_to_none=True)
     out = model(ids, labels=ids, attention_mask=am, memory_reset=memory_reset,
                 use_cache=True, **{CACHE_KWARG: copy.deepcopy(past)})
@@ -570,7 +562,7 @@ def _stream_check(model, ids, am, past=None, memory_reset=None, what=""):
     assert_same_continuation(model, cache, ref_cache)
     if past is not None:
         tensors, consumed = snapshot
-        now = _cache_tensors(past)
+        now = cache_tensors(past)
         for k in tensors:
             assert torch.equal(now[k], tensors[k]), f"memory_replay_backward modified the passed cache ({k})"
         assert past.consumed == consumed

@@ -154,6 +154,39 @@ class MemformerCache(Cache):
         for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
             layer.set_tensors([k, v, ck, cv])
 
+    def write(self, *, memory: torch.Tensor, segment_ids: torch.Tensor, fill: torch.Tensor, booted: torch.Tensor,
+              decoder_state: tuple | None, dtype: torch.dtype) -> None:
+        """Commit what one forward produced (the model calls this; nothing else writes the state).
+
+        memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], booted [B] (rows that started
+        in this forward). `decoder_state` = (rows [R], per-layer self (K, V) [R, H, ≤L, d_h], per-layer cross (K, V)
+        [R, H, L, d_h], cross mask [R, L]) for the rows whose decoder advanced; other rows keep theirs. The
+        self K/V are zero-padded to L positions. Tensors are replaced, not written in place, so autograd history
+        (a forward with gradients) is kept."""
+        b, L = segment_ids.shape
+        if self.is_empty:
+            zeros = torch.zeros(b, self.config.num_attention_heads, L, self.config.head_dim, dtype=dtype,
+                                device=memory.device)
+            self.cross_mask = torch.zeros(b, L, dtype=torch.bool, device=memory.device)
+            self.started = torch.zeros(b, dtype=torch.bool, device=memory.device)
+            for layer in self.layers:
+                layer.set_tensors([zeros, zeros, zeros, zeros])
+        if decoder_state is not None:
+            rows, self_kv, cross_kv, cross_mask = decoder_state
+
+            def fit(t: torch.Tensor) -> torch.Tensor:
+                if t.shape[2] < L:
+                    t = torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[2]))
+                return t[:, :, :L].to(dtype)
+
+            for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
+                layer.set_tensors([layer.keys.index_copy(0, rows, fit(k)), layer.values.index_copy(0, rows, fit(v)),
+                                   layer.cross_keys.index_copy(0, rows, ck.to(dtype)),
+                                   layer.cross_values.index_copy(0, rows, cv.to(dtype))])
+            self.cross_mask = self.cross_mask.index_copy(0, rows, cross_mask)
+        self.memory, self.segment_ids, self.fill = memory, segment_ids, fill
+        self.started = self.started | booted
+
     def __deepcopy__(self, memo: dict) -> MemformerCache:
         """An independent copy (to branch a stream); tensors are cloned without their autograd history."""
         new = MemformerCache(self.config)

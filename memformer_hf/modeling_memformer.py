@@ -32,6 +32,8 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_memformer import MemformerCache
 from .configuration_memformer import MemformerConfig
+from .memory import BiasedMemoryNorm, MemoryReader, MemoryWriter, at_least_fp32
+from .stream_planner import StreamPlan, plan_stream
 
 try:  # transformers' init helpers skip tensors that were loaded from a checkpoint
     from transformers import initialization as init
@@ -111,11 +113,6 @@ def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | N
     return x * cos + rotate_half(x) * sin
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half precision for softmax/loss; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -137,7 +134,7 @@ def eager_attention_forward(
     scores = scores * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(query.dtype)
+    probs = torch.softmax(at_least_fp32(scores), dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)
     if rel is not None:
@@ -230,112 +227,6 @@ class MemformerFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
-
-
-class MemoryReader(nn.Module):
-    """Tokens attend to the K memory slots (every encoder layer; no mask, no positions). SPEC §1.4."""
-
-    def __init__(self, config: MemformerConfig) -> None:
-        super().__init__()
-        d, bias = config.hidden_size, config.attention_bias
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.q_proj = nn.Linear(d, d, bias=bias)
-        self.k_proj = nn.Linear(d, d, bias=bias)
-        self.v_proj = nn.Linear(d, d, bias=bias)
-        self.o_proj = nn.Linear(d, d, bias=bias)
-        self.dropout = config.attention_dropout
-
-    def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [N, L, d] (already normalised), memory [N, K, d] → output [N, L, d], attention [N, H, L, K]."""
-        n, q, _ = hidden.shape
-        memory = memory.to(self.k_proj.weight.dtype) if not torch.is_autocast_enabled() else memory
-        query = self.q_proj(hidden).view(n, q, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        probs = torch.softmax(_at_least_fp32(query @ key.transpose(-1, -2)) * self.head_dim ** -0.5, dim=-1)
-        probs = F.dropout(probs.to(value.dtype), p=self.dropout, training=self.training)
-        out = (probs @ value).transpose(1, 2).reshape(n, q, -1)
-        return self.o_proj(out), probs
-
-
-class BiasedMemoryNorm(nn.Module):
-    """Biased Memory Normalization (SPEC §1.6): m ← (m' + v_bias) / ‖m' + v_bias‖₂ per slot, and the initial memory
-    m₀ = v_bias / ‖v_bias‖₂. The forgetting vector v_bias is owned by the writer (`writer.forget_bias`)."""
-
-    def __init__(self, config: MemformerConfig, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.use_forget_bias = config.use_forget_bias
-        self.eps = eps
-
-    def initial_memory(self, forget_bias: torch.Tensor) -> torch.Tensor:
-        return forget_bias / forget_bias.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-
-    def forward(self, memory: torch.Tensor, forget_bias: torch.Tensor) -> torch.Tensor:
-        if self.use_forget_bias:
-            memory = memory + forget_bias
-        return memory / memory.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-
-
-class MemoryWriter(nn.Module):
-    """Slot-attention memory writer on the final encoder output (SPEC §1.5).
-
-    Slot i attends to itself and to the segment's valid tokens (never to other slots), with temperature τ; the
-    self value is the raw slot and there is no output projection by default, so a slot whose attention stays on
-    itself is unchanged before BMN. Runs in at least float32."""
-
-    def __init__(self, config: MemformerConfig) -> None:
-        super().__init__()
-        d = config.hidden_size
-        self.num_heads = config.memory_write_heads
-        self.head_dim = d // self.num_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d) if config.writer_out_proj else None
-        self.forget_bias = nn.Parameter(torch.empty(config.num_memory_slots, d))
-        self.log_temperature = (nn.Parameter(torch.tensor(math.log(config.memory_write_temperature)))
-                                if config.learnable_temperature else None)
-        self.self_bias = (nn.Parameter(torch.full((config.num_memory_slots,), float(config.memory_write_self_bias)))
-                          if config.memory_write_self_bias is not None else None)
-        self.temperature = config.memory_write_temperature
-        self.norm = BiasedMemoryNorm(config)
-        self.dropout = config.attention_dropout
-
-    def initial_memory(self, dtype: torch.dtype) -> torch.Tensor:
-        """m₀ [K, d], rebuilt from the parameter on every call so that it stays in the autograd graph."""
-        return self.norm.initial_memory(self.forget_bias.to(dtype))
-
-    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
-
-    def forward(self, memory: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory [N, K, d] (≥ fp32), hidden [N, L, d], mask [N, L] bool → new memory, attention [N, H_w, K, 1+L]
-        (column 0 is the slot's own entry)."""
-        dtype = memory.dtype
-        with torch.autocast(device_type=memory.device.type, enabled=False):
-            hidden = hidden.to(dtype)
-            n, k, _ = memory.shape
-            split = lambda x: x.view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-            q = split(self._linear(self.q_proj, memory))
-            k_self = split(self._linear(self.k_proj, memory))
-            k_tok, v_tok = split(self._linear(self.k_proj, hidden)), split(self._linear(self.v_proj, hidden))
-            tau = self.log_temperature.exp().to(dtype) if self.log_temperature is not None else self.temperature
-            scale = 1.0 / (math.sqrt(self.head_dim) * tau)
-            self_score = (q * k_self).sum(-1, keepdim=True) * scale  # [N, H, K, 1]
-            if self.self_bias is not None:
-                self_score = self_score + self.self_bias.to(dtype)[:, None]
-            tok_score = (q @ k_tok.transpose(-1, -2)) * scale  # [N, H, K, L]
-            if mask is not None:
-                tok_score = tok_score.masked_fill(~mask[:, None, None, :], torch.finfo(dtype).min)
-            probs = torch.softmax(torch.cat([self_score, tok_score], dim=-1), dim=-1)
-            probs = F.dropout(probs, p=self.dropout, training=self.training)
-            m_heads = split(memory)
-            new = probs[..., :1] * m_heads + probs[..., 1:] @ v_tok
-            new = new.transpose(1, 2).reshape(n, k, -1)
-            if self.out_proj is not None:
-                new = self._linear(self.out_proj, new)
-            return self.norm(new, self.forget_bias.to(dtype)), probs
 
 
 class MemformerEncoderLayer(GradientCheckpointingLayer):
@@ -563,30 +454,6 @@ class MemformerPreTrainedModel(PreTrainedModel):
 
 
 # ============================================================================================ the model
-@dataclass
-class _Chunk:
-    """A run of decoder positions of one row: `enc` is the encode step whose output it cross-attends to (None:
-    the cached cross context), `start` its first position, `src` the input token sources, `cols` the output column
-    of each position (None: discarded)."""
-
-    row: int
-    enc: int | None
-    start: int
-    src: list[int]
-    cols: list[int | None]
-
-
-@dataclass
-class _StreamPlan:
-    """How one stream-mode call walks every row's grid (SPEC §2.3)."""
-
-    encodes: list[list[tuple[int, list[int]]]]  # per encode step: (row, encoder input sources)
-    chunks: list[_Chunk]
-    final_fill: list[int]
-    final_segment: list[list[int]]
-    booted: list[bool]  # the row (re)starts from m0 in this call
-
-
 class MemformerModel(MemformerPreTrainedModel):
     """The Memformer encoder–writer–decoder. `forward` has two modes:
 
@@ -738,63 +605,6 @@ class MemformerModel(MemformerPreTrainedModel):
             if output_hidden_states:
                 hidden = record(hidden)
         return self.decoder.norm(hidden), self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
-
-    # ------------------------------------------------------------------------------------------ stream planning
-    def _plan_stream(self, ids_cpu: torch.Tensor | None, mask_cpu: torch.Tensor, started: list[bool],
-                     fill: list[int], n_cols: int) -> _StreamPlan:
-        """Walk each row's new tokens through its segment grid (SPEC §2.3).
-
-        Token sources index a per-row source row laid out as [cached partial segment (L) | new columns (n) | BOS]."""
-        L, bos_src = self.config.segment_length, self.config.segment_length + n_cols
-        bos_mode = self.config.first_segment_context == "bos"
-        encodes: list[list[tuple[int, list[int]]]] = []
-        chunks: list[_Chunk] = []
-        final_fill, final_segment, booted = [], [], []
-        for r in range(mask_cpu.shape[0]):
-            cols = mask_cpu[r].nonzero().flatten().tolist()
-            n_enc = 0
-
-            def add_encode(src: list[int], row: int = r) -> int:
-                nonlocal n_enc
-                if len(encodes) <= n_enc:
-                    encodes.append([])
-                encodes[n_enc].append((row, src))
-                n_enc += 1
-                return n_enc - 1
-
-            if started[r]:
-                segment = list(range(fill[r]))
-                current = _Chunk(r, None, fill[r] + 1, [], [])
-                booted.append(False)
-            else:
-                if not cols:  # nothing to consume: the row stays unstarted
-                    final_fill.append(0)
-                    final_segment.append([])
-                    booted.append(False)
-                    continue
-                boot_col = None  # with inputs_embeds the boot BOS is always implicit
-                if bos_mode and ids_cpu is not None and int(ids_cpu[r, cols[0]]) == self.config.bos_token_id:
-                    boot_col = cols.pop(0)
-                k = add_encode([bos_src] if bos_mode else [])
-                segment = []
-                current = _Chunk(r, k, 0, [bos_src], [boot_col])
-                booted.append(True)
-            for c in cols:
-                segment.append(L + c)
-                if len(segment) < L:
-                    current.src.append(L + c)
-                    current.cols.append(c)
-                else:
-                    if current.src:
-                        chunks.append(current)
-                    k = add_encode(segment)
-                    segment = []
-                    current = _Chunk(r, k, 0, [bos_src], [c])
-            if current.src:
-                chunks.append(current)
-            final_fill.append(len(segment))
-            final_segment.append(segment)
-        return _StreamPlan(encodes, chunks, final_fill, final_segment, booted)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -971,7 +781,7 @@ class MemformerModel(MemformerPreTrainedModel):
         if inputs_embeds is not None and have_state and bool((started & (fill > 0)).any()):
             raise ValueError("`inputs_embeds` cannot continue a cache holding a partial segment; pass `input_ids`.")
 
-        plan = self._plan_stream(None if input_ids is None else input_ids.cpu(), mask.cpu(), started.tolist(),
+        plan = plan_stream(cfg, None if input_ids is None else input_ids.cpu(), mask.cpu(), started.tolist(),
                                  fill.tolist(), n)
 
         # ---- token sources: [cached partial segment | new columns | BOS]
@@ -1144,21 +954,12 @@ class MemformerModel(MemformerPreTrainedModel):
             out[CACHE_KWARG] = cache
         return out
 
-    def _update_cache(self, cache: MemformerCache, plan: _StreamPlan, needed: list[int],
-                      last_chunk_of_row: dict[int, int], chs: list[_Chunk], self_kv, cross_kv, cross_mask,
+    def _update_cache(self, cache: MemformerCache, plan: StreamPlan, needed: list[int],
+                      last_chunk_of_row: dict[int, int], chs: list, self_kv, cross_kv, cross_mask,
                       memory: torch.Tensor, source: torch.Tensor | None, b: int, device) -> None:
-        """Write each row's new state: its last chunk's self/cross K/V, its partial segment, memory and flags."""
-        cfg = self.config
-        L, H, dh = cfg.segment_length, cfg.num_attention_heads, cfg.head_dim
-        dtype = self.embed_tokens.weight.dtype
-        if cache.is_empty:
-            zeros = torch.zeros(b, H, L, dh, dtype=dtype, device=device)
-            cache.set_state(memory=memory, cross_mask=torch.zeros(b, L, dtype=torch.bool, device=device),
-                            segment_ids=torch.zeros(b, L, dtype=torch.long, device=device),
-                            fill=torch.zeros(b, dtype=torch.long, device=device),
-                            started=torch.zeros(b, dtype=torch.bool, device=device),
-                            self_kv=[(zeros, zeros)] * cfg.decoder_layers,
-                            cross_kv=[(zeros, zeros)] * cfg.decoder_layers)
+        """Hand the cache each row's new state: its last decoder chunk's self/cross K/V, its partial segment, memory
+        and flags (the cache writes them, `MemformerCache.write`)."""
+        L = self.config.segment_length
         position = {j: p for p, j in enumerate(needed)}
         upd_rows, upd_pos = [], []
         for r, j in last_chunk_of_row.items():
@@ -1166,35 +967,19 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise RuntimeError("internal error: the last decoder chunk of a row was not computed")
             upd_rows.append(r)
             upd_pos.append(position[j])
-        new_self, new_cross = [], []
+        decoder_state = None
         if upd_rows:
             rows = torch.tensor(upd_rows, dtype=torch.long, device=device)
             pos = torch.tensor(upd_pos, dtype=torch.long, device=device)
-        for i, lay in enumerate(cache.layers):
-            k, v, ck, cv = lay.keys, lay.values, lay.cross_keys, lay.cross_values
-            if upd_rows:
-                def fit(t: torch.Tensor) -> torch.Tensor:
-                    t = t[pos]
-                    if t.shape[2] < L:
-                        t = F.pad(t, (0, 0, 0, L - t.shape[2]))
-                    return t[:, :, :L].to(dtype)
-                k = k.index_copy(0, rows, fit(self_kv[i][0]))
-                v = v.index_copy(0, rows, fit(self_kv[i][1]))
-                ck = ck.index_copy(0, rows, cross_kv[i][0][pos].to(dtype))
-                cv = cv.index_copy(0, rows, cross_kv[i][1][pos].to(dtype))
-            new_self.append((k, v))
-            new_cross.append((ck, cv))
-        cmask = cache.cross_mask
-        if upd_rows:
-            cmask = cmask.index_copy(0, rows, cross_mask[pos])
+            decoder_state = (rows, [(k[pos], v[pos]) for k, v in self_kv], [(k[pos], v[pos]) for k, v in cross_kv],
+                             cross_mask[pos])
         seg = torch.zeros(b, L, dtype=torch.long, device=device)
         for r, s in enumerate(plan.final_segment):
             if s and source is not None:
                 seg[r, : len(s)] = source[r, torch.tensor(s, device=device)]
-        started = cache.started | torch.tensor(plan.booted, dtype=torch.bool, device=device)
-        cache.set_state(memory=memory, cross_mask=cmask, segment_ids=seg,
-                        fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device), started=started,
-                        self_kv=new_self, cross_kv=new_cross)
+        cache.write(memory=memory, segment_ids=seg, fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device),
+                    booted=torch.tensor(plan.booted, dtype=torch.bool, device=device), decoder_state=decoder_state,
+                    dtype=self.embed_tokens.weight.dtype)
 
 
 def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""The memory of Memformer: where it is read, written and forgotten.
+
+* `MemoryReader`: every encoder layer's tokens attend to the K memory slots (read).
+* `MemoryWriter`: once per segment, each slot attends to itself and to the segment's final encoder states (write).
+* `BiasedMemoryNorm`: add the per-slot forgetting vector and L2-normalise each slot (forget); it also gives the
+  initial memory m0 = normalize(forgetting vector).
+
+The memory is replayed for exact back-propagation through time in `mrbp.py`; the carried state lives in
+`cache_memformer.MemformerCache`. Formulas and the choices made where the paper is ambiguous: `docs/design.md`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_memformer import MemformerConfig
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision for softmax/loss; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class MemoryReader(nn.Module):
+    """Tokens attend to the K memory slots (every encoder layer; no mask, no positions). docs/design.md."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d, bias = config.hidden_size, config.attention_bias
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o_proj = nn.Linear(d, d, bias=bias)
+        self.dropout = config.attention_dropout
+
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [N, L, d] (already normalised), memory [N, K, d] → output [N, L, d], attention [N, H, L, K]."""
+        n, q, _ = hidden.shape
+        memory = memory.to(self.k_proj.weight.dtype) if not torch.is_autocast_enabled() else memory
+        query = self.q_proj(hidden).view(n, q, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(memory).view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        probs = torch.softmax(at_least_fp32(query @ key.transpose(-1, -2)) * self.head_dim ** -0.5, dim=-1)
+        probs = F.dropout(probs.to(value.dtype), p=self.dropout, training=self.training)
+        out = (probs @ value).transpose(1, 2).reshape(n, q, -1)
+        return self.o_proj(out), probs
+
+
+class BiasedMemoryNorm(nn.Module):
+    """Biased Memory Normalization (docs/design.md): m ← (m' + v_bias) / ‖m' + v_bias‖₂ per slot, and the initial memory
+    m₀ = v_bias / ‖v_bias‖₂. The forgetting vector v_bias is owned by the writer (`writer.forget_bias`)."""
+
+    def __init__(self, config: MemformerConfig, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.use_forget_bias = config.use_forget_bias
+        self.eps = eps
+
+    def initial_memory(self, forget_bias: torch.Tensor) -> torch.Tensor:
+        return forget_bias / forget_bias.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+    def forward(self, memory: torch.Tensor, forget_bias: torch.Tensor) -> torch.Tensor:
+        if self.use_forget_bias:
+            memory = memory + forget_bias
+        return memory / memory.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+
+class MemoryWriter(nn.Module):
+    """Slot-attention memory writer on the final encoder output (docs/design.md).
+
+    Slot i attends to itself and to the segment's valid tokens (never to other slots), with temperature τ; the
+    self value is the raw slot and there is no output projection by default, so a slot whose attention stays on
+    itself is unchanged before BMN. Runs in at least float32."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.memory_write_heads
+        self.head_dim = d // self.num_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d) if config.writer_out_proj else None
+        self.forget_bias = nn.Parameter(torch.empty(config.num_memory_slots, d))
+        self.log_temperature = (nn.Parameter(torch.tensor(math.log(config.memory_write_temperature)))
+                                if config.learnable_temperature else None)
+        self.self_bias = (nn.Parameter(torch.full((config.num_memory_slots,), float(config.memory_write_self_bias)))
+                          if config.memory_write_self_bias is not None else None)
+        self.temperature = config.memory_write_temperature
+        self.norm = BiasedMemoryNorm(config)
+        self.dropout = config.attention_dropout
+
+    def initial_memory(self, dtype: torch.dtype) -> torch.Tensor:
+        """m₀ [K, d], rebuilt from the parameter on every call so that it stays in the autograd graph."""
+        return self.norm.initial_memory(self.forget_bias.to(dtype))
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+    def forward(self, memory: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [N, K, d] (≥ fp32), hidden [N, L, d], mask [N, L] bool → new memory, attention [N, H_w, K, 1+L]
+        (column 0 is the slot's own entry)."""
+        dtype = memory.dtype
+        with torch.autocast(device_type=memory.device.type, enabled=False):
+            hidden = hidden.to(dtype)
+            n, k, _ = memory.shape
+            split = lambda x: x.view(n, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+            q = split(self._linear(self.q_proj, memory))
+            k_self = split(self._linear(self.k_proj, memory))
+            k_tok, v_tok = split(self._linear(self.k_proj, hidden)), split(self._linear(self.v_proj, hidden))
+            tau = self.log_temperature.exp().to(dtype) if self.log_temperature is not None else self.temperature
+            scale = 1.0 / (math.sqrt(self.head_dim) * tau)
+            self_score = (q * k_self).sum(-1, keepdim=True) * scale  # [N, H, K, 1]
+            if self.self_bias is not None:
+                self_score = self_score + self.self_bias.to(dtype)[:, None]
+            tok_score = (q @ k_tok.transpose(-1, -2)) * scale  # [N, H, K, L]
+            if mask is not None:
+                tok_score = tok_score.masked_fill(~mask[:, None, None, :], torch.finfo(dtype).min)
+            probs = torch.softmax(torch.cat([self_score, tok_score], dim=-1), dim=-1)
+            probs = F.dropout(probs, p=self.dropout, training=self.training)
+            m_heads = split(memory)
+            new = probs[..., :1] * m_heads + probs[..., 1:] @ v_tok
+            new = new.transpose(1, 2).reshape(n, k, -1)
+            if self.out_proj is not None:
+                new = self._linear(self.out_proj, new)
+            return self.norm(new, self.forget_bias.to(dtype)), probs
+
+
+__all__ = ["MemoryReader", "MemoryWriter", "BiasedMemoryNorm", "at_least_fp32"]

@@ -102,6 +102,8 @@ class MemformerCache(Cache):
         self.fill: torch.Tensor | None = None
         self.started: torch.Tensor | None = None
         self.consumed = 0
+        self._host: tuple[list[bool], list[int]] | None = None  # host copy of (started, fill); None: read on demand
+        self._written_in_place = False  # the tensors are this cache's own (the decoder step may update them in place)
 
     # ----------------------------------------------------------------------------------------------- state access
     @property
@@ -127,6 +129,7 @@ class MemformerCache(Cache):
         return out
 
     def _set_all_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        self._host, self._written_in_place = None, False
         n = len(self._row_fields)
         for name, t in zip(self._row_fields, tensors[:n]):
             setattr(self, name, t)
@@ -154,8 +157,15 @@ class MemformerCache(Cache):
         for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
             layer.set_tensors([k, v, ck, cv])
 
+    def host_state(self) -> tuple[list[bool], list[int]]:
+        """(started, fill) per row as Python lists, without a device sync when the last write supplied them."""
+        if self._host is None:
+            self._host = (self.started.tolist(), self.fill.tolist())
+        return self._host
+
     def write(self, *, memory: torch.Tensor, segment_ids: torch.Tensor, fill: torch.Tensor, booted: torch.Tensor,
-              decoder_state: tuple | None, dtype: torch.dtype) -> None:
+              decoder_state: tuple | None, dtype: torch.dtype, host: tuple[list[bool], list[int]] | None = None
+              ) -> None:
         """Commit what one forward produced (the model calls this; nothing else writes the state).
 
         memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], booted [B] (rows that started
@@ -186,6 +196,7 @@ class MemformerCache(Cache):
             self.cross_mask = self.cross_mask.index_copy(0, rows, cross_mask)
         self.memory, self.segment_ids, self.fill = memory, segment_ids, fill
         self.started = self.started | booted
+        self._host, self._written_in_place = host, False
 
     def __deepcopy__(self, memo: dict) -> MemformerCache:
         """An independent copy (to branch a stream); tensors are cloned without their autograd history."""
@@ -238,6 +249,7 @@ class MemformerCache(Cache):
         """Mark rows (bool mask [B]) as not started: their next token begins a new document from the initial memory."""
         if self.started is not None:
             self.started = self.started & ~rows.to(self.started.device).bool()
+            self._host = None
 
     def activate_past_recording(self) -> None:  # nothing to record: rollback is not supported
         return None

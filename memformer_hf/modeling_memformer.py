@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_memformer import MemformerCache
 from .configuration_memformer import MemformerConfig
+from .graphs import GraphedStep, StepGraphs, graphs_usable
 from .memory import BiasedMemoryNorm, MemoryReader, MemoryWriter, at_least_fp32
 from .stream_planner import StreamPlan, plan_stream
 
@@ -454,6 +456,16 @@ class MemformerPreTrainedModel(PreTrainedModel):
 
 
 # ============================================================================================ the model
+_GRAPH_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graph_state(model: nn.Module) -> tuple[StepGraphs, dict]:
+    state = _GRAPH_STATE.get(model)
+    if state is None:
+        state = _GRAPH_STATE[model] = (StepGraphs(), {})
+    return state
+
+
 class MemformerModel(MemformerPreTrainedModel):
     """The Memformer encoder–writer–decoder. `forward` has two modes:
 
@@ -462,6 +474,8 @@ class MemformerModel(MemformerPreTrainedModel):
     * **cell mode** (`encoder_input_ids` + `decoder_input_ids`): one recurrence cell per row, `memory` in and out
       (used by MRBP training, SPEC §3.1).
     """
+
+    use_fast_paths: bool = True  # False: every stream-mode call runs the general planner (for tests and debugging)
 
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__(config)
@@ -481,6 +495,16 @@ class MemformerModel(MemformerPreTrainedModel):
         self.embed_tokens = value
 
     # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def _step_graphs(self) -> StepGraphs:
+        """Captured CUDA graphs of this model's fixed-shape steps (kept outside the module: never saved or copied)."""
+        return _graph_state(self)[0]
+
+    @property
+    def _static_buffers(self) -> dict:
+        """Decoder-state buffers that the captured decoder steps update in place, per batch shape."""
+        return _graph_state(self)[1]
+
     @property
     def memory_dtype(self) -> torch.dtype:
         """Memory is kept in float32 (float64 for a float64 model) whatever the compute dtype."""
@@ -565,14 +589,23 @@ class MemformerModel(MemformerPreTrainedModel):
                tuple[torch.Tensor, ...] | None]:
         """Run the decoder over N chunks at once.
 
-        inputs_embeds [N, q, d]; chunk j holds positions starts[j]..starts[j]+lengths[j]-1 of its segment.
+        inputs_embeds [N, q, d]; chunk j holds positions starts[j]..starts[j]+lengths[j]-1 of its segment
+            (`starts=None`: every chunk holds positions 0..q-1, plain causal; `cross_mask` None: all cross keys valid).
         cross_states: the encoder output H [N, L, d] (projected here) or per-layer projected (K, V).
         past: per-layer self K/V buffers [N, H, ≥max(starts), d_h] holding positions < starts[j].
         relayout: with `output_hidden_states`, maps chunk states to (the same states routed through another layout,
             the states in that layout); the layer states are recorded in that layout, as nodes of the graph.
         Returns normalised hidden states, per-layer self K/V buffers, per-layer cross K/V, all layer states."""
-        plan, buffer_len = self._decoder_plan(starts, lengths, inputs_embeds.shape[1], cross_mask,
-                                              inputs_embeds.dtype)
+        if starts is None:  # whole segments from position 0 (aligned path): plain causal, no host sync
+            n_chunks, q_len = inputs_embeds.shape[:2]
+            positions = torch.arange(q_len, device=inputs_embeds.device).expand(n_chunks, -1)
+            cos_sin, rel_index = self._positions(positions, positions, inputs_embeds.dtype)
+            plan = DecoderPlan(cos_sin, rel_index, None, None if cross_mask is None else cross_mask[:, None, None, :],
+                               None)
+            buffer_len = q_len
+        else:
+            plan, buffer_len = self._decoder_plan(starts, lengths, inputs_embeds.shape[1], cross_mask,
+                                                  inputs_embeds.dtype)
         all_hidden = [] if output_hidden_states else None
 
         def record(states: torch.Tensor) -> torch.Tensor:
@@ -605,6 +638,240 @@ class MemformerModel(MemformerPreTrainedModel):
             if output_hidden_states:
                 hidden = record(hidden)
         return self.decoder.norm(hidden), self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
+
+    # ------------------------------------------------------------------------------------------ the recurrent step
+    def critical_path_step(self, segment_embeds: torch.Tensor, memory: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the recurrence on whole segments: H = Enc(s, M), M' = BMN(Write(M, H)). Shapes are fixed
+        per (batch, segment length, dtype), so on CUDA without autograd the step runs as a captured graph."""
+        if graphs_usable(self, memory.device):
+            key = ("encode", tuple(segment_embeds.shape), segment_embeds.dtype, memory.dtype)
+            step = self._step_graphs.get(self, key, lambda: GraphedStep(self._encode_full, (segment_embeds, memory)))
+            return step(segment_embeds, memory)
+        return self._encode_full(segment_embeds, memory)
+
+    def _encode_full(self, segment_embeds: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, new_memory, _, _ = self.encode_segment(segment_embeds, None, memory)
+        return hidden, new_memory
+
+    def _aligned_offset(self, input_ids, cache, memory_reset, n: int) -> tuple[int, bool] | None:
+        """Where the new columns start in every row's segment grid when all rows are in the same state (the aligned
+        fast path): 0 or 1 for rows that all start a document (BOS column 0 or an implicit BOS), fill + 1 for rows that
+        all continue with the same partial segment, and whether the rows start a document; None when the input is irregular (padding, mixed states, special
+        outputs) and the general planner must run. The caller has checked that there is no padding."""
+        cfg = self.config
+        if n == 0:
+            return None
+        if cache is None or cache.is_empty:
+            started = [False] * input_ids.shape[0]
+            fills = [0] * input_ids.shape[0]
+        else:
+            started, fills = cache.host_state()
+            if memory_reset is not None:
+                reset = memory_reset.tolist()
+                started = [s and not r for s, r in zip(started, reset)]
+        if all(started):
+            return (fills[0] + 1, False) if len(set(fills)) == 1 else None
+        if any(started) or cfg.first_segment_context != "bos":
+            return None
+        first = (input_ids[:, 0] == cfg.bos_token_id).tolist()
+        return (0, True) if all(first) else ((1, True) if not any(first) else None)
+
+    def _forward_aligned(self, input_ids: torch.Tensor, cache: MemformerCache | None, offset: int, fresh: bool,
+                         use_cache: bool, columns_to_keep: torch.Tensor | None) -> MemformerModelOutput:
+        """Stream mode when every row is in the same state and the input has no padding: the segment grid is a
+        reshape, the critical path runs one fixed-shape step per segment and the decoder runs once over all the
+        segments that need outputs. Column j of the input sits at grid position g = offset + j: decoder chunk g // L,
+        position g % L (position 0 of a chunk is BOS); segment c holds grid positions cL+1 .. (c+1)L."""
+        cfg = self.config
+        L, b, n = cfg.segment_length, input_ids.shape[0], input_ids.shape[1]
+        device, bos = input_ids.device, cfg.bos_token_id
+        total = offset + n
+        n_chunks, n_segments = -(-total // L), (total - 1) // L
+        grid = input_ids.new_full((b, n_chunks * L), bos, dtype=torch.long)
+        grid[:, offset:total] = input_ids
+        if not fresh and offset > 1:
+            grid[:, 1:offset] = cache.segment_ids[:, : offset - 1]
+
+        # critical path: boot segment (new documents), then one step per complete segment
+        step_index = 0
+        if fresh:
+            boot = grid.new_full((b, L), bos)
+            boot_mask = torch.zeros(b, L, dtype=torch.bool, device=device)
+            boot_mask[:, 0] = True
+            boot_hidden, memory, _, _ = self.encode_segment(self.embed_tokens(boot), boot_mask,
+                                                            self.initial_memory(b))
+            step_index = 1
+        else:
+            memory = cache.memory.to(self.memory_dtype)
+        segments = self.embed_tokens(grid[:, 1: n_segments * L + 1].view(b, n_segments, L))
+        hidden_states = []
+        for s in range(n_segments):
+            if cfg.bptt_horizon and self.training and step_index > 0 and step_index % cfg.bptt_horizon == 0:
+                memory = memory.detach()
+            hidden, memory = self.critical_path_step(segments[:, s], memory)
+            hidden_states.append(hidden.clone() if graphs_usable(self, device) else hidden)
+            step_index += 1
+        if n_segments and graphs_usable(self, device):
+            memory = memory.clone()  # the graph's output buffer is overwritten by its next replay
+
+        # decoder over the chunks whose outputs are needed (all, or those holding kept columns + the last one)
+        if columns_to_keep is None:
+            chunks = list(range(n_chunks))
+        else:
+            wanted = {(offset + int(c)) // L for c in columns_to_keep.tolist() if 0 <= int(c) < n}
+            if use_cache or not wanted:
+                wanted.add(n_chunks - 1)
+            chunks = sorted(wanted)
+        index = torch.tensor(chunks, dtype=torch.long, device=device)
+        dec_ids = grid.view(b, n_chunks, L)[:, index].clone()
+        dec_ids[:, :, 0] = bos  # a chunk starts with BOS; the token at that grid position only completed a segment
+        dec_in = self.embed_tokens(dec_ids.flatten(0, 1))
+        first_from_cache = chunks[0] == 0 and not fresh
+        states = ([boot_hidden[:, None]] if fresh and chunks[0] == 0 else []) + \
+                 [hidden_states[c - 1][:, None] for c in chunks if c > 0]
+        states = torch.cat(states, 1) if states else None  # [b, chunks needing a projection, L, d]
+        cross_kv = []
+        for i, layer in enumerate(self.decoder.layers):
+            parts_k, parts_v = [], []
+            if first_from_cache:
+                parts_k.append(cache.layers[i].cross_keys[:, None])
+                parts_v.append(cache.layers[i].cross_values[:, None])
+            if states is not None:
+                k, v = layer.project_cross_kv(states.flatten(0, 1))
+                parts_k.append(k.unflatten(0, (b, -1)))
+                parts_v.append(v.unflatten(0, (b, -1)))
+            cross_kv.append((torch.cat(parts_k, 1).flatten(0, 1), torch.cat(parts_v, 1).flatten(0, 1)))
+        cross_mask = None
+        if chunks[0] == 0 and (fresh or not bool(cache.cross_mask.all())):
+            first = boot_mask if fresh else cache.cross_mask
+            cross_mask = torch.ones(b, len(chunks), L, dtype=torch.bool, device=device)
+            cross_mask[:, 0] = first
+            cross_mask = cross_mask.flatten(0, 1)
+        hidden, self_kv, cross_kv, _ = self.decode_chunks(dec_in, None, None, cross_kv, cross_mask)
+        hidden = hidden.view(b, len(chunks), L, -1)
+
+        if len(chunks) == n_chunks:
+            out = hidden.flatten(1, 2)[:, offset:total]
+            output_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+        else:
+            columns = torch.cat([torch.arange(c * L, (c + 1) * L, device=device) for c in chunks]) - offset
+            keep = (columns >= 0) & (columns < n)
+            out = hidden.new_zeros(b, n, hidden.shape[-1])
+            out[:, columns[keep]] = hidden.flatten(1, 2)[:, keep]
+            output_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+            output_mask[:, columns[keep]] = True
+
+        if use_cache:
+            fill = total - 1 - n_segments * L
+            segment_ids = torch.zeros(b, L, dtype=torch.long, device=device)
+            segment_ids[:, :fill] = grid[:, n_segments * L + 1: n_segments * L + 1 + fill]
+            valid = (torch.arange(L, device=device) <= fill)[None, None, :, None]
+            last = len(chunks) - 1
+            pick = lambda t: t.view(b, len(chunks), *t.shape[1:])[:, last]  # noqa: E731
+            last_mask = (cross_mask.view(b, len(chunks), L)[:, last] if cross_mask is not None
+                         else torch.ones(b, L, dtype=torch.bool, device=device))
+            decoder_state = (torch.arange(b, device=device),
+                             [(pick(k) * valid, pick(v) * valid) for k, v in self_kv],
+                             [(pick(k), pick(v)) for k, v in cross_kv], last_mask)
+            cache.write(memory=memory, segment_ids=segment_ids,
+                        fill=torch.full((b,), fill, dtype=torch.long, device=device),
+                        booted=torch.full((b,), fresh, dtype=torch.bool, device=device), decoder_state=decoder_state,
+                        dtype=self.embed_tokens.weight.dtype, host=([True] * b, [fill] * b))
+            cache.consumed += n
+        result = MemformerModelOutput(last_hidden_state=out, output_mask=output_mask, memory=memory)
+        if use_cache:
+            result[CACHE_KWARG] = cache
+        return result
+
+    # ------------------------------------------------------------------------------------------ decoding step
+    def _decode_eligible(self, cache: MemformerCache | None, n: int) -> bool:
+        """One new column (no padding), every row started, no autograd: the fixed-shape decoder step."""
+        if n != 1 or cache is None or cache.is_empty or self.training or torch.is_grad_enabled():
+            return False
+        return all(cache.host_state()[0])
+
+    def _decode_step_inplace(self, cache: MemformerCache, tokens: torch.Tensor, boundary: bool) -> torch.Tensor:
+        """Consume one token per row ([B]) and return the decoder's final hidden state [B, d]. Updates the cache's
+        tensors in place (so a CUDA graph can own them). With `boundary`, rows whose segment completes are encoded,
+        their memory written and their cross K/V rebuilt; the other rows' state is left as it was."""
+        cfg, L = self.config, self.config.segment_length
+        fill = cache.fill
+        cache.segment_ids.scatter_(1, fill[:, None].clamp_max(L - 1), tokens[:, None])
+        if boundary:
+            at_boundary = fill == L - 1
+            hidden, memory, _, _ = self.encode_segment(self.embed_tokens(cache.segment_ids), None, cache.memory)
+            commit = at_boundary[:, None, None]
+            cache.memory.copy_(torch.where(commit, memory.to(cache.memory.dtype), cache.memory))
+            for layer, cache_layer in zip(self.decoder.layers, cache.layers):
+                k, v = layer.project_cross_kv(hidden)
+                cache_layer.cross_keys.copy_(torch.where(commit[:, None], k.to(cache_layer.cross_keys.dtype),
+                                                         cache_layer.cross_keys))
+                cache_layer.cross_values.copy_(torch.where(commit[:, None], v.to(cache_layer.cross_values.dtype),
+                                                           cache_layer.cross_values))
+            cache.cross_mask.copy_(cache.cross_mask | at_boundary[:, None])
+            tokens = torch.where(at_boundary, torch.full_like(tokens, cfg.bos_token_id), tokens)
+            positions = torch.where(at_boundary, torch.zeros_like(fill), fill + 1)
+        else:
+            positions = fill + 1
+        plan = self.step_plan(positions, cache.cross_mask, self.embed_tokens.weight.dtype)
+        hidden = self.embed_tokens(tokens)[:, None]
+        for layer, cache_layer in zip(self.decoder.layers, cache.layers):
+            hidden, _, _ = layer(hidden, cache_layer.keys, cache_layer.values, cache_layer.cross_keys,
+                                 cache_layer.cross_values, plan)
+        fill.copy_(torch.where(positions == 0, torch.zeros_like(fill), fill + 1) if boundary else fill + 1)
+        return self.decoder.norm(hidden)[:, 0]
+
+    def _forward_decode(self, input_ids: torch.Tensor, cache: MemformerCache) -> MemformerModelOutput:
+        """The per-token decoding path: one fixed-shape step (a replayed CUDA graph on GPUs) on the cache's tensors."""
+        L, b = self.config.segment_length, input_ids.shape[0]
+        _, fills = cache.host_state()
+        boundary = any(f == L - 1 for f in fills)
+        tokens = input_ids[:, 0].long()
+        if graphs_usable(self, input_ids.device):
+            state = self._adopt_static_state(cache)
+            key = ("decode", b, boundary, state[0].data_ptr())
+            step = self._step_graphs.get(
+                self, key, lambda: GraphedStep(lambda t: (self._decode_step_inplace(cache, t, boundary),),
+                                               (tokens,), state=state))
+            hidden = step(tokens)[0].clone()
+        else:
+            if not cache._written_in_place:  # never write into tensors that a caller may still hold
+                host = cache._host
+                cache._map_rows(lambda t: t.clone())
+                cache._host, cache._written_in_place = host, True
+            hidden = self._decode_step_inplace(cache, tokens, boundary)
+        new_fills = [0 if f == L - 1 else f + 1 for f in fills]
+        cache._host = ([True] * b, new_fills)
+        cache.consumed += 1
+        result = MemformerModelOutput(last_hidden_state=hidden[:, None], memory=cache.memory.clone(),
+                                      output_mask=torch.ones(b, 1, dtype=torch.bool, device=input_ids.device))
+        result[CACHE_KWARG] = cache
+        return result
+
+    def _adopt_static_state(self, cache: MemformerCache) -> list[torch.Tensor]:
+        """Make the cache's tensors the fixed buffers that the captured decoder steps of this batch size update in
+        place (copying its state in); a cache that held them before gets its own copies first."""
+        tensors = cache._all_tensors()
+        key = ("buffers", tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors))
+        entry = self._static_buffers.get(key)
+        if entry is None or entry["buffers"][0].device != tensors[0].device:
+            entry = self._static_buffers[key] = {"buffers": [t.detach().clone() for t in tensors], "owner": None}
+        buffers = entry["buffers"]
+        if tensors[0] is buffers[0]:
+            return buffers
+        owner = entry["owner"]() if entry["owner"] is not None else None
+        if owner is not None and owner is not cache and owner.memory is buffers[0]:
+            host, consumed = owner._host, owner.consumed
+            owner._set_all_tensors([t.clone() for t in buffers])
+            owner._host, owner.consumed = host, consumed
+        for buf, t in zip(buffers, tensors):
+            buf.copy_(t)
+        host = cache._host
+        cache._set_all_tensors(buffers)
+        cache._host, cache._written_in_place = host, True
+        entry["owner"] = weakref.ref(cache)
+        return buffers
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -665,9 +932,11 @@ class MemformerModel(MemformerPreTrainedModel):
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"`{name}` holds token ids outside [0, vocab_size={self.config.vocab_size}): "
-                             f"min {int(ids.min())}, max {int(ids.max())}.")
+        if ids.numel():
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"`{name}` holds token ids outside [0, vocab_size={self.config.vocab_size}): "
+                                 f"min {low}, max {high}.")
 
     def _check_memory(self, memory: torch.Tensor, batch_size: int, name: str) -> None:
         expected = (batch_size, self.config.num_memory_slots, self.config.hidden_size)
@@ -761,8 +1030,18 @@ class MemformerModel(MemformerPreTrainedModel):
         elif use_cache:
             cache = MemformerCache(cfg)
         have_state = cache is not None and not cache.is_empty
-        if have_state and cache.memory is not None and not bool(torch.isfinite(cache.memory).all()):
+        fast = (self.use_fast_paths and input_ids is not None and replay_step is None
+                and not (output_hidden_states or output_memory_states or output_memory_attentions))
+        full = fast and (attention_mask is None or bool(mask.all()))
+        decode = full and use_cache and self._decode_eligible(cache, n)
+        # the memory is checked unless the decoder step itself wrote it (no sync per generated token)
+        if have_state and not (decode and cache._written_in_place) and not bool(torch.isfinite(cache.memory).all()):
             raise ValueError("The cache's memory contains NaN or inf values.")
+        if decode:
+            return self._forward_decode(input_ids, cache)
+        aligned = self._aligned_offset(input_ids, cache, memory_reset, n) if full else None
+        if aligned is not None:
+            return self._forward_aligned(input_ids, cache, *aligned, use_cache, columns_to_keep)
         mem_dtype = self.memory_dtype
 
         # ---- previous state
@@ -781,8 +1060,9 @@ class MemformerModel(MemformerPreTrainedModel):
         if inputs_embeds is not None and have_state and bool((started & (fill > 0)).any()):
             raise ValueError("`inputs_embeds` cannot continue a cache holding a partial segment; pass `input_ids`.")
 
-        plan = plan_stream(cfg, None if input_ids is None else input_ids.cpu(), mask.cpu(), started.tolist(),
-                                 fill.tolist(), n)
+        started_host = started.tolist()
+        plan = plan_stream(cfg, None if input_ids is None else input_ids.cpu(), mask.cpu(), started_host,
+                           fill.tolist(), n)
 
         # ---- token sources: [cached partial segment | new columns | BOS]
         bos = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=device)
@@ -936,10 +1216,10 @@ class MemformerModel(MemformerPreTrainedModel):
 
             # the cache keeps, per row, the state of its last chunk
             if use_cache and replay_step is None:
-                self._update_cache(cache, plan, needed, last_chunk_of_row, chs, self_kv, cross_kv, cross_mask,
+                self._update_cache(cache, plan, started_host, needed, last_chunk_of_row, chs, self_kv, cross_kv, cross_mask,
                                    mem, source if inputs_embeds is None else None, b, device)
         elif use_cache and replay_step is None:
-            self._update_cache(cache, plan, [], last_chunk_of_row, [], [], [], None, mem,
+            self._update_cache(cache, plan, started_host, [], last_chunk_of_row, [], [], [], None, mem,
                                source if inputs_embeds is None else None, b, device)
         if use_cache and replay_step is None:
             cache.consumed += n
@@ -954,7 +1234,7 @@ class MemformerModel(MemformerPreTrainedModel):
             out[CACHE_KWARG] = cache
         return out
 
-    def _update_cache(self, cache: MemformerCache, plan: StreamPlan, needed: list[int],
+    def _update_cache(self, cache: MemformerCache, plan: StreamPlan, started: list[bool], needed: list[int],
                       last_chunk_of_row: dict[int, int], chs: list, self_kv, cross_kv, cross_mask,
                       memory: torch.Tensor, source: torch.Tensor | None, b: int, device) -> None:
         """Hand the cache each row's new state: its last decoder chunk's self/cross K/V, its partial segment, memory
@@ -979,7 +1259,8 @@ class MemformerModel(MemformerPreTrainedModel):
                 seg[r, : len(s)] = source[r, torch.tensor(s, device=device)]
         cache.write(memory=memory, segment_ids=seg, fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device),
                     booted=torch.tensor(plan.booted, dtype=torch.bool, device=device), decoder_state=decoder_state,
-                    dtype=self.embed_tokens.weight.dtype)
+                    dtype=self.embed_tokens.weight.dtype,
+                    host=([s or bt for s, bt in zip(started, plan.booted)], list(plan.final_fill)))
 
 
 def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""CUDA graphs for Memformer's fixed-shape steps (inference only).
+
+A Memformer forward is a sequence of small steps whose shapes never change for a given (batch, segment length,
+dtype): the critical-path step (encode a segment while reading the memory, write and normalise the memory) and the
+one-token decoder step. On a GPU each step is dozens of small kernels, so the host's launch overhead, not the GPU,
+sets the speed. `GraphedStep` captures one step once and replays it: one launch per step.
+
+Graphs are only used without autograd and in eval mode, on CUDA. A captured graph reads the parameters at the
+addresses they had when it was captured, so `StepGraphs` keys every graph by the parameters' addresses as well as
+the shapes and drops stale graphs when the model is moved, cast or has its parameters replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Tensors = Sequence[torch.Tensor]
+
+
+class GraphedStep:
+    """`fn(*inputs) -> tuple of tensors` captured as a CUDA graph over static input buffers.
+
+    Calling it copies the inputs into the static buffers (skipped for an input that already is its buffer), replays
+    the graph and returns the static output tensors, which the next call overwrites. `fn` may also update tensors it
+    closes over in place (the decoder step updates the cache); `state` lists them so that the warm-up and capture
+    runs leave them unchanged."""
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], example_inputs: Tensors, state: Tensors = (),
+                 warmup: int = 2) -> None:
+        self.inputs = [t.detach().clone() for t in example_inputs]
+        snapshot = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.outputs = fn(*self.inputs)
+        for t, saved in zip(state, snapshot):
+            t.copy_(saved)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for buf, x in zip(self.inputs, inputs):
+            if buf is not x:
+                buf.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
+class StepGraphs:
+    """The captured steps of one model, keyed by a name and the shapes/dtypes of the step, and valid only for the
+    parameter addresses they were captured with."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, GraphedStep] = {}
+        self._params_key: tuple | None = None
+
+    def get(self, module: torch.nn.Module, key: tuple, build: Callable[[], GraphedStep]) -> GraphedStep:
+        params_key = tuple(p.data_ptr() for p in module.parameters())
+        if params_key != self._params_key:  # moved, cast or replaced parameters: every graph is stale
+            self.clear()
+            self._params_key = params_key
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = build()
+        return graph
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+
+def graphs_usable(module: torch.nn.Module, device: torch.device) -> bool:
+    """CUDA graphs apply to inference: a CUDA device, eval mode, no autograd, and not disabled in the config."""
+    return (device.type == "cuda" and not module.training and not torch.is_grad_enabled()
+            and getattr(module.config, "use_cuda_graphs", True) and not torch.cuda.is_current_stream_capturing())
+
+
+__all__ = ["GraphedStep", "StepGraphs", "graphs_usable"]

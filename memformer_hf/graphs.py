@@ -74,9 +74,12 @@ class StepGraphs:
 
 
 def graphs_usable(module: torch.nn.Module, device: torch.device) -> bool:
-    """CUDA graphs apply to inference: a CUDA device, eval mode, no autograd, and not disabled in the config."""
-    return (device.type == "cuda" and not module.training and not torch.is_grad_enabled()
-            and getattr(module.config, "use_cuda_graphs", True) and not torch.cuda.is_current_stream_capturing())
+    """CUDA graphs apply without autograd (inference, MRBP's critical-path pass) on a CUDA device, when no dropout is
+    active and `module.use_cuda_graphs` is not switched off."""
+    cfg = module.config
+    dropout = module.training and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0)
+    return (device.type == "cuda" and not dropout and not torch.is_grad_enabled()
+            and getattr(module, "use_cuda_graphs", True) and not torch.cuda.is_current_stream_capturing())
 
 
 __all__ = ["GraphedStep", "StepGraphs", "graphs_usable"]

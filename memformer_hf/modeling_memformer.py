@@ -476,6 +476,7 @@ class MemformerModel(MemformerPreTrainedModel):
     """
 
     use_fast_paths: bool = True  # False: every stream-mode call runs the general planner (for tests and debugging)
+    use_cuda_graphs: bool = True  # False: the fixed-shape steps run eagerly on CUDA too (graphs.graphs_usable)
 
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__(config)
@@ -640,18 +641,21 @@ class MemformerModel(MemformerPreTrainedModel):
         return self.decoder.norm(hidden), self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
 
     # ------------------------------------------------------------------------------------------ the recurrent step
-    def critical_path_step(self, segment_embeds: torch.Tensor, memory: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of the recurrence on whole segments: H = Enc(s, M), M' = BMN(Write(M, H)). Shapes are fixed
-        per (batch, segment length, dtype), so on CUDA without autograd the step runs as a captured graph."""
+    def critical_path_step(self, segment_embeds: torch.Tensor, memory: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the recurrence: H = Enc(s, M), M' = BMN(Write(M, H)) for segments [N, L, d] (`mask` [N, L]:
+        valid tokens, None: all). Shapes are fixed per (batch, segment length, dtype), so on CUDA without autograd
+        the step runs as a captured CUDA graph (its outputs are then overwritten by the next replay)."""
         if graphs_usable(self, memory.device):
-            key = ("encode", tuple(segment_embeds.shape), segment_embeds.dtype, memory.dtype)
-            step = self._step_graphs.get(self, key, lambda: GraphedStep(self._encode_full, (segment_embeds, memory)))
-            return step(segment_embeds, memory)
-        return self._encode_full(segment_embeds, memory)
+            key = ("encode", tuple(segment_embeds.shape), segment_embeds.dtype, memory.dtype, mask is None)
+            inputs = (segment_embeds, memory) if mask is None else (segment_embeds, memory, mask)
+            step = self._step_graphs.get(self, key, lambda: GraphedStep(self._encode_step, inputs))
+            return step(*inputs)
+        return self._encode_step(segment_embeds, memory, mask)
 
-    def _encode_full(self, segment_embeds: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, new_memory, _, _ = self.encode_segment(segment_embeds, None, memory)
+    def _encode_step(self, segment_embeds: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, new_memory, _, _ = self.encode_segment(segment_embeds, mask, memory)
         return hidden, new_memory
 
     def _aligned_offset(self, input_ids, cache, memory_reset, n: int) -> tuple[int, bool] | None:
@@ -922,7 +926,8 @@ class MemformerModel(MemformerPreTrainedModel):
         if encoder_input_ids is not None or decoder_input_ids is not None:
             out = self._forward_cell(encoder_input_ids, encoder_attention_mask, decoder_input_ids,
                                      decoder_attention_mask, memory, memory_reset, critical_path_only,
-                                     output_hidden_states, output_memory_attentions)
+                                     output_hidden_states, output_memory_attentions,
+                                     kwargs.pop("validate_inputs", True))
         else:
             out = self._forward_stream(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache,
                                        memory_reset, output_hidden_states, output_memory_states,
@@ -949,7 +954,11 @@ class MemformerModel(MemformerPreTrainedModel):
             raise ValueError(f"`{name}` contains NaN or inf values.")
 
     def _forward_cell(self, enc_ids, enc_mask, dec_ids, dec_mask, memory, memory_reset, critical_path_only,
-                      output_hidden_states, output_memory_attentions):
+                      output_hidden_states, output_memory_attentions, validate_inputs=True):
+        """One recurrence cell per row: H = Enc(enc, M), M' = BMN(Write(M, H)), the decoder over `dec_ids`
+        cross-attending to H. The decoder runs plain causal: `decoder_attention_mask` marks a valid prefix and the
+        outputs after it are undefined (their labels are -100). No host sync when `validate_inputs=False` (the MRBP
+        engine validates a whole window once)."""
         if enc_ids is None or (dec_ids is None and not critical_path_only):
             raise ValueError("Cell mode needs `encoder_input_ids` and (unless critical_path_only) `decoder_input_ids`.")
         L = self.config.segment_length
@@ -958,32 +967,35 @@ class MemformerModel(MemformerPreTrainedModel):
                 continue
             if t.dim() != 2 or t.shape[1] > L or t.shape[0] != enc_ids.shape[0]:
                 raise ValueError(f"`{name}` must have shape (batch, ≤ segment_length={L}), got {tuple(t.shape)}.")
-            self._check_ids(t, name)
+            if validate_inputs:
+                self._check_ids(t, name)
         b = enc_ids.shape[0]
         m0 = self.initial_memory(b)
         if memory is None:
             memory = m0
         else:
-            self._check_memory(memory, b, "memory")
+            if validate_inputs:
+                self._check_memory(memory, b, "memory")
             memory = memory.to(self.memory_dtype)
         if memory_reset is not None:
             if memory_reset.shape != (b,):
                 raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")
             memory = torch.where(memory_reset.to(memory.device).bool()[:, None, None], m0, memory)
-        enc_mask = None if enc_mask is None else enc_mask.bool()
-        if enc_mask is not None and bool(enc_mask.all()):
-            enc_mask = None
-        hidden, new_memory, write_probs, reads = self.encode_segment(self.embed_tokens(enc_ids), enc_mask, memory)
+        enc_mask = (torch.ones_like(enc_ids, dtype=torch.bool) if enc_mask is None else enc_mask.bool())
+        embeds = self.embed_tokens(enc_ids)
+        write_probs = reads = None
+        if output_memory_attentions:
+            hidden, new_memory, write_probs, reads = self.encode_segment(embeds, enc_mask, memory)
+        else:
+            hidden, new_memory = self.critical_path_step(embeds, memory, enc_mask)
+            if not critical_path_only and graphs_usable(self, hidden.device):
+                hidden = hidden.clone()  # graph output buffers are overwritten by the next replay
+        if graphs_usable(self, new_memory.device) and not output_memory_attentions:
+            new_memory = new_memory.clone()
         last_hidden = all_hidden = None
         if not critical_path_only:
-            n, q = dec_ids.shape
-            dmask = torch.ones_like(dec_ids, dtype=torch.bool) if dec_mask is None else dec_mask.bool()
-            starts = torch.zeros(n, dtype=torch.long, device=dec_ids.device)
-            cross_mask = (torch.ones(n, hidden.shape[1], dtype=torch.bool, device=hidden.device) if enc_mask is None
-                          else enc_mask)
             last_hidden, _, _, all_hidden = self.decode_chunks(
-                self.embed_tokens(dec_ids), starts, dmask.sum(-1) if dec_mask is not None else starts + q,
-                hidden, cross_mask, output_hidden_states=output_hidden_states)
+                self.embed_tokens(dec_ids), None, None, hidden, enc_mask, output_hidden_states=output_hidden_states)
         return MemformerModelOutput(
             last_hidden_state=last_hidden, memory=new_memory, hidden_states=all_hidden,
             writer_attentions=(write_probs,) if output_memory_attentions else None,

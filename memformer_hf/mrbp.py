@@ -26,8 +26,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from .modeling_memformer import CACHE_KWARG, shift_labels_from
+
+logger = logging.get_logger(__name__)
 
 Backward = Callable[[torch.Tensor], None]
 LOSS_WEIGHTINGS = ("token_mean", "exponential", "per_cell_mean")
@@ -71,10 +74,16 @@ def memory_replay_backward(
     """Accumulate into `.grad` the gradient of `model(input_ids, labels=labels, ...).loss` with one segment graph
     alive at a time.
 
+    When every row is in the same state and there is no padding (the usual case: whole documents, or streams
+    continued from a cache), the input is laid out as cells (`stream_cells`) and runs through the same engine as
+    `cells_backward`; otherwise each encode step of the general planner is replayed from its stored memory.
+
     Args:
         model: a `MemformerForCausalLM` (possibly wrapped, e.g. by DDP).
         input_ids, labels, attention_mask, memory_reset, past_key_values: as for the model's forward; `labels`
-            defaults to `input_ids`. `past_key_values` is read, never modified.
+            defaults to `input_ids`. `past_key_values` is read, never modified; a cache that still carries autograd
+            history (from a forward run with gradients) is detached with a warning, since gradients cannot flow
+            into an earlier, already back-propagated call.
         num_items_in_batch: divide the summed NLL by this (default: the number of targets in this call).
         backward: how to back-propagate a scalar (default `Tensor.backward`; e.g. `accelerator.backward`).
         loss_scale: multiply every backward objective by this (e.g. a world-size factor).
@@ -85,34 +94,116 @@ def memory_replay_backward(
         raise ValueError("memory_replay_backward cannot replay dropout masks across a stream-mode forward; use "
                          "`cells_backward` (per-cell RNG replay, what MemformerTrainer runs) or set dropout to 0.")
     backward = backward or (lambda t: t.backward())
+    past_key_values = _detached_cache(past_key_values)
     labels = input_ids if labels is None else labels
     shift_labels = shift_labels_from(labels, attention_mask)
     if num_items_in_batch is None:
         num_items_in_batch = (shift_labels != -100).sum()
     common = dict(input_ids=input_ids, attention_mask=attention_mask, memory_reset=memory_reset)
 
-    # phase 1: critical path only (plus the last decoder chunk per row, for the returned cache)
+    layout = stream_cells(model, input_ids, attention_mask, memory_reset, past_key_values, shift_labels)
+    # the carried cache after this call (critical path + each row's last decoder chunk, no graph)
     with torch.no_grad():
         first = model(**common, past_key_values=copy.deepcopy(past_key_values), use_cache=True, logits_to_keep=1,
-                      output_memory_states=True)
-    memories = first.memory_states
+                      output_memory_states=layout is None)
     new_cache = first[CACHE_KWARG]
 
-    # phase 2: replay each encode step from its stored memory, last first
-    g = None
-    total = None
-    for k in reversed(range(max(len(memories) - 1, 1))):
-        m_k = memories[k].detach().requires_grad_(k > 0)
+    if layout is not None:
+        cells, head_columns, fresh = layout
+        total = torch.zeros((), device=input_ids.device)
+        if head_columns:  # the continued chunk: cross context from the cache, no memory dependence in this call
+            out = model(input_ids=input_ids[:, :head_columns], past_key_values=past_key_values, use_cache=False,
+                        shift_labels=shift_labels[:, :head_columns], num_items_in_batch=num_items_in_batch)
+            backward(out.loss * loss_scale)
+            total = total + out.loss.detach()
+        if cells is not None:
+            loss, _ = cells_backward(model, cells, None if fresh else past_key_values.memory,
+                                     num_items_in_batch=num_items_in_batch, backward=backward, loss_scale=loss_scale)
+            total = total + loss
+        return total, new_cache
+
+    # irregular input: replay each encode step of the general planner from its stored memory
+    memories = first.memory_states
+
+    def run(k: int, memory: torch.Tensor | None, critical_path_only: bool):
         out = model(**common, past_key_values=past_key_values, use_cache=False, shift_labels=shift_labels,
-                    num_items_in_batch=num_items_in_batch, replay_step=k, replay_memory=m_k)
-        objective = out.loss * loss_scale
-        if g is not None:
-            objective = objective + (out.memory * g).sum()
-        backward(objective)
-        total = out.loss.detach() if total is None else total + out.loss.detach()
-        if k > 0:
-            g = m_k.grad
-    return total, new_cache
+                    num_items_in_batch=num_items_in_batch, replay_step=k, replay_memory=memory)
+        return out, out.loss * loss_scale
+
+    loss, _ = replay(run, max(len(memories) - 1, 1), memories[0], backward=backward, memories=list(memories))
+    return loss, new_cache
+
+
+def _detached_cache(cache: Any) -> Any:
+    if cache is None or getattr(cache, "memory", None) is None:
+        return cache
+    if any(t is not None and t.requires_grad for t in cache._all_tensors()):
+        logger.warning("memory_replay_backward: the cache passed carries autograd history (it comes from a forward "
+                       "with gradients); it is detached: gradients do not flow into earlier calls.")
+        return copy.deepcopy(cache)  # MemformerCache.__deepcopy__ detaches
+    return cache
+
+
+def stream_cells(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 memory_reset: torch.Tensor | None, cache: Any, shift_labels: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor] | None, int, bool] | None:
+    """The cells of a stream-mode call whose rows are all in the same state and hold no padding (None otherwise):
+    (cells [B, T, L] as `cells_backward` takes them, or None when no segment is encoded; the number of leading
+    columns that continue the cache's partial segment, decoded against the cache's cross context; whether the rows
+    start documents, so that the cells start from m0 rather than the cache's memory)."""
+    core = _unwrap(model)
+    core = getattr(core, "model", core)
+    if attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].bool().all()):
+        return None
+    layout = core._aligned_offset(input_ids, cache, memory_reset, input_ids.shape[1])
+    if layout is None:
+        return None
+    offset, fresh = layout
+    cfg = core.config
+    L, (b, n), bos = cfg.segment_length, input_ids.shape, cfg.bos_token_id
+    total = offset + n
+    n_chunks = -(-total // L)
+    grid = input_ids.new_full((b, n_chunks * L), bos, dtype=torch.long)
+    grid[:, offset:total] = input_ids
+    if not fresh and offset > 1:
+        grid[:, 1:offset] = cache.segment_ids[:, : offset - 1]
+    labels = shift_labels.new_full((b, n_chunks * L), -100)
+    labels[:, offset:total] = shift_labels
+    decoder_ids = grid.view(b, n_chunks, L).clone()
+    decoder_ids[:, :, 0] = bos
+    encoder_ids = grid.new_full((b, n_chunks, L), bos)
+    encoder_ids[:, 1:] = grid[:, 1: (n_chunks - 1) * L + 1].view(b, n_chunks - 1, L)
+    encoder_mask = torch.ones_like(encoder_ids, dtype=torch.bool)
+    encoder_mask[:, 0, 1:] = False  # cell 0 encodes the boot segment [BOS]
+    reset = torch.zeros(b, n_chunks, dtype=torch.bool, device=input_ids.device)
+    reset[:, 0] = True
+    cells = dict(encoder_input_ids=encoder_ids, encoder_attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
+                 decoder_attention_mask=torch.ones_like(decoder_ids), memory_reset=reset,
+                 shift_labels=labels.view(b, n_chunks, L))
+    head = 0
+    if not fresh:  # chunk 0 continues the cache; the cells start at chunk 1 with the cache's memory
+        head = min(n, L - offset)
+        cells = {k: v[:, 1:] for k, v in cells.items()}
+        cells["memory_reset"] = torch.zeros_like(cells["memory_reset"])
+        if cells["encoder_input_ids"].shape[1] == 0:
+            return None, head, fresh
+    cells["shift_labels"] = cells["shift_labels"].flatten(1).contiguous()
+    return cells, head, fresh
+
+
+def _validate_window(model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None) -> None:
+    """Check a whole window's token ids and the carried memory with one host sync (the cells then skip their own
+    per-call checks, which would each stop the host until the GPU catches up)."""
+    vocab = _unwrap(model).config.vocab_size
+    ids = [cells["encoder_input_ids"]] + ([cells["decoder_input_ids"]] if "decoder_input_ids" in cells else [])
+    low = torch.stack([t.min() for t in ids]).min()
+    high = torch.stack([t.max() for t in ids]).max()
+    finite = torch.isfinite(memory).all() if memory is not None else torch.ones((), dtype=torch.bool, device=low.device)
+    low, high, finite = torch.stack([low, high, finite.long().to(low.device)]).tolist()
+    if low < 0 or high >= vocab:
+        raise ValueError(f"The window's token ids are outside [0, vocab_size={vocab}): min {low}, max {high}.")
+    if not finite:
+        raise ValueError("The carried memory contains NaN or inf values.")
 
 
 def cell_batch(cells: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
@@ -191,9 +282,12 @@ def cells_backward(
         seeds = torch.randint(0, 2**62, (T,)).tolist()
     seed_of = (lambda t: None) if seeds is None else (lambda t: int(seeds[t]))
 
+    _validate_window(model, cells, memory)
+
     def run(t: int, mem: torch.Tensor | None, critical_path_only: bool = False):
         with seeded(seed_of(t), device), context():
             batch = cell_batch(cells, t)
+            batch["validate_inputs"] = False
             if critical_path_only:
                 for key in ("decoder_input_ids", "decoder_attention_mask", "shift_labels"):
                     batch.pop(key, None)
@@ -222,31 +316,66 @@ def cells_backward(
             total, mem = total + obj.detach() / loss_scale, out.memory
         return total, mem.detach()
 
-    # MRBP phase 1: critical path only, no graph; store the memory before every cell. The last cell is skipped:
-    # its recomputation in phase 2 yields the window's final memory anyway.
-    buf = [memory]
-    with torch.no_grad():
-        for t in range(T - 1):
-            buf.append(run(t, buf[-1], critical_path_only=True).memory)
-    final = None
-    # phase 2: reverse sweep, one cell graph alive at a time
-    g = None
-    for t in reversed(range(T)):
-        m_t = None if buf[t] is None else buf[t].detach().requires_grad_(t > 0)
+    def cell(t: int, mem: torch.Tensor | None, critical_path_only: bool):
+        if critical_path_only:
+            return run(t, mem, critical_path_only=True), None
+        return run(t, mem)
+
+    fix = None
+    if grad_scale is not None:
+        def fix(g: torch.Tensor) -> torch.Tensor:
+            g = g / grad_scale()
+            return torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    else:
+        def fix(g: torch.Tensor) -> torch.Tensor:
+            return torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    return replay(cell, T, memory, backward=backward, no_sync=no_sync, fix_gradient=fix, weights=weights)
+
+
+def replay(
+    run: Callable[[int, torch.Tensor | None, bool], tuple[Any, torch.Tensor | None]],
+    steps: int,
+    memory: torch.Tensor | None,
+    *,
+    backward: Backward,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    fix_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weights: list[float] | None = None,
+    memories: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The MRBP engine (docs/design.md, MRBP): exact back-propagation through `steps` recurrence steps with one
+    step's graph alive.
+
+    `run(t, memory_t, critical_path_only)` computes step t from the memory before it and returns (output with
+    `.memory` (after the step) and `.loss`, the step's objective); with `critical_path_only` only the memory matters
+    (no graph is built). Phase 1 stores the memory before every step (or takes `memories`); phase 2 walks back from
+    the last step, recomputing step t and back-propagating `objective_t + <M_{t+1}, g_{t+1}>` in one call, which
+    yields g_t, the gradient into the memory before step t. Returns (the detached sum of the step losses, weighted
+    by `weights`, and the memory after the last step)."""
+    no_sync = no_sync or contextlib.nullcontext
+    if memories is None:  # phase 1; the last step is skipped: phase 2 recomputes it first anyway
+        memories = [memory]
+        with torch.no_grad():
+            for t in range(steps - 1):
+                memories.append(run(t, memories[-1], True)[0].memory)
+    total, final, g = None, None, None
+    for t in reversed(range(steps)):
+        m_t = None if memories[t] is None else memories[t].detach().requires_grad_(t > 0)
         with no_sync() if t > 0 else contextlib.nullcontext():
-            out, obj = run(t, m_t)
+            out, objective = run(t, m_t, False)
             if g is not None:
-                obj = obj + (out.memory * g).sum()
-            backward(obj)
-        if t == T - 1:
+                objective = objective + (out.memory * g).sum()
+            backward(objective)
+        if t == steps - 1:
             final = out.memory.detach()
-        total = total + (out.loss.detach() * (1.0 if weights is None else weights[t]))
+        loss = out.loss.detach() * (1.0 if weights is None else weights[t])
+        total = loss if total is None else total + loss
         if t > 0:
             g = m_t.grad
-            if grad_scale is not None:
-                g = g / grad_scale()
-            g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+            if fix_gradient is not None:
+                g = fix_gradient(g)
     return total, final
 
 
-__all__ = ["memory_replay_backward", "cells_backward", "cell_batch", "seeded", "LOSS_WEIGHTINGS", "MODES"]
+__all__ = ["memory_replay_backward", "cells_backward", "replay", "stream_cells", "cell_batch", "seeded",
+           "LOSS_WEIGHTINGS", "MODES"]

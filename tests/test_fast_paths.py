@@ -12,11 +12,10 @@ import copy
 
 import pytest
 import torch
+from conftest import BOS, cache_tensors, rand_ids, tiny_memformer_config
 
 from memformer_hf.modeling_memformer import CACHE_KWARG
 from memformer_hf.mrbp import memory_replay_backward, stream_cells
-
-from conftest import BOS, cache_tensors, rand_ids, tiny_memformer_config
 
 L = 4  # tiny config's segment length
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
@@ -33,6 +32,7 @@ from transformers.utils import ModelOutput, logging
 from .cache_memformer import MemformerCache
 from .configuration_memformer import MemformerConfig
 from .memory import BiasedMemoryNorm, MemoryReader, MemoryWriter, at_least_fp32
+from .safe_loading import safetensors_only_from_pretrained
 from .stream_planner import StreamPlan, plan_stream
 
 try:  # transformers' init helpers skip tensors that were loaded from a checkpoint
@@ -333,44 +333,6 @@ class MemformerDecoder(nn.Module):
 
 
 # ============================================================================================ pretrained base
-_SAFETENSORS_ONLY = ("Memformer loads safetensors checkpoints only (unpickling a checkpoint can run arbitrary code). "
-                     "Convert a trusted pickle once: load its state dict with torch.load(path, weights_only=True) "
-                     "into the model, then save_pretrained() it.")
-
-
-def _refuse_pickle_checkpoint(path: str) -> None:
-    """Raise `OSError` for a local pickle checkpoint: a weights file that is not safetensors, or a folder with
-    `pytorch_model*.bin` weights and no `model*.safetensors` (transformers would fall back to unpickling them)."""
-    if os.path.isfile(path) and not path.endswith(".safetensors"):
-        raise OSError(f"{path} is not a safetensors file: {_SAFETENSORS_ONLY}")
-    if os.path.isdir(path):
-        names = os.listdir(path)
-        if not any(n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
-            pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
-            if pickles:
-                raise OSError(f"{path} holds {', '.join(pickles)} but no model.safetensors: {_SAFETENSORS_ONLY}")
-
-
-def _unreadable_safetensors(path: str | None) -> str | None:
-    """The first local `*.safetensors` weights file under `path` (a folder or a file) whose header does not parse
-    or does not cover the file; None when none is found locally (e.g. a Hub id)."""
-    if path is None:
-        return None
-    if os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-    else:
-        return None
-    for file in files:
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except Exception:  # noqa: BLE001 - any failure to open is the answer
-            return file
-    return None
-
-
 class MemformerPreTrainedModel(PreTrainedModel):
     config_class = MemformerConfig
     config: MemformerConfig
@@ -417,29 +379,14 @@ class MemformerPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
                         **kwargs: Any):
-        """`PreTrainedModel.from_pretrained` restricted to safetensors weights: a pickle checkpoint
-        (`pytorch_model.bin`, `*.pt`, …) is refused, since unpickling can run code, and a truncated or corrupted
-        safetensors file raises an `OSError` that names the file (no partly loaded model is returned)."""
-        source = None if pretrained_model_name_or_path is None else str(pretrained_model_name_or_path)
-        subfolder = kwargs.get("subfolder") or ""
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError(f"{cls.__name__}.from_pretrained: use_safetensors=False is not supported; Memformer "
-                             f"loads safetensors weights only.")
-        if source is not None and kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
-            _refuse_pickle_checkpoint(os.path.join(source, subfolder) if subfolder else source)
-            kwargs["use_safetensors"] = True
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except SafetensorError as e:
-            path = os.path.join(source, subfolder) if source is not None and subfolder else source
-            bad = _unreadable_safetensors(path)
-            raise OSError(f"{bad or f'a safetensors weights file of {source}'}: truncated or corrupted safetensors "
-                          f"file ({e}); re-download or re-save the checkpoint.") from e
-        except OSError as e:
-            if "use_safetensors" not in str(e):
-                raise
-            raise OSError(f"{source} has no model.safetensors (or model.safetensors.index.json): "
-                          f"{_SAFETENSORS_ONLY}") from e
+        """`PreTrainedModel.from_pretrained` restricted to safetensors weights and exact checkpoints
+        (`safe_loading.safetensors_only_from_pretrained`): a pickle checkpoint (`pytorch_model.bin`, `*.pt`, a `.bin`
+        shard in `model.safetensors.index.json`, …) is refused, since unpickling can run code, as is an index shard
+        outside the folder; a truncated or corrupted safetensors file raises an `OSError` that names the file, and so
+        does a checkpoint with missing or unexpected tensor names (no partly loaded model is returned; `strict=False`
+        accepts one)."""
+        return safetensors_only_from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path,
+                                                *model_args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
         """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache)."""

@@ -662,6 +662,36 @@ def test_bad_config_raises(overrides, field):
         tiny_memformer_config(**overrides)
 
 
+@pytest.mark.parametrize("overrides,field,expected", [
+    (dict(segment_length=2 ** 20), "segment_length", "at most 65536"),
+    (dict(segment_length=65537), "segment_length", "at most 65536"),
+    (dict(layer_norm_eps=float("inf")), "layer_norm_eps", "a positive finite number"),
+    (dict(layer_norm_eps=float("nan")), "layer_norm_eps", "a positive finite number"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps", "a positive finite number"),
+    (dict(layer_norm_eps=-1e-5), "layer_norm_eps", "a positive finite number"),
+    (dict(initializer_range=float("inf")), "initializer_range", "a positive finite number"),
+    (dict(initializer_range=float("nan")), "initializer_range", "a positive finite number"),
+    (dict(initializer_range=0), "initializer_range", "a positive finite number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": float("inf")}), "rope_theta", "a positive finite number"),
+])
+def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expected):
+    """Issue 15 item 5: `segment_length=2**20` was accepted (a 5-token forward then tried to allocate 4 TiB) and
+    inf `layer_norm_eps` / `initializer_range` gave NaN logits. The config refuses them naming the field, also when
+    read from a config.json; values inside the bounds still build a model with finite logits."""
+    with pytest.raises(ValueError, match=rf"invalid `[\w.]*{field}`=.*expected {expected}"):
+        tiny_memformer_config(**overrides)
+    tiny_memformer_config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(overrides)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=field):
+        MemformerConfig.from_pretrained(tmp_path)
+    assert tiny_memformer_config(segment_length=65536).segment_length == 65536  # the bound itself is allowed
+    model = build_tiny_memformer(attn="sdpa", layer_norm_eps=1e-12, initializer_range=1e-3)
+    with torch.no_grad():
+        assert torch.isfinite(model(rand_ids(7, batch=2)).logits).all()
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_inf_in_provided_memory_raises(value):
     model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)

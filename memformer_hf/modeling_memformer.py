@@ -400,6 +400,15 @@ class MemformerPreTrainedModel(PreTrainedModel):
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
+def _as_row_flags(value: Any, name: str) -> torch.Tensor | None:
+    """Per-row flags given as a tensor, or a Python list/tuple of bools (converted to a bool tensor)."""
+    if value is None or torch.is_tensor(value):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int)) and v in (0, 1) for v in value):
+        return torch.tensor([bool(v) for v in value], dtype=torch.bool)
+    raise ValueError(f"`{name}` must be a bool tensor of shape (batch,) or a list of bools, got {value!r}.")
+
+
 # ============================================================================================ the model
 class MemformerModel(MemformerPreTrainedModel):
     """The Memformer encoder–writer–decoder. `forward` has two modes:
@@ -596,6 +605,7 @@ class MemformerModel(MemformerPreTrainedModel):
         """
         kw_cache = kwargs.pop("cache", None)
         past_key_values = past_key_values if past_key_values is not None else kw_cache
+        memory_reset = _as_row_flags(memory_reset, "memory_reset")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
@@ -703,13 +713,11 @@ class MemformerModel(MemformerPreTrainedModel):
                 cache = None  # the empty default cache generate() may hand us
             else:
                 raise ValueError(f"Memformer needs a MemformerCache as `past_key_values`, got {type(cache).__name__}.")
-        if cache is not None:
-            cache.check_compatible(cfg, b)
+        if cache is not None:  # also casts the cached K/V to the compute dtype and checks an outside state for NaN
+            cache.check_compatible(cfg, b, dtype=self.embed_tokens.weight.dtype, device=device)
         elif use_cache:
             cache = MemformerCache(cfg)
         have_state = cache is not None and not cache.is_empty
-        if have_state and cache.memory is not None and not bool(torch.isfinite(cache.memory).all()):
-            raise ValueError("The cache's memory contains NaN or inf values.")
         mem_dtype = self.memory_dtype
 
         # ---- previous state
@@ -960,6 +968,22 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
+        columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
+        `cache.get_seq_length()`, so passing only the new ids is refused with a `ValueError`."""
+        cache = next((kwargs[k] for k in (CACHE_KWARG, "past_key_values", "cache") if kwargs.get(k) is not None), None)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and torch.is_tensor(ids) \
+                and not ids.is_floating_point() and ids.dim() >= 1 and ids.shape[-1] <= cache.get_seq_length():
+            consumed = cache.get_seq_length()
+            raise ValueError(
+                f"generate() got input_ids of {ids.shape[-1]} columns with a MemformerCache that has already consumed "
+                f"{consumed} columns. Pass the whole sequence with the cache: the {consumed} columns it consumed "
+                f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
+                f"model only the columns after the first {consumed}.")
+        return super().generate(inputs, *args, **kwargs)
 
     def forward(
         self,

@@ -419,6 +419,8 @@ class MemformerModel(MemformerPreTrainedModel):
       (used by MRBP training, SPEC §3.1).
     """
 
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # the bare model from an (untied) causal-LM checkpoint
+
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id

@@ -808,6 +808,21 @@ def test_checkpoint_with_wrong_tensor_names_is_refused(tmp_path):
         assert torch.equal(MemformerForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, expected)
 
 
+def test_bare_model_from_untied_causal_lm_checkpoint(tmp_path):
+    """Strict loading still lets the bare model load from a causal-LM checkpoint with its own (untied) LM head; a
+    causal LM from a bare-model checkpoint has no head to load and is refused."""
+    lm = build_tiny_memformer(dtype=torch.float32, attn="sdpa", tie_word_embeddings=False)
+    ids = rand_ids(9, batch=2, seed=24)
+    lm.save_pretrained(tmp_path / "lm")
+    base, info = MemformerModel.from_pretrained(tmp_path / "lm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.equal(base.eval()(ids).last_hidden_state, lm.model(ids).last_hidden_state)
+    lm.model.save_pretrained(tmp_path / "base")
+    with pytest.raises(OSError, match=r"do not match MemformerForCausalLM \(missing lm_head\.weight\)"):
+        MemformerForCausalLM.from_pretrained(tmp_path / "base")
+
+
 def _shard(model, folder) -> dict:
     """Save `model` as a sharded safetensors checkpoint; returns its index."""
     model.save_pretrained(folder, max_shard_size="20KB")

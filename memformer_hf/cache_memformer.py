@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import torch
@@ -19,6 +20,23 @@ from .configuration_memformer import MemformerConfig
 # Fields of the config that change the meaning of a cached state.
 _FINGERPRINT_FIELDS = ("hidden_size", "decoder_layers", "num_attention_heads", "num_memory_slots", "segment_length",
                        "vocab_size", "first_segment_context", "position_embedding_type")
+
+
+def _stamp(t: torch.Tensor | None) -> tuple | None:
+    """Identity and in-place version of a tensor (inference tensors have no version counter: -1)."""
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:
+        version = -1
+    return weakref.ref(t), version
+
+
+def _same_stamp(t: torch.Tensor | None, stamp: tuple | None) -> bool:
+    if t is None or stamp is None:
+        return t is None and stamp is None
+    return stamp[0]() is t and _stamp(t)[1] == stamp[1]
 
 
 def config_fingerprint(config: MemformerConfig) -> str:
@@ -85,6 +103,10 @@ class MemformerCache(Cache):
 
     `consumed` counts input columns (pad columns included) fed since creation; it is what `get_seq_length()` returns,
     which is how `generate()` knows which columns are new. Memory writes cannot be undone, so `crop` is refused.
+
+    A state that comes from outside the model (`load_state`, `set_state`, a tensor assigned or modified in place) is
+    checked once for NaN/inf on its next use (`check_compatible`: one reduction, one host synchronisation); a state
+    the model wrote itself (or that was checked since) is not, so decoding pays no synchronisation per token.
     """
 
     is_compileable = False
@@ -104,6 +126,7 @@ class MemformerCache(Cache):
         self.consumed = 0
         self._host: tuple[list[bool], list[int]] | None = None  # host copy of (started, fill); None: read on demand
         self._written_in_place = False  # the tensors are this cache's own (the decoder step may update them in place)
+        self._trusted: list | None = None  # stamps of the tensors last written by the model (or verified finite)
 
     # ----------------------------------------------------------------------------------------------- state access
     @property
@@ -122,6 +145,12 @@ class MemformerCache(Cache):
     def is_croppable(self) -> bool:
         return False
 
+    @staticmethod
+    def _names(num_layers: int) -> list[str]:
+        """Names of the state tensors, in `_all_tensors` order (also the keys of a state file)."""
+        return list(MemformerCache._row_fields) + [f"layers.{i}.{k}" for i in range(num_layers)
+                                                   for k in ("keys", "values", "cross_keys", "cross_values")]
+
     def _all_tensors(self) -> list[torch.Tensor | None]:
         out = [getattr(self, name) for name in self._row_fields]
         for layer in self.layers:
@@ -135,12 +164,59 @@ class MemformerCache(Cache):
             setattr(self, name, t)
         for i, layer in enumerate(self.layers):
             layer.set_tensors(list(tensors[n + 4 * i: n + 4 * i + 4]))
+        self._trusted = None  # a state from outside: checked for NaN/inf on its next use
 
     def _map_rows(self, fn) -> None:
+        trusted = self.is_trusted
         self._set_all_tensors([None if t is None else fn(t) for t in self._all_tensors()])
+        if trusted:  # a row permutation / repetition / detach of a checked state is still checked
+            self._mark_trusted()
 
-    def check_compatible(self, config: MemformerConfig, batch_size: int) -> None:
-        """Raise a clear error if this cache cannot serve a forward of `batch_size` rows of a model with `config`."""
+    # ------------------------------------------------------------------------------------- validation on entry
+    def _mark_trusted(self) -> None:
+        self._trusted = [_stamp(t) for t in self._all_tensors()]
+
+    @property
+    def is_trusted(self) -> bool:
+        """The state is exactly what the model last wrote (or what was last checked finite): no tensor replaced or
+        modified in place since. Costs no device synchronisation."""
+        stamps = self._trusted
+        return stamps is not None and all(_same_stamp(t, s) for t, s in zip(self._all_tensors(), stamps))
+
+    def check_finite(self) -> None:
+        """Raise `ValueError` naming the field if the memory or a cached key/value holds NaN or inf. Skipped for a
+        trusted state (`is_trusted`); otherwise one reduction over all tensors and one host synchronisation."""
+        if self.is_empty or self.is_trusted:
+            return
+        named = [(n, t) for n, t in zip(self._names(len(self.layers)), self._all_tensors())
+                 if t is not None and t.is_floating_point()]
+        device = named[0][1].device
+        if not bool(torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).all()):
+            bad = next(n for n, t in named if not bool(torch.isfinite(t).all()))
+            raise ValueError(f"The cache's {bad} contains NaN or inf values; start a new cache (or reset the rows) "
+                             f"instead of continuing from a broken state.")
+        self._mark_trusted()
+
+    def _match_model(self, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+        """Move the state to `device` and cast the cached keys/values to the model's compute `dtype` (a float32
+        state from `load_state` with a bf16 model); the memory keeps its own (float32/float64) dtype."""
+        tensors = self._all_tensors()
+        n = len(self._row_fields)
+        out = []
+        for i, t in enumerate(tensors):
+            want_dtype = dtype if (i >= n and t is not None and t.is_floating_point()) else None
+            if t is not None and ((device is not None and t.device != torch.device(device))
+                                  or (want_dtype is not None and t.dtype != want_dtype)):
+                t = t.to(device=device, dtype=want_dtype)
+            out.append(t)
+        if any(a is not b for a, b in zip(out, tensors)):
+            self._set_all_tensors(out)  # a cast can overflow (float32 → fp16): checked again on use
+
+    def check_compatible(self, config: MemformerConfig, batch_size: int, dtype: torch.dtype | None = None,
+                         device: torch.device | str | None = None) -> None:
+        """Raise a clear error if this cache cannot serve a forward of `batch_size` rows of a model with `config`;
+        with `dtype` / `device` (the model calls it so at the start of a stream-mode forward), also bring the state
+        to the model's device and compute dtype and check it for NaN/inf (`check_finite`)."""
         if self.fingerprint != config_fingerprint(config):
             raise ValueError("This MemformerCache was built for a different model configuration (fingerprint "
                              f"{self.fingerprint} != {config_fingerprint(config)}); start a new cache.")
@@ -149,13 +225,17 @@ class MemformerCache(Cache):
                 f"Memory batch size {self.memory.shape[0]} != input batch size {batch_size}. A filled cache is not "
                 "expanded by generate(): call `cache.batch_repeat_interleave(n)` (num_return_sequences / num_beams) or "
                 "`cache.batch_select_indices(idx)` first.")
+        if self.memory is not None and (dtype is not None or device is not None):
+            self._match_model(dtype, device)
+            self.check_finite()
 
     def set_state(self, *, memory, cross_mask, segment_ids, fill, started, self_kv, cross_kv) -> None:
-        """Store a complete new state (used by the model after each forward)."""
+        """Store a complete new state from outside the model (e.g. `fast_decode`); checked on its next use."""
         self.memory, self.cross_mask, self.segment_ids, self.fill, self.started = (
             memory, cross_mask, segment_ids, fill, started)
         for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
             layer.set_tensors([k, v, ck, cv])
+        self._trusted = None
 
     def host_state(self) -> tuple[list[bool], list[int]]:
         """(started, fill) per row as Python lists, without a device sync when the last write supplied them."""
@@ -197,12 +277,15 @@ class MemformerCache(Cache):
         self.memory, self.segment_ids, self.fill = memory, segment_ids, fill
         self.started = self.started | booted
         self._host, self._written_in_place = host, False
+        self._mark_trusted()  # the model's own state: no NaN/inf check (and no host sync) on the next forward
 
     def __deepcopy__(self, memo: dict) -> MemformerCache:
         """An independent copy (to branch a stream); tensors are cloned without their autograd history."""
         new = MemformerCache(self.config)
         new._set_all_tensors([None if t is None else t.detach().clone() for t in self._all_tensors()])
         new.consumed = self.consumed
+        if self.is_trusted:
+            new._mark_trusted()
         return new
 
     def detach_(self) -> MemformerCache:
@@ -246,10 +329,16 @@ class MemformerCache(Cache):
         self.consumed = 0
 
     def reset_rows(self, rows: torch.Tensor) -> None:
-        """Mark rows (bool mask [B]) as not started: their next token begins a new document from the initial memory."""
+        """Mark rows (bool mask [B]) as not started: their next token begins a new document from the initial memory
+        (a row that has not started holds no partial segment: its fill is 0)."""
         if self.started is not None:
-            self.started = self.started & ~rows.to(self.started.device).bool()
+            trusted = self.is_trusted
+            rows = rows.to(self.started.device).bool()
+            self.started = self.started & ~rows
+            self.fill = self.fill.masked_fill(rows, 0)
             self._host = None
+            if trusted:
+                self._mark_trusted()
 
     def activate_past_recording(self) -> None:  # nothing to record: rollback is not supported
         return None
@@ -273,8 +362,7 @@ class MemformerCache(Cache):
 
         if self.memory is None:
             raise ValueError("Cannot save an empty MemformerCache (it has not consumed any token).")
-        names = list(self._row_fields) + [f"layers.{i}.{k}" for i in range(len(self.layers))
-                                          for k in ("keys", "values", "cross_keys", "cross_values")]
+        names = self._names(len(self.layers))
         tensors = {n: t.detach().contiguous().cpu() for n, t in zip(names, self._all_tensors())}
         save_file(tensors, path, metadata={"consumed": str(self.consumed), "fingerprint": self.fingerprint,
                                            "format": "memformer-cache-v1"})
@@ -282,25 +370,79 @@ class MemformerCache(Cache):
     @classmethod
     def load_state(cls, path: str, config: MemformerConfig, device: torch.device | str | None = None
                    ) -> MemformerCache:
-        """Load a state written by `save_state`; refuses a state from a different configuration."""
-        from safetensors import safe_open
+        """Load a state written by `save_state`. Refuses, with a `ValueError` naming the field, a state from a
+        different configuration and a damaged or crafted one: missing/extra tensors, wrong shapes or dtypes, fill
+        outside [0, segment_length), token ids outside the vocabulary, a row not started with a partial segment,
+        NaN/inf values."""
+        from safetensors import SafetensorError, safe_open
 
         cache = cls(config)
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "memformer-cache-v1":
-                raise ValueError(f"{path} is not a MemformerCache state file (missing format metadata).")
-            if meta.get("fingerprint") != cache.fingerprint:
-                raise ValueError(f"{path} was saved from a different Memformer configuration "
-                                 f"({meta.get('fingerprint')} != {cache.fingerprint}).")
-            names = list(cls._row_fields) + [f"layers.{i}.{k}" for i in range(config.decoder_layers)
-                                             for k in ("keys", "values", "cross_keys", "cross_values")]
-            tensors = [f.get_tensor(n) for n in names]
+        names = cls._names(config.decoder_layers)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "memformer-cache-v1":
+                    raise ValueError(f"{path} is not a MemformerCache state file (missing format metadata).")
+                if meta.get("fingerprint") != cache.fingerprint:
+                    raise ValueError(f"{path} was saved from a different Memformer configuration "
+                                     f"({meta.get('fingerprint')} != {cache.fingerprint}).")
+                stored = set(f.keys())
+                missing, extra = [n for n in names if n not in stored], sorted(stored - set(names))
+                if missing or extra:
+                    raise ValueError(f"{path}: not a complete MemformerCache state (missing tensors {missing[:6]}, "
+                                     f"unexpected tensors {extra[:6]}).")
+                tensors = {n: f.get_tensor(n) for n in names}
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e}).") from e
+        consumed = meta.get("consumed", "")
+        if not consumed.isdigit():
+            raise ValueError(f"{path}: metadata `consumed`={consumed!r} is not a non-negative integer.")
+        cls._validate_state(tensors, config, path)
+        values = [tensors[n] for n in names]
         if device is not None:
-            tensors = [t.to(device) for t in tensors]
-        cache._set_all_tensors(tensors)
-        cache.consumed = int(meta["consumed"])
+            values = [t.to(device) for t in values]
+        cache._set_all_tensors(values)
+        cache.consumed = int(consumed)
         return cache
+
+    @staticmethod
+    def _validate_state(tensors: dict[str, torch.Tensor], config: MemformerConfig, source: str) -> None:
+        """Raise `ValueError` naming the field unless `tensors` (by `_names`) form a consistent state for `config`."""
+        L, K, d = config.segment_length, config.num_memory_slots, config.hidden_size
+        memory = tensors["memory"]
+        b = memory.shape[0] if memory.dim() == 3 else -1
+
+        def bad(name: str, expected: str, got: Any) -> ValueError:
+            return ValueError(f"{source}: `{name}` must be {expected}, got {got}.")
+
+        if b < 1 or tuple(memory.shape[1:]) != (K, d) or not memory.is_floating_point():
+            raise bad("memory", f"a float tensor (batch ≥ 1, num_memory_slots={K}, hidden_size={d})",
+                      f"{memory.dtype} {tuple(memory.shape)}")
+        kinds = {"cross_mask": ((b, L), "bool"), "segment_ids": ((b, L), "int"), "fill": ((b,), "int"),
+                 "started": ((b,), "bool")}
+        kv_shape = (b, config.num_attention_heads, L, config.head_dim)
+        for name in tensors:
+            if name.startswith("layers."):
+                kinds[name] = (kv_shape, "float")
+        for name, (shape, kind) in kinds.items():
+            t = tensors[name]
+            ok_dtype = {"bool": t.dtype == torch.bool, "float": t.is_floating_point(),
+                        "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool}[kind]
+            if tuple(t.shape) != shape or not ok_dtype:
+                raise bad(name, f"a {kind} tensor of shape {shape}", f"{t.dtype} {tuple(t.shape)}")
+        for name in ["memory"] + [n for n in tensors if n.startswith("layers.")]:
+            if not bool(torch.isfinite(tensors[name]).all()):
+                raise bad(name, "finite", "NaN or inf values")
+        fill, started, ids = tensors["fill"], tensors["started"], tensors["segment_ids"]
+        if bool(((fill < 0) | (fill >= L)).any()):
+            raise bad("fill", f"in [0, segment_length={L})", fill.tolist())
+        if bool((~started & (fill != 0)).any()):
+            row = int((~started & (fill != 0)).nonzero()[0, 0])
+            raise ValueError(f"{source}: inconsistent `started`/`fill`: row {row} has not started but fill="
+                             f"{int(fill[row])} (a row that has not started holds no partial segment).")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+            raise bad("segment_ids", f"token ids in [0, vocab_size={config.vocab_size})",
+                      f"ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
 __all__ = ["MemformerCache", "MemformerCacheLayer", "config_fingerprint"]

@@ -11,6 +11,9 @@ from transformers import PretrainedConfig
 POSITION_EMBEDDING_TYPES = ("rope", "simplified_rpe", "none")
 FIRST_SEGMENT_CONTEXTS = ("bos", "empty")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
+# Upper bound on `segment_length`: every segment is encoded at full length L (self-attention is L x L per head), so
+# a huge L makes even a 5-token forward allocate terabytes.
+MAX_SEGMENT_LENGTH = 65536
 
 # Size presets (SPEC §1.12). Values are keyword arguments of `MemformerConfig`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -163,6 +166,8 @@ class MemformerConfig(PretrainedConfig):
                      "num_memory_slots", "memory_write_heads"):
             value = getattr(self, name)
             _check(is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _check(self.segment_length <= MAX_SEGMENT_LENGTH, "segment_length", self.segment_length,
+               f"at most {MAX_SEGMENT_LENGTH} (each segment is encoded at full length: memory grows with its square)")
         for name in ("encoder_layers", "decoder_layers"):
             value = getattr(self, name)
             _check(is_int(value) and value >= 1, name, value, "an integer >= 1")
@@ -188,17 +193,17 @@ class MemformerConfig(PretrainedConfig):
             _check(self.head_dim % 2 == 0, "num_attention_heads", self.num_attention_heads,
                    "a value giving an even head dimension (RoPE rotates pairs)")
             theta = self.rope_parameters.get("rope_theta", 1e4)
-            _check(is_num(theta) and theta > 0, "rope_parameters.rope_theta", theta, "a positive number")
+            _check(is_num(theta) and math.isfinite(theta) and theta > 0, "rope_parameters.rope_theta", theta,
+                   "a positive finite number")
             rope_type = self.rope_parameters.get("rope_type", "default")
             _check(rope_type == "default", "rope_parameters.rope_type", rope_type,
                    "'default' (positions are in-segment, so no scaling is ever needed)")
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             _check(is_num(value) and 0.0 <= value < 1.0, name, value, "a probability in [0, 1)")
-        _check(is_num(self.layer_norm_eps) and self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps,
-               "a positive number")
-        _check(is_num(self.initializer_range) and self.initializer_range > 0, "initializer_range",
-               self.initializer_range, "a positive number")
+        for name in ("layer_norm_eps", "initializer_range"):  # inf / nan would give NaN logits
+            value = getattr(self, name)
+            _check(is_num(value) and math.isfinite(value) and value > 0, name, value, "a positive finite number")
         _check(self.bptt_horizon is None or (is_int(self.bptt_horizon) and self.bptt_horizon >= 1), "bptt_horizon",
                self.bptt_horizon, "None or an integer >= 1")
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
@@ -215,4 +220,4 @@ class MemformerConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-__all__ = ["MemformerConfig", "PRESETS"]
+__all__ = ["MAX_SEGMENT_LENGTH", "MemformerConfig", "PRESETS"]

@@ -31,14 +31,18 @@ class GraphedStep:
                  warmup: int = 2) -> None:
         self.inputs = [t.detach().clone() for t in example_inputs]
         snapshot = [t.clone() for t in state]
+        # autocast's cache of cast weights must not outlive the capture (its tensors would be freed under the graph)
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
+        with torch.cuda.stream(side), torch.no_grad(), torch.autocast("cuda", dtype, autocast, cache_enabled=False):
             for _ in range(warmup):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        with torch.cuda.graph(self.graph), torch.no_grad(), \
+                torch.autocast("cuda", dtype, autocast, cache_enabled=False):
             self.outputs = fn(*self.inputs)
         for t, saved in zip(state, snapshot):
             t.copy_(saved)
@@ -60,6 +64,7 @@ class StepGraphs:
         self._params_key: tuple | None = None
 
     def get(self, module: torch.nn.Module, key: tuple, build: Callable[[], GraphedStep]) -> GraphedStep:
+        key = key + (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         params_key = tuple(p.data_ptr() for p in module.parameters())
         if params_key != self._params_key:  # moved, cast or replaced parameters: every graph is stale
             self.clear()

@@ -26,6 +26,7 @@ Module names reproduce the original state-dict keys exactly, so original checkpo
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqL
 from transformers.utils import logging
 
 from .configuration_membart import MemBartConfig
+from .safe_loading import safetensors_only_from_pretrained
 
 try:  # transformers >= 5.x: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as _hf_init
@@ -638,6 +640,16 @@ class MemBartPreTrainedModel(PreTrainedModel):
             _normal_(module.memory_bias, std)
         if isinstance(module, MemBartForConditionalGeneration):
             _zeros_(module.final_logits_bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
+                        **kwargs: Any):
+        """`PreTrainedModel.from_pretrained` restricted to safetensors weights and exact checkpoints, as for
+        Memformer (`safe_loading.safetensors_only_from_pretrained`): pickle weights (also as `.bin` shards of a
+        safetensors index) and index shards outside the folder are refused, and missing or unexpected tensor names
+        raise an `OSError` naming the file (`strict=False` accepts them)."""
+        return safetensors_only_from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path,
+                                                *model_args, **kwargs)
 
     @staticmethod
     def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
@@ -35,6 +34,7 @@ from .cache_memformer import MemformerCache
 from .configuration_memformer import MemformerConfig
 from .graphs import GraphedStep, StepGraphs, graphs_usable
 from .memory import BiasedMemoryNorm, MemoryReader, MemoryWriter, at_least_fp32
+from .safe_loading import safetensors_only_from_pretrained
 from .stream_planner import StreamPlan, plan_stream
 
 try:  # transformers' init helpers skip tensors that were loaded from a checkpoint
@@ -335,44 +335,6 @@ class MemformerDecoder(nn.Module):
 
 
 # ============================================================================================ pretrained base
-_SAFETENSORS_ONLY = ("Memformer loads safetensors checkpoints only (unpickling a checkpoint can run arbitrary code). "
-                     "Convert a trusted pickle once: load its state dict with torch.load(path, weights_only=True) "
-                     "into the model, then save_pretrained() it.")
-
-
-def _refuse_pickle_checkpoint(path: str) -> None:
-    """Raise `OSError` for a local pickle checkpoint: a weights file that is not safetensors, or a folder with
-    `pytorch_model*.bin` weights and no `model*.safetensors` (transformers would fall back to unpickling them)."""
-    if os.path.isfile(path) and not path.endswith(".safetensors"):
-        raise OSError(f"{path} is not a safetensors file: {_SAFETENSORS_ONLY}")
-    if os.path.isdir(path):
-        names = os.listdir(path)
-        if not any(n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
-            pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
-            if pickles:
-                raise OSError(f"{path} holds {', '.join(pickles)} but no model.safetensors: {_SAFETENSORS_ONLY}")
-
-
-def _unreadable_safetensors(path: str | None) -> str | None:
-    """The first local `*.safetensors` weights file under `path` (a folder or a file) whose header does not parse
-    or does not cover the file; None when none is found locally (e.g. a Hub id)."""
-    if path is None:
-        return None
-    if os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-    else:
-        return None
-    for file in files:
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except Exception:  # noqa: BLE001 - any failure to open is the answer
-            return file
-    return None
-
-
 class MemformerPreTrainedModel(PreTrainedModel):
     config_class = MemformerConfig
     config: MemformerConfig
@@ -419,29 +381,14 @@ class MemformerPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
                         **kwargs: Any):
-        """`PreTrainedModel.from_pretrained` restricted to safetensors weights: a pickle checkpoint
-        (`pytorch_model.bin`, `*.pt`, …) is refused, since unpickling can run code, and a truncated or corrupted
-        safetensors file raises an `OSError` that names the file (no partly loaded model is returned)."""
-        source = None if pretrained_model_name_or_path is None else str(pretrained_model_name_or_path)
-        subfolder = kwargs.get("subfolder") or ""
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError(f"{cls.__name__}.from_pretrained: use_safetensors=False is not supported; Memformer "
-                             f"loads safetensors weights only.")
-        if source is not None and kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
-            _refuse_pickle_checkpoint(os.path.join(source, subfolder) if subfolder else source)
-            kwargs["use_safetensors"] = True
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except SafetensorError as e:
-            path = os.path.join(source, subfolder) if source is not None and subfolder else source
-            bad = _unreadable_safetensors(path)
-            raise OSError(f"{bad or f'a safetensors weights file of {source}'}: truncated or corrupted safetensors "
-                          f"file ({e}); re-download or re-save the checkpoint.") from e
-        except OSError as e:
-            if "use_safetensors" not in str(e):
-                raise
-            raise OSError(f"{source} has no model.safetensors (or model.safetensors.index.json): "
-                          f"{_SAFETENSORS_ONLY}") from e
+        """`PreTrainedModel.from_pretrained` restricted to safetensors weights and exact checkpoints
+        (`safe_loading.safetensors_only_from_pretrained`): a pickle checkpoint (`pytorch_model.bin`, `*.pt`, a `.bin`
+        shard in `model.safetensors.index.json`, …) is refused, since unpickling can run code, as is an index shard
+        outside the folder; a truncated or corrupted safetensors file raises an `OSError` that names the file, and so
+        does a checkpoint with missing or unexpected tensor names (no partly loaded model is returned; `strict=False`
+        accepts one)."""
+        return safetensors_only_from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path,
+                                                *model_args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
         """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache)."""
@@ -453,6 +400,15 @@ class MemformerPreTrainedModel(PreTrainedModel):
             model_kwargs[CACHE_KWARG] = MemformerCache(self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def _as_row_flags(value: Any, name: str) -> torch.Tensor | None:
+    """Per-row flags given as a tensor, or a Python list/tuple of bools (converted to a bool tensor)."""
+    if value is None or torch.is_tensor(value):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int)) and v in (0, 1) for v in value):
+        return torch.tensor([bool(v) for v in value], dtype=torch.bool)
+    raise ValueError(f"`{name}` must be a bool tensor of shape (batch,) or a list of bools, got {value!r}.")
 
 
 # ============================================================================================ the model
@@ -477,6 +433,7 @@ class MemformerModel(MemformerPreTrainedModel):
 
     use_fast_paths: bool = True  # False: every stream-mode call runs the general planner (for tests and debugging)
     use_cuda_graphs: bool = True  # False: the fixed-shape steps run eagerly on CUDA too (graphs.graphs_usable)
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # the bare model from an (untied) causal-LM checkpoint
 
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__(config)
@@ -847,6 +804,7 @@ class MemformerModel(MemformerPreTrainedModel):
             hidden = self._decode_step_inplace(cache, tokens, boundary)
         new_fills = [0 if f == L - 1 else f + 1 for f in fills]
         cache._host = ([True] * b, new_fills)
+        cache._mark_trusted()  # the model's own write
         cache.consumed += 1
         result = MemformerModelOutput(last_hidden_state=hidden[:, None], memory=cache.memory.clone(),
                                       output_mask=torch.ones(b, 1, dtype=torch.bool, device=input_ids.device))
@@ -871,9 +829,11 @@ class MemformerModel(MemformerPreTrainedModel):
             owner._host, owner.consumed = host, consumed
         for buf, t in zip(buffers, tensors):
             buf.copy_(t)
-        host = cache._host
+        host, trusted = cache._host, cache.is_trusted
         cache._set_all_tensors(buffers)
         cache._host, cache._written_in_place = host, True
+        if trusted:
+            cache._mark_trusted()
         entry["owner"] = weakref.ref(cache)
         return buffers
 
@@ -920,6 +880,7 @@ class MemformerModel(MemformerPreTrainedModel):
         """
         kw_cache = kwargs.pop("cache", None)
         past_key_values = past_key_values if past_key_values is not None else kw_cache
+        memory_reset = _as_row_flags(memory_reset, "memory_reset")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
@@ -1037,19 +998,15 @@ class MemformerModel(MemformerPreTrainedModel):
                 cache = None  # the empty default cache generate() may hand us
             else:
                 raise ValueError(f"Memformer needs a MemformerCache as `past_key_values`, got {type(cache).__name__}.")
-        if cache is not None:
-            cache.check_compatible(cfg, b)
+        if cache is not None:  # also casts the cached K/V to the compute dtype and checks an outside state for NaN
+            cache.check_compatible(cfg, b, dtype=self.embed_tokens.weight.dtype, device=device)
         elif use_cache:
             cache = MemformerCache(cfg)
         have_state = cache is not None and not cache.is_empty
         fast = (self.use_fast_paths and input_ids is not None and replay_step is None
                 and not (output_hidden_states or output_memory_states or output_memory_attentions))
         full = fast and (attention_mask is None or bool(mask.all()))
-        decode = full and use_cache and self._decode_eligible(cache, n)
-        # the memory is checked unless the decoder step itself wrote it (no sync per generated token)
-        if have_state and not (decode and cache._written_in_place) and not bool(torch.isfinite(cache.memory).all()):
-            raise ValueError("The cache's memory contains NaN or inf values.")
-        if decode:
+        if full and use_cache and self._decode_eligible(cache, n):
             return self._forward_decode(input_ids, cache)
         aligned = self._aligned_offset(input_ids, cache, memory_reset, n) if full else None
         if aligned is not None:
@@ -1306,6 +1263,22 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
+        columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
+        `cache.get_seq_length()`, so passing only the new ids is refused with a `ValueError`."""
+        cache = next((kwargs[k] for k in (CACHE_KWARG, "past_key_values", "cache") if kwargs.get(k) is not None), None)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and torch.is_tensor(ids) \
+                and not ids.is_floating_point() and ids.dim() >= 1 and ids.shape[-1] <= cache.get_seq_length():
+            consumed = cache.get_seq_length()
+            raise ValueError(
+                f"generate() got input_ids of {ids.shape[-1]} columns with a MemformerCache that has already consumed "
+                f"{consumed} columns. Pass the whole sequence with the cache: the {consumed} columns it consumed "
+                f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
+                f"model only the columns after the first {consumed}.")
+        return super().generate(inputs, *args, **kwargs)
 
     def forward(
         self,

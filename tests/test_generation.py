@@ -370,3 +370,238 @@ def test_text_generation_pipeline(model, tokenizer):
     assert text.startswith(prompt) and len(text) > len(prompt)
     assert text[len(prompt):].replace(" ", "") == tokenizer.decode(ref[0, enc.input_ids.shape[1]:],
                                                                    skip_special_tokens=True).replace(" ", "")
+
+
+# ============================================================================== issue 15 items 6-7: state from outside
+def _state_file(model, tmp_path, batch: int = 2, reset_row: bool = False):
+    """A filled cache (rows mid-segment), saved; returns (prefix ids, cache, path)."""
+    prefix = rand_ids(10, batch=batch, seed=40)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+    if reset_row:
+        cache.reset_rows(torch.tensor([True] + [False] * (batch - 1)))
+    path = tmp_path / "state.safetensors"
+    cache.save_state(str(path))
+    return prefix, cache, path
+
+
+def test_float32_state_with_bf16_model_is_cast_on_entry(tmp_path):
+    """A float32 state (from `load_state` of an fp32 model) with a bf16 model failed inside SDPA ("Expected query,
+    key, and value to have the same dtype"); the cached K/V are now cast to the model's dtype on entry, which gives
+    exactly what casting them by hand gives."""
+    fp32 = build_tiny_memformer(seed=3, dtype=torch.float32, attn="sdpa")
+    prefix, _, path = _state_file(fp32, tmp_path)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    new = rand_ids(6, batch=2, seed=41, boot=False)
+    loaded = MemformerCache.load_state(str(path), bf16.config)
+    assert loaded.layers[0].keys.dtype == torch.float32
+    by_hand = MemformerCache.load_state(str(path), bf16.config)
+    by_hand._set_all_tensors([t if t is None or not t.is_floating_point() or i < 5 else t.to(torch.bfloat16)
+                              for i, t in enumerate(by_hand._all_tensors())])
+    with torch.no_grad():
+        out = bf16(new, past_key_values=loaded)
+        ref = bf16(new, past_key_values=by_hand)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert torch.equal(out.logits, ref.logits)
+    assert all(t.dtype == torch.bfloat16 for layer in loaded.layers for t in layer.tensors())
+    assert loaded.memory.dtype == torch.float32  # the memory keeps its own precision
+    # and generate() continues from the fp32 state file with the bf16 model
+    g = gen(bf16, torch.cat([prefix, new], 1), past_key_values=MemformerCache.load_state(str(path), bf16.config),
+            max_new_tokens=3)
+    assert g.sequences.shape[1] == prefix.shape[1] + new.shape[1] + 3
+
+
+def _craft(tensors: dict, case: str, L: int, vocab: int) -> dict | str:
+    """Damage one field of a saved state; returns the tensors, or the metadata change as a string."""
+    t = dict(tensors)
+    if case == "fill_gt_L":
+        t["fill"] = torch.full_like(t["fill"], L + 3)
+    elif case == "fill_negative":
+        t["fill"] = torch.full_like(t["fill"], -1)
+    elif case == "memory_shape":
+        t["memory"] = t["memory"][:, :-1]
+    elif case == "kv_shape":
+        t["layers.1.values"] = t["layers.1.values"][:, :, :-1]
+    elif case == "kv_batch":
+        t["layers.0.cross_keys"] = t["layers.0.cross_keys"][:1]
+    elif case == "kv_int_dtype":
+        t["layers.0.keys"] = t["layers.0.keys"].long()
+    elif case == "started_float":
+        t["started"] = t["started"].float()
+    elif case == "segment_ids_float":
+        t["segment_ids"] = t["segment_ids"].float()
+    elif case == "segment_ids_vocab":
+        t["segment_ids"] = t["segment_ids"] + vocab
+    elif case == "not_started_with_fill":
+        t["started"] = torch.zeros_like(t["started"])
+    elif case == "nan_values":
+        t["layers.1.cross_values"] = t["layers.1.cross_values"].clone()
+        t["layers.1.cross_values"][0, 0, 0, 0] = float("nan")
+    elif case == "missing_tensor":
+        del t["cross_mask"]
+    elif case == "extra_tensor":
+        t["layers.9.keys"] = torch.zeros(1)
+    return t
+
+
+_CRAFTED = {
+    "fill_gt_L": r"`fill` must be in \[0, segment_length=4\)",
+    "fill_negative": r"`fill` must be in \[0, segment_length=4\)",
+    "memory_shape": r"`memory` must be a float tensor \(batch ≥ 1, num_memory_slots=3, hidden_size=16\)",
+    "kv_shape": r"`layers\.1\.values` must be a float tensor of shape \(2, 2, 4, 8\)",
+    "kv_batch": r"`layers\.0\.cross_keys` must be a float tensor of shape \(2, 2, 4, 8\)",
+    "kv_int_dtype": r"`layers\.0\.keys` must be a float tensor",
+    "started_float": r"`started` must be a bool tensor of shape \(2,\), got torch\.float32",
+    "segment_ids_float": r"`segment_ids` must be a int tensor",
+    "segment_ids_vocab": r"`segment_ids` must be token ids in \[0, vocab_size=50\)",
+    "not_started_with_fill": r"inconsistent `started`/`fill`: row 0 has not started but fill=",
+    "nan_values": r"`layers\.1\.cross_values` must be finite, got NaN or inf",
+    "missing_tensor": r"missing tensors \['cross_mask'\]",
+    "extra_tensor": r"unexpected tensors \['layers\.9\.keys'\]",
+    "consumed_metadata": r"metadata `consumed`='-5' is not a non-negative integer",
+    "not_safetensors": r"not a readable safetensors file",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CRAFTED))
+def test_crafted_state_file_is_refused_naming_the_field(model, tmp_path, case):
+    """A damaged or crafted state file failed with an internal RuntimeError/IndexError on use; `load_state` now
+    refuses it with a ValueError naming the field. The undamaged file still loads and continues exactly."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix, cache, path = _state_file(model, tmp_path)
+    assert bool((cache.fill > 0).all())  # rows mid-segment: fill and started matter
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    if case == "not_safetensors":
+        bad.write_bytes(path.read_bytes()[:100])
+    elif case == "consumed_metadata":
+        save_file(tensors, str(bad), metadata={**meta, "consumed": "-5"})
+    else:
+        save_file({k: v.contiguous() for k, v in _craft(tensors, case, L, model.config.vocab_size).items()}, str(bad),
+                  metadata=meta)
+    with pytest.raises(ValueError, match=_CRAFTED[case]) as err:
+        MemformerCache.load_state(str(bad), model.config)
+    assert str(bad) in str(err.value)
+
+    new = rand_ids(5, batch=2, seed=42, boot=False)
+    with torch.no_grad():
+        cont = model(new, past_key_values=MemformerCache.load_state(str(path), model.config)).logits
+        ref = model(torch.cat([prefix, new], 1), use_cache=False).logits[:, prefix.shape[1]:]
+    torch.testing.assert_close(cont, ref, atol=1e-10, rtol=0)
+
+
+def test_state_with_a_reset_row_saves_and_loads(model, tmp_path):
+    """`reset_rows` clears the row's partial segment (fill 0), so a state saved after it is consistent and loads;
+    continuing from it equals continuing from the in-memory cache."""
+    _, cache, path = _state_file(model, tmp_path, reset_row=True)
+    assert cache.fill.tolist()[0] == 0 and not bool(cache.started[0])
+    new = rand_ids(5, batch=2, seed=43, boot=True)
+    with torch.no_grad():
+        ref = model(new, past_key_values=copy.deepcopy(cache)).logits
+        cont = model(new, past_key_values=MemformerCache.load_state(str(path), model.config)).logits
+    assert torch.equal(cont, ref)
+
+
+def test_memory_reset_accepts_a_list(model):
+    """`memory_reset` as a Python list raised AttributeError; a list of bools is now the same as the tensor."""
+    prefix, new = rand_ids(6, batch=2, seed=44), rand_ids(5, batch=2, seed=45)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+        ref = model(new, past_key_values=copy.deepcopy(cache), memory_reset=torch.tensor([True, False])).logits
+        for flags in ([True, False], (1, 0)):
+            out = model(new, past_key_values=copy.deepcopy(cache), memory_reset=flags).logits
+            assert torch.equal(out, ref)
+        no_reset = model(new, past_key_values=copy.deepcopy(cache), memory_reset=[False, False]).logits
+        assert (no_reset[0] - ref[0]).abs().max() > 1e-3 and torch.equal(no_reset[1], ref[1])
+        enc = rand_ids(L, batch=2, seed=46, boot=False)
+        dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+        cell_ref = model.model(encoder_input_ids=enc, decoder_input_ids=dec, memory_reset=torch.tensor([False, True]))
+        cell = model.model(encoder_input_ids=enc, decoder_input_ids=dec, memory_reset=[False, True])
+        assert torch.equal(cell.memory, cell_ref.memory)
+        with pytest.raises(ValueError, match=r"`memory_reset` must be a bool tensor of shape \(batch,\) or a list"):
+            model(new, past_key_values=copy.deepcopy(cache), memory_reset=["yes", "no"])
+        with pytest.raises(ValueError, match=r"`memory_reset` must have shape \(batch,\) = \(2,\), got \(3,\)"):
+            model(new, past_key_values=copy.deepcopy(cache), memory_reset=[True, False, True])
+
+
+@pytest.mark.parametrize("how", ["assigned", "in_place", "loaded"])
+@pytest.mark.parametrize("field", ["layers.0.keys", "layers.1.cross_values", "memory"])
+def test_nan_in_cached_state_raises_naming_the_field(model, tmp_path, how, field):
+    """NaN in cached keys/values gave NaN logits with no error (only the memory was checked). Every float tensor of a
+    state that comes from outside the model is checked once, naming the field; the model's own state is trusted."""
+    prefix, new = rand_ids(7, batch=2, seed=47), rand_ids(3, batch=2, seed=48, boot=False)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+        ref = model(new, past_key_values=copy.deepcopy(cache)).logits
+    assert cache.is_trusted
+    owner, attr = (cache, "memory") if field == "memory" else (cache.layers[int(field.split(".")[1])],
+                                                                field.split(".")[2])
+    if how == "assigned":
+        t = getattr(owner, attr).clone()
+        t[1, 0, 0] = float("nan")
+        setattr(owner, attr, t)
+    elif how == "in_place":
+        getattr(owner, attr)[1, 0, 0] = float("nan")
+    else:
+        cache.save_state(str(tmp_path / "s.safetensors"))
+        getattr(owner, attr)[1, 0, 0] = float("nan")  # the loaded state is checked on use, like any outside state
+        cache = MemformerCache.load_state(str(tmp_path / "s.safetensors"), model.config)
+        owner = cache if field == "memory" else cache.layers[int(field.split(".")[1])]
+        getattr(owner, attr)[1, 0, 0] = float("nan")
+    assert not cache.is_trusted
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"The cache's {field} contains NaN or inf values"):
+        model(new, past_key_values=cache)
+    getattr(owner, attr)[1, 0, 0] = 0.0 if field != "memory" else getattr(owner, attr)[1, 0, 1]
+    with torch.no_grad():
+        out = model(new, past_key_values=copy.deepcopy(cache)).logits  # repaired: runs, finite
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+
+
+def test_finiteness_check_costs_one_reduction_and_only_for_outside_state(model, tmp_path, monkeypatch):
+    """The decoding hot path pays no NaN check (no host sync per token): a state the model wrote, or permuted /
+    repeated rows of it, is trusted. An outside state is checked once, with one reduction over all tensors."""
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(tuple(t.shape)) or real(t))
+    prefix, new = rand_ids(7, batch=2, seed=49), rand_ids(1, batch=2, seed=50, boot=False)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+        for _ in range(3):
+            model(new, past_key_values=cache)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        branch = copy.deepcopy(cache)
+        model(new, past_key_values=branch)
+        gen(model, rand_ids(9, batch=2, seed=51), max_new_tokens=6)
+    assert calls == []
+    cache.save_state(str(tmp_path / "s.safetensors"))
+    loaded = MemformerCache.load_state(str(tmp_path / "s.safetensors"), model.config)
+    calls.clear()
+    with torch.no_grad():
+        model(new, past_key_values=loaded)  # checked once: memory + 4 K/V per layer, stacked into one result
+        assert len(calls) == 1 + 4 * model.config.decoder_layers
+        calls.clear()
+        model(new, past_key_values=loaded)  # written by the model since: trusted again
+    assert calls == []
+
+
+def test_generate_with_filled_cache_and_only_new_ids_explains(model):
+    """A filled cache with only the new ids ended in an IndexError inside transformers (and the same ids as the cache
+    consumed were silently fed twice); generate() now says to pass the whole sequence, which works."""
+    prefix = rand_ids(9, seed=52)
+    new = rand_ids(3, seed=53, boot=False)
+    first = gen(model, prefix, max_new_tokens=2)
+    cache = first[CACHE_KWARG]
+    consumed = cache.get_seq_length()
+    for ids in (new, first.sequences[:, :consumed]):
+        with pytest.raises(ValueError, match=rf"input_ids of {ids.shape[1]} columns with a MemformerCache that has "
+                                             rf"already consumed {consumed} columns\. Pass the whole sequence"):
+            gen(model, ids, past_key_values=copy.deepcopy(cache), max_new_tokens=3)
+    full = torch.cat([first.sequences, new], 1)
+    cont = gen(model, full, past_key_values=cache, max_new_tokens=5)
+    scratch = gen(model, full, max_new_tokens=5, use_cache=False)
+    torch.testing.assert_close(cont.sequences, scratch.sequences, atol=0, rtol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,10 +238,55 @@ def test_missing_memory_bias_initialises_finite(converted, tmp_path):
     weights = load_file(str(converted["bin"] / "model.safetensors"))
     weights.pop("model.encoder.memory_bias")
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    model, info = MemBartForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    with pytest.raises(OSError, match=r"do not match MemBartForConditionalGeneration \(missing model\.encoder\."
+                                      r"memory_bias\)"):
+        MemBartForConditionalGeneration.from_pretrained(folder)  # strict by default
+    model, info = MemBartForConditionalGeneration.from_pretrained(folder, strict=False, output_loading_info=True)
     assert "model.encoder.memory_bias" in info["missing_keys"]
     bias = model.model.encoder.memory_bias
     assert torch.isfinite(bias).all() and 0 < bias.std().item() < 10 * model.config.init_std
+
+
+def _step_logits(model, reference) -> torch.Tensor:
+    return torch.cat([out.logits.flatten() for _, _, out in _run_steps(model, reference)])
+
+
+def test_loading_is_safetensors_only_and_exact(converted, reference, tmp_path):
+    """Issue 15 items 1-2 for MemBART: a flipped byte in a tensor name, a pickle `.bin` shard or a shard outside the
+    folder named by `model.safetensors.index.json` are refused; the clean checkpoint loads with identical outputs."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(converted["bin"], folder)
+    expected = _step_logits(_load(converted["bin"], "class"), reference)
+    weights = folder / "model.safetensors"
+    clean = weights.read_bytes()
+
+    data = bytearray(clean)  # one byte of one tensor name in the JSON header
+    at = data.find(b'"model.encoder.memory_bias"', 8, 8 + int.from_bytes(data[:8], "little")) + len('"model.e')
+    data[at] = ord("X")
+    weights.write_bytes(bytes(data))
+    for load in (MemBartForConditionalGeneration.from_pretrained, AutoModelForSeq2SeqLM.from_pretrained):
+        with pytest.raises(OSError, match="tensor names do not match") as err:
+            load(folder)
+        assert str(weights) in str(err.value) and "missing model.encoder.memory_bias;" in str(err.value)
+        assert "unexpected model.eXcoder.memory_bias" in str(err.value)
+
+    weights.write_bytes(clean)
+    state = load_file(str(weights))
+    weights.unlink()
+    for shard in ("pytorch_model.bin", "../outside.safetensors"):
+        if shard.endswith(".bin"):
+            torch.save(state, folder / shard)
+        else:
+            save_file(state, str(folder / shard), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: shard for k in state}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(OSError, match=r"weight_map names shard files .* that are not `\*\.safetensors` files"):
+            MemBartForConditionalGeneration.from_pretrained(folder)
+
+    save_file(state, str(folder / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in state}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert torch.equal(_step_logits(_load(folder, "class"), reference), expected)
 
 
 def test_config_validation_and_original_config():

@@ -548,9 +548,13 @@ def test_missing_parameter_initialises_finite(tmp_path, missing, overrides):
     assert missing in state
     del state[missing]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match=rf"tensor names do not match MemformerForCausalLM \(missing {missing}\)"):
+        MemformerForCausalLM.from_pretrained(tmp_path)  # strict by default: no partly loaded model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = MemformerForCausalLM.from_pretrained(tmp_path).eval()
+        loaded, info = MemformerForCausalLM.from_pretrained(tmp_path, strict=False, output_loading_info=True)
+        loaded.eval()
+    assert info["missing_keys"] == {missing} and not info["unexpected_keys"]
     p = loaded.state_dict()[missing]
     assert torch.isfinite(p).all(), f"{missing} loaded as non-finite"
     assert p.abs().max() < 10, f"{missing} loaded as garbage ({p.abs().max()})"
@@ -658,6 +662,36 @@ def test_bad_config_raises(overrides, field):
         tiny_memformer_config(**overrides)
 
 
+@pytest.mark.parametrize("overrides,field,expected", [
+    (dict(segment_length=2 ** 20), "segment_length", "at most 65536"),
+    (dict(segment_length=65537), "segment_length", "at most 65536"),
+    (dict(layer_norm_eps=float("inf")), "layer_norm_eps", "a positive finite number"),
+    (dict(layer_norm_eps=float("nan")), "layer_norm_eps", "a positive finite number"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps", "a positive finite number"),
+    (dict(layer_norm_eps=-1e-5), "layer_norm_eps", "a positive finite number"),
+    (dict(initializer_range=float("inf")), "initializer_range", "a positive finite number"),
+    (dict(initializer_range=float("nan")), "initializer_range", "a positive finite number"),
+    (dict(initializer_range=0), "initializer_range", "a positive finite number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": float("inf")}), "rope_theta", "a positive finite number"),
+])
+def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expected):
+    """Issue 15 item 5: `segment_length=2**20` was accepted (a 5-token forward then tried to allocate 4 TiB) and
+    inf `layer_norm_eps` / `initializer_range` gave NaN logits. The config refuses them naming the field, also when
+    read from a config.json; values inside the bounds still build a model with finite logits."""
+    with pytest.raises(ValueError, match=rf"invalid `[\w.]*{field}`=.*expected {expected}"):
+        tiny_memformer_config(**overrides)
+    tiny_memformer_config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(overrides)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=field):
+        MemformerConfig.from_pretrained(tmp_path)
+    assert tiny_memformer_config(segment_length=65536).segment_length == 65536  # the bound itself is allowed
+    model = build_tiny_memformer(attn="sdpa", layer_norm_eps=1e-12, initializer_range=1e-3)
+    with torch.no_grad():
+        assert torch.isfinite(model(rand_ids(7, batch=2)).logits).all()
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_inf_in_provided_memory_raises(value):
     model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
@@ -716,6 +750,165 @@ def test_corrupted_safetensors_raises_naming_the_file(tmp_path, how):
         with pytest.raises(OSError, match="truncated or corrupted safetensors file") as err:
             load(tmp_path)
         assert str(weights) in str(err.value)
+
+
+def _flip_key_byte(path, key: str) -> str:
+    """Change one byte inside the tensor name `key` in the JSON header of a safetensors file; returns the new name."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    at = data.find(b'"' + key.encode() + b'"', 8, 8 + header_len) + 1 + len("model.")
+    assert at > len("model.")
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    path.write_bytes(bytes(data))
+    return key[: len("model.")] + chr(data[at]) + key[len("model.") + 1:]
+
+
+def test_checkpoint_with_wrong_tensor_names_is_refused(tmp_path):
+    """Issue 15 item 1: one flipped byte in a tensor name used to load with that weight re-initialised at random.
+    Missing or unexpected keys are an error naming the keys and the file; a clean checkpoint loads exactly."""
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    ids = rand_ids(11, batch=2, seed=22)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    clean = weights.read_bytes()
+
+    # a good checkpoint (lm_head tied, not saved) loads identically, with nothing reported missing or unexpected
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        loaded, info = load(tmp_path, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(ids).logits, expected)
+    base = MemformerModel.from_pretrained(tmp_path)  # the bare model from a causal-LM checkpoint: also exact
+    assert torch.equal(base.writer.forget_bias, model.model.writer.forget_bias)
+
+    renamed = _flip_key_byte(weights, "model.writer.forget_bias")
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained,
+                 MemformerModel.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(OSError, match="tensor names do not match") as err:
+            load(tmp_path)
+        msg = str(err.value)
+        missing = "model.writer.forget_bias" if load in (MemformerForCausalLM.from_pretrained,
+                                                         AutoModelForCausalLM.from_pretrained) else "writer.forget_bias"
+        assert str(weights) in msg and f"missing {missing};" in msg and f"unexpected {renamed})" in msg
+    with pytest.raises(OSError, match="tensor names do not match"):  # also when the caller asks for the info
+        MemformerForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+
+    # an extra tensor alone (unexpected, nothing missing) is refused as well
+    weights.write_bytes(clean)
+    state = load_file(weights)
+    state["model.extra.weight"] = torch.zeros(3)
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(OSError, match=r"do not match MemformerForCausalLM \(unexpected model\.extra\.weight\)"):
+        MemformerForCausalLM.from_pretrained(tmp_path)
+
+    weights.write_bytes(clean)  # restored: loads again, identical logits
+    with torch.no_grad():
+        assert torch.equal(MemformerForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, expected)
+
+
+def test_bare_model_from_untied_causal_lm_checkpoint(tmp_path):
+    """Strict loading still lets the bare model load from a causal-LM checkpoint with its own (untied) LM head; a
+    causal LM from a bare-model checkpoint has no head to load and is refused."""
+    lm = build_tiny_memformer(dtype=torch.float32, attn="sdpa", tie_word_embeddings=False)
+    ids = rand_ids(9, batch=2, seed=24)
+    lm.save_pretrained(tmp_path / "lm")
+    base, info = MemformerModel.from_pretrained(tmp_path / "lm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.equal(base.eval()(ids).last_hidden_state, lm.model(ids).last_hidden_state)
+    lm.model.save_pretrained(tmp_path / "base")
+    with pytest.raises(OSError, match=r"do not match MemformerForCausalLM \(missing lm_head\.weight\)"):
+        MemformerForCausalLM.from_pretrained(tmp_path / "base")
+
+
+def _shard(model, folder) -> dict:
+    """Save `model` as a sharded safetensors checkpoint; returns its index."""
+    model.save_pretrained(folder, max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return index
+
+
+@pytest.mark.parametrize("shard", ["pickle.bin", "../outside.safetensors", "ABS", "sub/inner.safetensors"])
+def test_safetensors_index_cannot_bypass_safetensors_only(tmp_path, shard):
+    """Issue 15 item 2: a weight_map naming a `.bin` shard made transformers unpickle it, and `../x.safetensors` read
+    a file outside the folder. Both are refused before anything is read; a normal sharded checkpoint loads exactly."""
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    ids = rand_ids(9, batch=2, seed=23)
+    with torch.no_grad():
+        expected = model(ids).logits
+    folder = tmp_path / "ckpt"
+    index = _shard(model, folder)
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with torch.no_grad():
+            assert torch.equal(load(folder).eval()(ids).logits, expected)
+
+    state = {}
+    for name in sorted(set(index["weight_map"].values())):
+        state.update(load_file(folder / name))
+        os.remove(folder / name)
+    if shard == "ABS":
+        shard = str(tmp_path / "abs.safetensors")
+    target = (folder / shard) if not os.path.isabs(shard) else shard
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if shard.endswith(".bin"):
+        torch.save(state, target)
+    else:
+        save_file(state, target, metadata={"format": "pt"})
+    index["weight_map"] = {k: shard for k in index["weight_map"]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(OSError, match="not `\\*.safetensors` files in the checkpoint's own folder") as err:
+            load(folder)
+        assert str(folder / "model.safetensors.index.json") in str(err.value) and repr(shard) in str(err.value)
+
+
+@pytest.mark.parametrize("explicit", ["weights.bin", "../outside.safetensors"])
+def test_config_transformers_weights_cannot_bypass_safetensors_only(tmp_path, explicit):
+    """The config's `transformers_weights` names the file transformers loads: it must be a safetensors file (or
+    index) of the folder too."""
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    os.remove(folder / "model.safetensors")
+    if explicit.endswith(".bin"):
+        torch.save(state, folder / explicit)
+    else:
+        save_file(state, folder / explicit, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_weights"] = explicit
+    (folder / "config.json").write_text(json.dumps(config))
+    for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(OSError, match=f"transformers_weights={explicit!r} is not"):
+            load(folder)
+    config["transformers_weights"] = "renamed.safetensors"  # a safetensors file of the folder is fine
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, folder / "renamed.safetensors", metadata={"format": "pt"})
+    loaded = MemformerForCausalLM.from_pretrained(folder)
+    assert torch.equal(loaded.model.writer.forget_bias, model.model.writer.forget_bias)
+
+
+def test_hub_cached_index_with_pickle_shard_is_refused(tmp_path, monkeypatch):
+    """The same index check for a Hub id (resolved here from a local Hub cache, offline)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--acme--memformer"
+    snapshot = repo / "snapshots" / commit
+    index = _shard(model, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    load = lambda: MemformerForCausalLM.from_pretrained("acme/memformer", cache_dir=tmp_path / "cache")  # noqa: E731
+    loaded = load()  # a clean cached snapshot loads
+    assert torch.equal(loaded.model.writer.forget_bias, model.model.writer.forget_bias)
+    index["weight_map"] = {k: "pytorch_model.bin" for k in index["weight_map"]}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"names shard files 'pytorch_model\.bin' that are not"):
+        load()
 
 
 def test_config_roundtrip_and_tiny_config_values(tmp_path):

@@ -12,7 +12,8 @@ import copy
 import torch
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
-from memformer_hf.mrbp import memory_replay_backward
+from memformer_hf.data_streams import StreamBatches
+from memformer_hf.mrbp import cells_backward, memory_replay_backward
 
 
 def main() -> None:
@@ -39,6 +40,28 @@ def main() -> None:
         grad = torch.cat([q.grad.flatten().float() for q in train.parameters() if q.grad is not None])
         runs[graphs] = (out.logits.float(), out.past_key_values.memory, seq.sequences, torch.stack(seq.logits).float(),
                         float(loss), grad)
+    # a training window through cells_backward (the Trainer's step): graphed training cells vs eager cells
+    docs = [torch.randint(2, cfg.vocab_size, (3000,)).tolist() for _ in range(64)]
+    batch = StreamBatches(docs, segment_length=cfg.segment_length, window=4, batch_size=32, grad_accum=1,
+                          world_size=1, rank=0, seed=0, bos_token_id=0, pad_token_id=1, boot="bos")[1]
+    batch = {k: v.cuda() for k, v in batch.items()}
+    train_runs = {}
+    for autocast in (False, True):
+        for graphs in (True, False):
+            torch.manual_seed(1)
+            net = MemformerForCausalLM(cfg).cuda().train()
+            net.model.use_cuda_graphs = graphs
+            memory = net.model.initial_memory(32).detach().clone() * 1.0
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                for _ in range(2):  # twice: the second window replays the captured graphs
+                    net.zero_grad(set_to_none=True)
+                    loss, new_memory = cells_backward(net, batch, memory)
+            grad = torch.cat([q.grad.flatten().float() for q in net.parameters() if q.grad is not None])
+            train_runs[(autocast, graphs)] = (float(loss), grad, new_memory)
+        (lg_, gg_, mg_), (le_, ge_, me_) = train_runs[(autocast, True)], train_runs[(autocast, False)]
+        print(f"cells_backward window T=4 B=32 ({'bf16 autocast' if autocast else 'float32'}): loss {lg_:.6f} vs "
+              f"{le_:.6f}; grad rel diff {((gg_ - ge_).norm() / ge_.norm()).item():.3e}; "
+              f"max|memory diff| {(mg_ - me_).abs().max().item():.3e}")
     (lg, mg, sg, gg, lossg, gradg), (le, me, se, ge, losse, grade) = runs[True], runs[False]
     print(f"prefill {tuple(ids.shape)}: max|logits graphed - eager| {(lg - le).abs().max().item():.3e} "
           f"(logit std {le.std().item():.3f}); max|memory diff| {(mg - me).abs().max().item():.3e}")

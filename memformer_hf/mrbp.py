@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .modeling_memformer import CACHE_KWARG, shift_labels_from
+from .modeling_memformer import CACHE_KWARG, _graph_state, shift_labels_from
 
 logger = logging.get_logger(__name__)
 
@@ -234,6 +234,114 @@ def _cell_weights(cells: dict[str, torch.Tensor], weighting: str) -> list[float]
     raise ValueError(f"Unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}.")
 
 
+class _CellOutput:
+    def __init__(self, loss: torch.Tensor, memory: torch.Tensor) -> None:
+        self.loss, self.memory = loss, memory
+
+
+class _TrainingCell(torch.nn.Module):
+    """A training cell as a module over the model's parameters: cell-mode forward, LM head, summed NLL / count."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = model
+
+    def forward(self, memory, encoder_input_ids, encoder_attention_mask, decoder_input_ids, decoder_attention_mask,
+                memory_reset, shift_labels, num_items):
+        out = self.net.model(encoder_input_ids=encoder_input_ids, encoder_attention_mask=encoder_attention_mask,
+                             decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                             memory=memory, memory_reset=memory_reset, validate_inputs=False)
+        logits = self.net.lm_head(out.last_hidden_state)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(),
+                                                ignore_index=-100, reduction="sum")
+        return nll / num_items.clamp_min(1), out.memory
+
+
+class TrainingCellGraph:
+    """One training cell (forward and backward) captured as CUDA graphs with
+    `torch.cuda.make_graphed_callables`: on a GPU a cell is hundreds of small kernels whose launches, not the GPU,
+    set the speed of training. The graphed cell computes the same loss (summed NLL over the cell's targets / the
+    window's target count) and next memory as the model's cell-mode forward; autograd connects it to the memory
+    gradient of the next cell as usual.
+
+    Used by `cells_backward` for a plain (not DDP/FSDP-wrapped) model on CUDA without active dropout, when
+    `model.model.use_cuda_graphs` is on; one graph per (batch, segment length, dtypes, autocast) and model parameters
+    (moving, casting or replacing them drops the graphs)."""
+
+    def __init__(self, model: torch.nn.Module, example: dict[str, torch.Tensor], memory: torch.Tensor) -> None:
+        self.model = model
+        cell = _TrainingCell(model)  # a module, so that make_graphed_callables back-propagates into its parameters
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        torch.clear_autocast_cache()  # no cast made outside may enter the captured graphs
+        with torch.autocast("cuda", dtype, autocast, cache_enabled=False):
+            self.graphed = torch.cuda.make_graphed_callables(
+                cell, self._args(example, memory, torch.ones((), dtype=torch.long, device=memory.device)),
+                num_warmup_iters=3)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def prepare_gradients(self) -> None:
+        """Give every trainable parameter a `.grad` before the first graphed backward of a window. Autograd may
+        otherwise adopt the graph's gradient output buffer as `.grad` (it does so for a parameter without one), and
+        the next replay would overwrite it; one zeroed flat buffer costs a single kernel."""
+        missing = [p for p in self.parameters if p.grad is None]
+        if not missing:
+            return
+        flat = torch.zeros(sum(p.numel() for p in missing), dtype=missing[0].dtype, device=missing[0].device)
+        offset = 0
+        for p in missing:
+            p.grad = flat[offset: offset + p.numel()].view_as(p) if p.dtype == flat.dtype else torch.zeros_like(p)
+            offset += p.numel()
+
+    @staticmethod
+    def _args(batch: dict[str, torch.Tensor], memory: torch.Tensor, num_items: torch.Tensor) -> tuple:
+        return (memory, batch["encoder_input_ids"], batch["encoder_attention_mask"], batch["decoder_input_ids"],
+                batch["decoder_attention_mask"], batch["memory_reset"], batch["shift_labels"], num_items)
+
+    def __call__(self, batch: dict[str, torch.Tensor], memory: torch.Tensor | None, num_items) -> _CellOutput:
+        core = self.model.model
+        if memory is None:  # the window starts from m0 for every row
+            memory = core.initial_memory(batch["encoder_input_ids"].shape[0]).detach()
+        if not memory.requires_grad:  # one graph for every cell: the memory always takes a gradient
+            memory = memory.detach().requires_grad_(True)
+        if num_items is None:
+            num_items = batch["shift_labels"].ne(-100).sum()
+        num_items = torch.as_tensor(num_items, device=memory.device).long()
+        example = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        loss, new_memory = self.graphed(*self._args(example, memory.to(core.memory_dtype), num_items))
+        return _CellOutput(loss, new_memory)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None
+                  ) -> TrainingCellGraph | None:
+        """The model's graphed cell for this window's shapes, or None when graphs do not apply."""
+        from transformers import PreTrainedModel
+
+        device = cells["encoder_input_ids"].device
+        core = getattr(model, "model", None)
+        if (device.type != "cuda" or not isinstance(model, PreTrainedModel) or core is None
+                or not getattr(core, "use_cuda_graphs", False) or _dropout_active(model)
+                or not torch.is_grad_enabled() or "decoder_input_ids" not in cells
+                or (torch.distributed.is_available() and torch.distributed.is_initialized()
+                    and torch.distributed.get_world_size() > 1)):
+            return None
+        # make_graphed_callables keeps the sample tensors as its static inputs: never the caller's (views of) cells
+        example = {k: v.clone() for k, v in cell_batch(cells, 0).items()}
+        b = example["encoder_input_ids"].shape[0]
+        key = ("train-cell", tuple(example["encoder_input_ids"].shape), tuple(example["decoder_input_ids"].shape),
+               core.memory_dtype)
+        m = torch.zeros(b, core.config.num_memory_slots, core.config.hidden_size, dtype=core.memory_dtype,
+                        device=device, requires_grad=True)
+        try:
+            graphed = _graph_state(model)[0].get(model, key, lambda: cls(model, example, m))
+        except RuntimeError as e:  # e.g. an op that cannot be captured: train eagerly (and say so once)
+            logger.warning_once(f"Training cells run eagerly: capturing them as CUDA graphs failed ({e}).")
+            core.use_cuda_graphs = False
+            return None
+        graphed.prepare_gradients()
+        return graphed
+
+
 def cells_backward(
     model: torch.nn.Module,
     cells: dict[str, torch.Tensor],
@@ -283,6 +391,7 @@ def cells_backward(
     seed_of = (lambda t: None) if seeds is None else (lambda t: int(seeds[t]))
 
     _validate_window(model, cells, memory)
+    graphed = TrainingCellGraph.for_model(model, cells, memory) if seeds is None and mode != "bptt" else None
 
     def run(t: int, mem: torch.Tensor | None, critical_path_only: bool = False):
         with seeded(seed_of(t), device), context():
@@ -293,7 +402,10 @@ def cells_backward(
                     batch.pop(key, None)
                 return model(**batch, memory=mem, critical_path_only=True)
             n_items = num_items_in_batch if weights is None else None
-            out = model(**batch, memory=mem, num_items_in_batch=n_items)
+            if graphed is not None:
+                out = graphed(batch, mem, n_items)
+            else:
+                out = model(**batch, memory=mem, num_items_in_batch=n_items)
             objective = out.loss * (loss_scale if weights is None else weights[t] * loss_scale)
             return out, objective
 
@@ -367,7 +479,7 @@ def replay(
                 objective = objective + (out.memory * g).sum()
             backward(objective)
         if t == steps - 1:
-            final = out.memory.detach()
+            final = out.memory.detach().clone()  # (a graphed cell's output buffer is overwritten by the next replay)
         loss = out.loss.detach() * (1.0 if weights is None else weights[t])
         total = loss if total is None else total + loss
         if t > 0:

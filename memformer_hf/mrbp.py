@@ -391,7 +391,8 @@ def cells_backward(
     seed_of = (lambda t: None) if seeds is None else (lambda t: int(seeds[t]))
 
     _validate_window(model, cells, memory)
-    graphed = TrainingCellGraph.for_model(model, cells, memory) if seeds is None and mode != "bptt" else None
+    with context():  # captured under the caller's autocast setting, as the cells will run
+        graphed = TrainingCellGraph.for_model(model, cells, memory) if seeds is None and mode != "bptt" else None
 
     def run(t: int, mem: torch.Tensor | None, critical_path_only: bool = False):
         with seeded(seed_of(t), device), context():

@@ -261,12 +261,19 @@ class MemformerTrainer(Trainer):
             loss, new_memory = cells_backward(
                 model, inputs, memory, mode=args.training_mode, loss_weighting=args.mrbp_loss_weighting,
                 num_items_in_batch=num_items_in_batch, backward=acc.backward,
-                no_sync=(lambda: acc.no_sync(model)) if sync else None, context=self.compute_loss_context_manager,
+                no_sync=(lambda: acc.no_sync(model)) if sync else None, context=self._cell_context,
                 loss_scale=loss_scale, grad_scale=(scaler.get_scale if scaler is not None else None))
         local = stream_ids - args.process_index * self.train_dataset.streams_per_rank
         self._carry[local] = new_memory.to(self._carry.dtype)
         # for logging the Trainer averages over ranks: report this rank's share × world (like Trainer.compute_loss)
         return loss.detach() * loss_scale
+
+    @contextlib.contextmanager
+    def _cell_context(self) -> Iterator[None]:
+        """Around every cell: the Trainer's loss context and accelerate's autocast. (accelerate applies mixed
+        precision by wrapping the model's `forward`; the graphed training cells call the model's parts directly.)"""
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            yield
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,

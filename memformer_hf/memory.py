@@ -98,8 +98,12 @@ class MemoryWriter(nn.Module):
         """m₀ [K, d], rebuilt from the parameter on every call so that it stays in the autograd graph."""
         return self.norm.initial_memory(self.forget_bias.to(dtype))
 
-    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+    def _linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`layer(x)` in x's dtype (≥ fp32): a plain Linear's weights are cast; a wrapped projection (e.g. a peft
+        LoRA layer, which is no `nn.Linear`) is called, so that its adapter applies."""
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+        return layer(x)
 
     def forward(self, memory: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqL
 from transformers.utils import logging
 
 from .configuration_membart import MemBartConfig
+from .modeling_memformer import CACHE_KWARG  # the cache field of model outputs: `cache` from transformers 5.24 on
 from .safe_loading import safetensors_only_from_pretrained
 
 try:  # transformers >= 5.x: init functions that skip tensors already loaded from a checkpoint
@@ -48,9 +49,6 @@ except ImportError:  # pragma: no cover - older releases
     _hf_init = None
 
 logger = logging.get_logger(__name__)
-
-# Transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`.
-_CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -801,7 +799,7 @@ class MemBartModel(MemBartPreTrainedModel):
             encoder_hidden_states=getattr(encoder_outputs, "hidden_states", None),
             encoder_attentions=getattr(encoder_outputs, "attentions", None),
             memory_states=memory_out,
-            **{_CACHE_FIELD: cache},
+            **{CACHE_KWARG: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -915,7 +913,7 @@ class MemBartForConditionalGeneration(MemBartPreTrainedModel, GenerationMixin):
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
             memory_states=outputs.memory_states,
-            **{_CACHE_FIELD: outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None},
+            **{CACHE_KWARG: outputs[CACHE_KWARG] if CACHE_KWARG in outputs else None},
         )
         return output if return_dict else output.to_tuple()
 

@@ -8,10 +8,20 @@ contain several backward calls: DDP / FSDP gradient sync happens only on the las
 normalised by the global token count of the optimizer step (`num_items_in_batch`, including gradient accumulation
 and, with `average_tokens_across_devices`, all ranks). Under FSDP2 each replayed cell re-gathers the shards.
 
-Evaluation carries the memory through whole documents and reports perplexity, the same with the memory reset at
-every segment (`*_no_memory`), and perplexity by position in the document. Checkpoints also hold the carried
-memory and the stream layout, so a resumed run continues exactly; they are written atomically (staged in
-`_tmp-checkpoint-N`, renamed to `checkpoint-N` when complete), so a crash during a save is never resumed from.
+The trainer is built from named parts:
+
+* `CarriedMemory`: the per-stream carried memory of this rank (get / put / save / load);
+* `checkpointing.AtomicCheckpointMixin`: checkpoints are staged in `_tmp-checkpoint-N` and renamed to
+  `checkpoint-N` when complete, so a crash during a save is never resumed from; they also hold the carried memory
+  and the stream layout, so a resumed run continues exactly;
+* `PerplexitySums`: evaluation carries the memory through whole documents and sums the NLL and the targets per
+  position bucket on the device (one synchronisation at the end). It reports perplexity, the same with the memory
+  reset at every segment (`*_no_memory`), and perplexity by position in the document; `evaluate()` shows a progress
+  bar, passes the sums to `compute_metrics` (`MemformerEvalPrediction`), logs the metrics (`report_to` loggers) and
+  calls the callbacks' `on_evaluate`.
+
+Beyond calling it, the trainer reaches into the model (for m₀) only through `_causal_lm`, which unwraps
+accelerate's wrappers and a peft `PeftModel`, so LoRA fine-tuning (`peft.get_peft_model`) trains through it.
 """
 
 from __future__ import annotations
@@ -21,24 +31,26 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import denumpify_detensorize, get_last_checkpoint
 from transformers.utils import logging
 
+from .checkpointing import AtomicCheckpointMixin
 from .data_streams import StreamBatches, check_vocab, collate_single
 from .mrbp import LOSS_WEIGHTINGS, MODES, cell_batch, cells_backward
 
 logger = logging.get_logger(__name__)
 
 POSITION_BUCKETS = (0, 64, 512, 4096, 32768)
+BUCKET_NAMES = tuple(f"{lo}-{hi}" for lo, hi in zip(POSITION_BUCKETS, POSITION_BUCKETS[1:])) + (
+    f"{POSITION_BUCKETS[-1]}+",)
 STREAM_STATE = "stream_state-rank{rank}"
 
 
@@ -88,7 +100,133 @@ class _StreamEpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(math.floor(state.epoch + 1e-6)) if state.epoch else 0)
 
 
-class MemformerTrainer(Trainer):
+class CarriedMemory:
+    """The memory that each training stream of this rank carries from one window to the next (detached, SPEC §4.2).
+
+    Row i holds global stream `first_stream + i`: this rank owns streams `[first_stream, first_stream +
+    num_streams)`. The store is empty until the first `get`, which fills every row with m₀; a document start inside
+    a window is the model's business (`memory_reset`), not the store's. `save` / `load` write and read this rank's
+    rows and the stream layout in a checkpoint folder (`stream_state-rank{r}.safetensors` / `.json`)."""
+
+    def __init__(self, first_stream: int = 0, num_streams: int = 0, rank: int = 0) -> None:
+        self.first_stream, self.num_streams, self.rank = first_stream, num_streams, rank
+        self.memory: torch.Tensor | None = None  # [num_streams, K, d]
+
+    def get(self, stream_ids: torch.Tensor, initial: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """The memories of `stream_ids` [B]; `initial(n)` gives m₀ for n streams when the store is empty."""
+        if self.memory is None:
+            self.memory = initial(self.num_streams).detach().clone()
+        return self.memory[stream_ids - self.first_stream]
+
+    def put(self, stream_ids: torch.Tensor, memory: torch.Tensor) -> None:
+        """Store the (new) memories [B, K, d] of `stream_ids` [B], detached, in the store's dtype."""
+        self.memory[stream_ids - self.first_stream] = memory.detach().to(self.memory.dtype)
+
+    def _path(self, folder: str) -> str:
+        return os.path.join(folder, STREAM_STATE.format(rank=self.rank))
+
+    def save(self, folder: str, layout: dict[str, Any]) -> None:
+        """This rank's memories and the stream `layout` (`StreamBatches.state_dict()`); nothing while empty."""
+        if self.memory is None:
+            return
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        path = self._path(folder)
+        save_file({"carry": self.memory.detach().cpu().contiguous()}, path + ".safetensors")
+        with open(path + ".json", "w") as f:
+            json.dump(layout, f)
+
+    def load(self, folder: str, layout_matches: Callable[[dict[str, Any]], bool], device: torch.device) -> bool:
+        """Restore this rank's memories from a checkpoint whose stream layout `layout_matches` this run's. Otherwise
+        (no stream state, or another layout, e.g. another world size) warn and leave the store empty: the streams
+        restart from m₀. Returns whether the memories were restored."""
+        from safetensors.torch import load_file
+
+        path = self._path(folder)
+        if not (os.path.isfile(path + ".safetensors") and os.path.isfile(path + ".json")):
+            logger.warning(f"{folder} has no carried-memory state; streams restart from the initial memory.")
+            return False
+        with open(path + ".json") as f:
+            layout = json.load(f)
+        if not layout_matches(layout):
+            logger.warning("The checkpoint's stream layout differs from this run (e.g. another world size); "
+                           "carried memories are reset to m0.")
+            return False
+        self.memory = load_file(path + ".safetensors")["carry"].to(device)
+        return True
+
+
+@dataclass
+class PerplexitySums:
+    """Exact token sums of one evaluation variant: the summed NLL and the number of targets per position bucket
+    (`POSITION_BUCKETS`: a target's position in its document, from 0). float64, on the device while evaluating."""
+
+    nll: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device | str = "cpu") -> PerplexitySums:
+        def zeros() -> torch.Tensor:
+            return torch.zeros(len(POSITION_BUCKETS), dtype=torch.float64, device=device)
+
+        return cls(zeros(), zeros())
+
+    @staticmethod
+    def buckets(position: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """The bucket of each position: `edges` is `torch.tensor(POSITION_BUCKETS)` on the positions' device."""
+        return torch.bucketize(position, edges, right=True) - 1
+
+    def add(self, nll: torch.Tensor, valid: torch.Tensor, bucket: torch.Tensor) -> None:
+        """Add the per-target NLLs where `valid` to their position buckets (`buckets`; all three of one shape). No
+        host synchronisation."""
+        bucket = bucket.flatten()
+        self.nll.index_add_(0, bucket, torch.where(valid, nll.to(self.nll.dtype), 0.0).flatten())
+        self.tokens.index_add_(0, bucket, valid.flatten().to(self.tokens.dtype))
+
+    @property
+    def loss(self) -> float:
+        """Token-weighted mean NLL over all positions."""
+        return float(self.nll.sum() / self.tokens.sum().clamp_min(1))
+
+
+def perplexity_metrics(sums: dict[str, PerplexitySums], prefix: str = "eval") -> dict[str, float]:
+    """`{prefix}_loss{variant}`, `{prefix}_ppl{variant}`, `{prefix}_tokens` (of the first variant) and
+    `{prefix}_ppl{variant}_pos_{bucket}` for the buckets that hold targets, from CPU sums keyed by variant suffix."""
+    metrics: dict[str, float] = {}
+    for suffix, s in sums.items():
+        loss = s.loss
+        metrics[f"{prefix}_loss{suffix}"] = loss
+        metrics[f"{prefix}_ppl{suffix}"] = math.exp(min(loss, 50.0))
+        if not suffix:
+            metrics[f"{prefix}_tokens"] = int(s.tokens.sum())
+        for name, nll, n in zip(BUCKET_NAMES, s.nll.tolist(), s.tokens.tolist()):
+            if n > 0:
+                metrics[f"{prefix}_ppl{suffix}_pos_{name}"] = math.exp(min(nll / n, 50.0))
+    return metrics
+
+
+class MemformerEvalPrediction(EvalPrediction):
+    """What `compute_metrics` receives from `MemformerTrainer.evaluate`: exact token sums over the evaluated
+    documents, not logits (an evaluation of whole documents keeps no per-token outputs).
+
+    * `predictions`: summed NLL, a float64 array [variants, buckets]; `label_ids`: the number of targets, same
+      shape. Rows follow `variants` (`""`: memory carried through the documents; `"_no_memory"`: memory reset at
+      every segment, when `eval_no_memory`), columns `POSITION_BUCKETS` (position of the target in its document).
+      So `predictions.sum(1) / label_ids.sum(1)` is the mean NLL of each variant.
+    * `metrics`: the trainer's own metrics of this evaluation (`eval_loss`, `eval_ppl`, ...).
+
+    `compute_metrics` returns a dict of further metrics; as in `Trainer.evaluate`, keys without the
+    `metric_key_prefix` (`eval_`) get it, and they are logged and passed to the callbacks with the others."""
+
+    def __init__(self, sums: dict[str, PerplexitySums], metrics: dict[str, float]) -> None:
+        self.variants = tuple(sums)
+        self.metrics = dict(metrics)
+        super().__init__(predictions=np.stack([s.nll.cpu().numpy() for s in sums.values()]),
+                         label_ids=np.stack([s.tokens.cpu().numpy() for s in sums.values()]))
+
+
+class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     """Trainer for `MemformerForCausalLM` with MRBP and carried memory.
 
     `train_dataset`: a `StreamBatches`, or tokenized documents (a list of token-id lists, or a `datasets.Dataset`
@@ -96,11 +234,13 @@ class MemformerTrainer(Trainer):
     accumulation, world size, seed and `mrbp_window`. `eval_dataset`: tokenized documents (same forms). A
     `processing_class` tokenizer with more tokens than the model's `vocab_size`, or token ids `>= vocab_size` in the
     data, raise a `ValueError` (`data_streams.check_vocab`).
+
+    `model` may be a peft `PeftModel` around a `MemformerForCausalLM` (LoRA fine-tuning; checkpoints then hold the
+    adapter). `compute_metrics` receives a `MemformerEvalPrediction` (token sums, see there) and returns extra
+    metrics.
     """
 
     loss_is_scaled_for_ga = True
-    _staging_dir: str | None = None  # set while `_save_checkpoint` writes a staged checkpoint
-    _push_pending: bool = False
 
     def __init__(self, model=None, args: MemformerTrainingArguments | None = None, train_dataset=None,
                  eval_dataset=None, **kwargs: Any) -> None:
@@ -224,13 +364,35 @@ class MemformerTrainer(Trainer):
             model.__class__ = sharded_cls
 
     # ------------------------------------------------------------------------------------------------ training
-    def _carry_for(self, stream_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _causal_lm(self) -> torch.nn.Module:
+        """The `MemformerForCausalLM` inside accelerate's wrappers (DDP, torch.compile) and a peft `PeftModel`."""
         model = self.accelerator.unwrap_model(self.model)
-        if self._carry is None:
-            streams = self.train_dataset.streams_per_rank
-            with torch.no_grad(), self._full_parameters(model):
-                self._carry = model.model.initial_memory(streams).detach().clone().to(device)
-        return self._carry[stream_ids - self.args.process_index * self.train_dataset.streams_per_rank]
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def carried_memory(self) -> CarriedMemory:
+        """This rank's carried memory (`CarriedMemory`), laid out on the training streams."""
+        store = self.__dict__.get("_carried_memory")
+        if store is None:
+            ds = self.train_dataset
+            n = ds.streams_per_rank if isinstance(ds, StreamBatches) else 0
+            rank = self.args.process_index
+            store = self._carried_memory = CarriedMemory(first_stream=rank * n, num_streams=n, rank=rank)
+        return store
+
+    @property
+    def _carry(self) -> torch.Tensor | None:
+        """The carried memory tensor of this rank's streams (`carried_memory.memory`); None empties the store."""
+        return self.carried_memory.memory
+
+    @_carry.setter
+    def _carry(self, value: torch.Tensor | None) -> None:
+        self.carried_memory.memory = value
+
+    def _initial_memory(self, streams: int, device: torch.device) -> torch.Tensor:
+        """m₀ for `streams` streams (gathering FSDP2-sharded parameters for this call outside `forward`)."""
+        with torch.no_grad(), self._full_parameters(self.accelerator.unwrap_model(self.model)):
+            return self._causal_lm().model.initial_memory(streams).detach().clone().to(device)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -240,7 +402,7 @@ class MemformerTrainer(Trainer):
         self._register_fsdp_methods(model)
         inputs = self._prepare_inputs(inputs)
         stream_ids = inputs["stream_ids"]
-        memory = self._carry_for(stream_ids, stream_ids.device)
+        memory = self.carried_memory.get(stream_ids, lambda n: self._initial_memory(n, stream_ids.device))
         args = self.args
         token_mean = args.mrbp_loss_weighting == "token_mean"
         if token_mean:
@@ -263,8 +425,7 @@ class MemformerTrainer(Trainer):
                 num_items_in_batch=num_items_in_batch, backward=acc.backward,
                 no_sync=(lambda: acc.no_sync(model)) if sync else None, context=self._cell_context,
                 loss_scale=loss_scale, grad_scale=(scaler.get_scale if scaler is not None else None))
-        local = stream_ids - args.process_index * self.train_dataset.streams_per_rank
-        self._carry[local] = new_memory.to(self._carry.dtype)
+        self.carried_memory.put(stream_ids, new_memory)
         # for logging the Trainer averages over ranks: report this rank's share × world (like Trainer.compute_loss)
         return loss.detach() * loss_scale
 
@@ -278,19 +439,33 @@ class MemformerTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Perplexity with the memory carried through whole documents (and, optionally, reset every segment)."""
+        """Perplexity with the memory carried through whole documents (and, optionally, reset every segment), by
+        position in the document; plus what `compute_metrics` returns for the sums (`MemformerEvalPrediction`).
+        The metrics are logged (`self.log`: the `report_to` loggers and the callbacks' `on_log`) and passed to the
+        callbacks' `on_evaluate`, as the Trainer's `evaluate` does."""
         documents = self._eval_documents if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
         if documents is None:
             raise ValueError("MemformerTrainer.evaluate needs eval documents (eval_dataset).")
-        metrics = self.evaluate_documents(documents, metric_key_prefix=metric_key_prefix)
+        sums = self.evaluation_sums(documents)
+        metrics = perplexity_metrics(sums, metric_key_prefix)
+        if self.compute_metrics is not None:
+            extra = denumpify_detensorize(self.compute_metrics(MemformerEvalPrediction(sums, metrics)) or {})
+            for key, value in extra.items():
+                metrics[key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"] = value
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    @torch.no_grad()
     def evaluate_documents(self, documents: Sequence[Sequence[int]], metric_key_prefix: str = "eval"
                            ) -> dict[str, float]:
-        """Exact token sums over all documents (never a mean of batch means), gathered across ranks."""
+        """The perplexity metrics of `documents` (`perplexity_metrics`), without logging or callbacks."""
+        return perplexity_metrics(self.evaluation_sums(documents), metric_key_prefix)
+
+    @torch.no_grad()
+    def evaluation_sums(self, documents: Sequence[Sequence[int]]) -> dict[str, PerplexitySums]:
+        """Exact token sums over all documents (never a mean of batch means), summed over ranks, on the CPU, keyed by
+        variant: `""` (memory carried through each document) and, with `eval_no_memory`, `"_no_memory"` (memory
+        reset at every segment). Each batch's sums are accumulated on the device; the host waits once, at the end."""
         args = self.args
         model = self.accelerator.unwrap_model(self.model) if self.is_in_train else self.model
         if not self.is_in_train:
@@ -300,145 +475,61 @@ class MemformerTrainer(Trainer):
         ds = self._pack(list(documents), args, window=args.eval_window, batch_size=args.per_device_eval_batch_size,
                         grad_accum=1, shuffle=False)
         check_vocab(self._model_config.vocab_size, documents=ds, what="the eval documents")
-        variants = {"": False}
-        if args.eval_no_memory:
-            variants["_no_memory"] = True
-        n_buckets = len(POSITION_BUCKETS)
-        sums = {v: torch.zeros(2 + 2 * n_buckets, dtype=torch.float64, device=args.device) for v in variants}
-        for suffix, reset_all in variants.items():
-            memory = None
-            cell_in_doc = None
-            for k in range(len(ds)):
-                batch = {key: v.to(args.device) for key, v in ds[k].items()}
-                doc_start = batch["memory_reset"].clone()  # the true document starts (and inactive cells)
-                if reset_all:
-                    batch["memory_reset"] = torch.ones_like(batch["memory_reset"])
-                T, L = batch["encoder_input_ids"].shape[1:]
-                if cell_in_doc is None:
-                    cell_in_doc = torch.zeros(batch["stream_ids"].shape[0], dtype=torch.long, device=args.device)
+        variants = {"": False, "_no_memory": True} if args.eval_no_memory else {"": False}
+        sums = {suffix: PerplexitySums.zeros(args.device) for suffix in variants}
+        memory = dict.fromkeys(variants)
+        last_cell = None  # per row: the position in its document (in cells) of the previous batch's last cell
+        edges = torch.tensor(POSITION_BUCKETS, device=args.device)
+        bar = logging.tqdm(total=len(ds), desc="Evaluating", leave=not self.is_in_train, dynamic_ncols=True,
+                           disable=args.disable_tqdm or not self.is_local_process_zero())
+        for k in range(len(ds)):
+            batch = {key: v.to(args.device) for key, v in ds[k].items()}
+            B, T, L = batch["encoder_input_ids"].shape
+            cell_pos, last_cell = _cell_positions(batch["memory_reset"], last_cell)  # true document starts
+            position = cell_pos[:, :, None] * L + torch.arange(L, device=args.device)  # [B, T, L] in the document
+            bucket = PerplexitySums.buckets(position, edges)
+            labels = batch["shift_labels"].view(B, T, L)
+            for suffix, reset_all in variants.items():
+                cells = {**batch, "memory_reset": torch.ones_like(batch["memory_reset"])} if reset_all else batch
+                nll = torch.empty(B, T, L, dtype=torch.float64, device=args.device)
                 for t in range(T):
-                    cell = cell_batch(batch, t)
-                    labels = cell.pop("shift_labels")
+                    cell = cell_batch(cells, t)
+                    cell.pop("shift_labels")
                     with self.compute_loss_context_manager():
-                        out = model(**cell, memory=memory)
-                    memory = out.memory
-                    nll = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels,
-                                                            ignore_index=-100, reduction="none").double()
-                    valid = labels.ne(-100)
-                    cell_in_doc = torch.where(doc_start[:, t], torch.zeros_like(cell_in_doc), cell_in_doc + 1)
-                    pos = cell_in_doc[:, None] * L + torch.arange(L, device=args.device)
-                    s = sums[suffix]
-                    s[0] += nll[valid].sum()
-                    s[1] += valid.sum()
-                    for i, lo in enumerate(POSITION_BUCKETS):
-                        hi = POSITION_BUCKETS[i + 1] if i + 1 < n_buckets else float("inf")
-                        sel = valid & (pos >= lo) & (pos < hi)
-                        s[2 + 2 * i] += nll[sel].sum()
-                        s[3 + 2 * i] += sel.sum()
-        metrics: dict[str, float] = {}
-        for suffix, s in sums.items():
-            s = self.accelerator.reduce(s, reduction="sum") if self.accelerator.num_processes > 1 else s
-            loss = float(s[0] / s[1].clamp_min(1))
-            metrics[f"{metric_key_prefix}_loss{suffix}"] = loss
-            metrics[f"{metric_key_prefix}_ppl{suffix}"] = math.exp(min(loss, 50.0))
-            if not suffix:
-                metrics[f"{metric_key_prefix}_tokens"] = int(s[1])
-            for i, lo in enumerate(POSITION_BUCKETS):
-                if float(s[3 + 2 * i]) > 0:
-                    name = f"{lo}-{POSITION_BUCKETS[i + 1]}" if i + 1 < n_buckets else f"{lo}+"
-                    bucket = float(s[2 + 2 * i] / s[3 + 2 * i])
-                    metrics[f"{metric_key_prefix}_ppl{suffix}_pos_{name}"] = math.exp(min(bucket, 50.0))
+                        out = model(**cell, memory=memory[suffix])
+                    memory[suffix] = out.memory
+                    nll[:, t] = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, t],
+                                                                  ignore_index=-100, reduction="none")
+                sums[suffix].add(nll, labels.ne(-100), bucket)
+            bar.update(1)
+        bar.close()
         if self.is_in_train:
             model.train()
-        return metrics
+        return self._reduce_sums(sums)
+
+    def _reduce_sums(self, sums: dict[str, PerplexitySums]) -> dict[str, PerplexitySums]:
+        """Sum over ranks and move to the CPU, all variants in one tensor (one collective, one host sync)."""
+        stacked = torch.stack([torch.stack([s.nll, s.tokens]) for s in sums.values()])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="sum")
+        stacked = stacked.cpu()
+        return {suffix: PerplexitySums(row[0], row[1]) for suffix, row in zip(sums, stacked)}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _get_output_dir(self, trial) -> str:
-        """The run folder; while a checkpoint is being written, its staging folder (see `_save_checkpoint`)."""
-        return self._staging_dir or super()._get_output_dir(trial=trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Save an atomic checkpoint: the Trainer's `_save_checkpoint` writes everything (model, optimizer, scheduler,
-        scaler, RNG and trainer state; here also each rank's carried memory and stream layout) into
-        `<run>/_tmp-checkpoint-N/checkpoint-N`, which is fsynced and renamed to `<run>/checkpoint-N` only once every
-        rank is done; then the Hub push and `save_total_limit` rotation run on the complete folder. A crash during
-        the save leaves only the staging folder, which `get_last_checkpoint` (resume) and rotation never consider
-        (`_tmp-*` is also skipped by `push_to_hub`); the next checkpoint save removes it."""
-        acc = self.accelerator
-        run_dir = super()._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging, final = os.path.join(run_dir, f"_tmp-{name}"), os.path.join(run_dir, name)
-        staged = os.path.join(staging, name)
-        if acc.is_local_main_process and os.path.isdir(run_dir):  # leftovers of an interrupted save
-            for stale in os.listdir(run_dir):
-                if stale.startswith(f"_tmp-{PREFIX_CHECKPOINT_DIR}-"):
-                    shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
-        acc.wait_for_everyone()
-        self._staging_dir, self._push_pending = staging, False
-        try:
-            super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder: a no-op
-            if self.state.best_model_checkpoint == staged:  # the Trainer found the best checkpoint among the staged
-                self.state.best_model_checkpoint = final
-                if self.args.should_save:
-                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            self._save_stream_state(staged)
-        finally:
-            self._staging_dir = None
-        acc.wait_for_everyone()
-        for first in (True, False):  # the main process; then other nodes' local mains (when not on a shared disk)
-            mine = acc.is_main_process if first else acc.is_local_main_process and not acc.is_main_process
-            if mine and os.path.isdir(staged):
-                _commit_checkpoint(staged, final)
-            acc.wait_for_everyone()
-        if self._push_pending:
-            self._push_from_checkpoint(final)
-        if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Deferred while a checkpoint is staged: the push runs from the complete, renamed folder."""
-        if self._staging_dir is not None:
-            self._push_pending = True
-            return
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _save_stream_state(self, folder: str) -> None:
+    def _save_checkpoint_extras(self, folder: str) -> None:
         """This rank's carried memory and stream layout (`stream_state-rank{r}.safetensors` / `.json`)."""
-        if self._carry is None or not isinstance(self.train_dataset, StreamBatches):
-            return
-        from safetensors.torch import save_file
-
-        path = os.path.join(folder, STREAM_STATE.format(rank=self.args.process_index))
-        os.makedirs(folder, exist_ok=True)
-        save_file({"carry": self._carry.detach().cpu().contiguous()}, path + ".safetensors")
-        with open(path + ".json", "w") as f:
-            json.dump(self.train_dataset.state_dict(), f)
-
-    def _load_stream_state(self, checkpoint: str) -> None:
-        from safetensors.torch import load_file
-
-        name = STREAM_STATE.format(rank=self.args.process_index)
-        path = os.path.join(checkpoint, name)
-        if not (os.path.isfile(path + ".safetensors") and os.path.isfile(path + ".json")):
-            logger.warning(f"{checkpoint} has no carried-memory state; streams restart from the initial memory.")
-            return
-        with open(path + ".json") as f:
-            state = json.load(f)
-        if not self.train_dataset.compatible_with(state, ignore=("epoch",)):
-            logger.warning("The checkpoint's stream layout differs from this run (e.g. another world size); "
-                           "carried memories are reset to m0.")
-            return
-        self._carry = load_file(path + ".safetensors")["carry"].to(self.args.device)
+        if isinstance(self.train_dataset, StreamBatches):
+            self.carried_memory.save(folder, self.train_dataset.state_dict())
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir} to resume from.")
-        self._carry = None
+        self._carried_memory = None  # laid out anew on the training streams
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
-            self._load_stream_state(resume_from_checkpoint)
+            self.carried_memory.load(resume_from_checkpoint, device=self.args.device,
+                                     layout_matches=lambda s: self.train_dataset.compatible_with(s, ignore=("epoch",)))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
@@ -451,33 +542,16 @@ def _fsdp_module_class() -> type | tuple:
     return FSDPModule
 
 
-def _commit_checkpoint(staged: str, final: str) -> None:
-    """Flush a complete checkpoint folder to disk and rename it to `final` (an existing `final`, from an earlier
-    save of the same step, is moved aside first and deleted after); then remove the staging parent."""
-    for root, _, files in os.walk(staged):
-        for name in files:
-            _fsync(os.path.join(root, name))
-    _fsync(staged)
-    staging = os.path.dirname(staged)
-    if os.path.exists(final):
-        os.replace(final, os.path.join(staging, "replaced"))
-    os.replace(staged, final)
-    _fsync(os.path.dirname(final))
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync(path: str) -> None:
-    """fsync a file or a folder (where the platform allows folders to be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. folders on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems without fsync on folders
-        pass
-    finally:
-        os.close(fd)
+def _cell_positions(doc_start: torch.Tensor, last: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of every cell in its document, counted in cells: `doc_start` [B, T] marks the cells where a document
+    starts (or that are inactive), `last` [B] the position of the previous window's last cell (None: the first
+    window). Returns the positions [B, T] and their last column."""
+    T = doc_start.shape[1]
+    t = torch.arange(T, device=doc_start.device)
+    start = torch.where(doc_start, t, -1).cummax(dim=1).values  # the latest start at or before each cell
+    carried = (torch.zeros_like(doc_start[:, 0], dtype=torch.long) if last is None else last)[:, None] + 1 + t
+    pos = torch.where(start >= 0, t - start, carried)
+    return pos, pos[:, -1]
 
 
 def _as_documents(data: Any, name: str) -> list[list[int]]:
@@ -493,4 +567,5 @@ def _as_documents(data: Any, name: str) -> list[list[int]]:
                      f"`input_ids`), got {type(data).__name__}.")
 
 
-__all__ = ["MemformerTrainer", "MemformerTrainingArguments", "POSITION_BUCKETS"]
+__all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",
+           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS"]

@@ -1,4 +1,7 @@
-"""Shared fixtures for the Memformer test suite: tiny sharp models and an independent reference implementation.
+"""Shared fixtures for the Memformer test suite (tiny sharp models) and an independent reference implementation.
+
+The scaffolding (tiny config, model builder, padding, launchers) is in `helpers.py`; the names below are re-exported
+from there for tests that import them from `conftest`.
 
 The reference (`reference_stream`, `reference_writer`) re-implements SPEC §1 directly from the parameters of a model
 (looked up by their checkpoint names, SPEC §1.11) with plain per-segment / per-head loops. It shares no code with
@@ -12,67 +15,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from memformer_hf import MemformerConfig, MemformerForCausalLM
-
-TINY_MEMFORMER = dict(
-    vocab_size=50, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2, intermediate_size=32,
-    segment_length=4, num_memory_slots=3, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    initializer_range=0.3,  # SHARP init (SPEC §5.8): with 0.02 the logits ignore the memory
+from helpers import (  # noqa: F401 - re-exported, see the docstring
+    BOS,
+    EOS,
+    PAD,
+    TINY_MEMFORMER,
+    build_tiny_memformer,
+    cache_tensors,
+    rand_ids,
+    randomize_biases_and_norms,
+    tiny_memformer_config,
 )
-BOS, EOS, PAD = 1, 2, 0
 
 # Tiny models are dominated by per-op overhead; intra-op threads only add contention (10-50x slower on a busy box).
 torch.set_num_threads(1)
-
-
-def tiny_memformer_config(**overrides) -> MemformerConfig:
-    return MemformerConfig(**{**TINY_MEMFORMER, **overrides})
-
-
-def rand_ids(n: int, batch: int = 1, seed: int = 0, boot: bool = True) -> torch.Tensor:
-    """Content ids in [3, 50) (never pad/bos/eos); column 0 is BOS when `boot`."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 50, (batch, n), generator=g)
-    if boot:
-        ids[:, 0] = BOS
-    return ids
-
-
-def randomize_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
-    """Random biases (not the forgetting vector) and LayerNorm gains, so that a missing bias or a wrong LayerNorm
-    cannot hide behind zero / one initial values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and not name.endswith("forget_bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-
-
-def cache_tensors(cache) -> dict[str, torch.Tensor]:
-    """Every tensor of a `MemformerCache` (state and per-layer K/V), detached copies keyed by name."""
-    out = {name: getattr(cache, name) for name in ("memory", "cross_mask", "segment_ids", "fill", "started")}
-    for i, layer in enumerate(cache.layers):
-        for name in ("keys", "values", "cross_keys", "cross_values"):
-            out[f"layers.{i}.{name}"] = getattr(layer, name)
-    return {k: v.detach().clone() for k, v in out.items()}
-
-
-def build_tiny_memformer(seed: int = 0, dtype: torch.dtype = torch.float64, attn: str = "eager",
-                         randomize: bool = True, cls=MemformerForCausalLM, **overrides):
-    """A tiny sharp model in eval mode. `randomize` also gives every bias / LayerNorm affine a random value (they are
-    initialised to 0 / 1, which would hide a missing bias or a wrong LayerNorm)."""
-    torch.manual_seed(seed)
-    model = cls(tiny_memformer_config(**overrides))
-    if randomize:
-        randomize_biases_and_norms(model, seed + 1000)
-    model = model.to(dtype).eval()
-    # `set_attn_implementation` is a no-op for this model (bug B3, see test_modeling.py); the model dispatches on the
-    # config attribute at call time (SPEC §5.6), shared by every submodule.
-    model.config._attn_implementation = attn
-    return model
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Torchrun, require_gloo
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,8 @@ def _run(out: Path, backend: str) -> dict:
                   world=tr.args.world_size,
                   fsdp_modules=sum(isinstance(m, FSDPModule) for m in tr.model.modules()),
                   dtensor_params=sum(type(p).__name__ == "DTensor" for p in tr.model.parameters()))
-    save_file({"carry": tr._carry.cpu().contiguous()}, os.path.join(out, f"carry{rank}.safetensors"))
+    carry = tr.carried_memory.memory.cpu().contiguous()
+    save_file({"carry": carry}, os.path.join(out, f"carry{rank}.safetensors"))
     if rank == 0:
         for step, g in enumerate(capture.grads):
             save_file({k: v.contiguous() for k, v in g.items()}, os.path.join(out, f"grads{step}.safetensors"))
@@ -164,21 +165,10 @@ def _accelerate_env(name: str, mixed_precision: str = "no") -> dict[str, str]:
 
 
 def _launch(tmp_path_factory, backend: str) -> Path:
-    try:
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_gloo_available():
-            pytest.skip("torch.distributed with the gloo backend is not available")
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"torch.distributed unavailable: {e}")
+    require_gloo()
     out = tmp_path_factory.mktemp(backend)
     config, _, precision = backend.partition("-")
-    env = {**os.environ, **_accelerate_env(config, precision or "no"), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           __file__, backend, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=240, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    Torchrun(__file__, backend, out, env=_accelerate_env(config, precision or "no"), cwd=REPO).wait(timeout=240)
     return out
 
 
@@ -273,12 +263,8 @@ def test_cli_train_under_fsdp(tmp_path):
             "--eval_strategy", "no", "--use_cpu", "--ddp_backend", "gloo", "--sample_max_new_tokens", "0",
             "--heatmap_segments", "2", "--output_dir", str(out), "--fsdp", "--save_strategy", "steps",
             "--save_steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           __file__, "cli", "train", *argv], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=240, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert proc.stdout.count("== report") == 1 and proc.stdout.count("wrote ") == 1, proc.stdout[-3000:]
+    stdout = Torchrun(__file__, "cli", "train", *argv, cwd=REPO).wait(timeout=240)
+    assert stdout.count("== report") == 1 and stdout.count("wrote ") == 1, stdout[-3000:]
     assert not list(out.glob("_fsdp*.py")) and (out / "modeling_memformer.py").is_file()
     checkpoint = out / "checkpoint-2"  # FSDP checkpoint plus each rank's carried memory
     assert (checkpoint / "stream_state-rank0.safetensors").is_file(), sorted(p.name for p in out.rglob("*"))

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BOS, EOS, PAD, build_tiny_memformer, cache_tensors, rand_ids
+from helpers import BOS, EOS, PAD, build_tiny_memformer, cache_tensors, left_pad, rand_ids
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, TextStreamer, pipeline
 
@@ -21,13 +21,7 @@ L = 4
 
 
 def left_padded_prompt(lengths=(7, 3), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(lengths)
-    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, k in enumerate(lengths):
-        ids[i, n - k:] = rand_ids(k, seed=seed + i)[0]
-        mask[i, n - k:] = 1
-    return ids, mask
+    return left_pad([rand_ids(k, seed=seed + i)[0] for i, k in enumerate(lengths)])
 
 
 @pytest.fixture(scope="module")

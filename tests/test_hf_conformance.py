@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import TINY_MEMFORMER
+from helpers import TINY_MEMFORMER
 from hf_conformance import fetch_transformers_tests as fetcher
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 

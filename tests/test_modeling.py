@@ -15,19 +15,8 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import (
-    _P,
-    BOS,
-    PAD,
-    build_tiny_memformer,
-    cache_tensors,
-    rand_ids,
-    reference_encode,
-    reference_initial_memory,
-    reference_stream,
-    reference_writer,
-    tiny_memformer_config,
-)
+from conftest import _P, reference_encode, reference_initial_memory, reference_stream, reference_writer
+from helpers import BOS, build_tiny_memformer, cache_tensors, left_pad, rand_ids, tiny_memformer_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
@@ -174,35 +163,34 @@ def test_empty_boot_cross_attention_outputs_exact_zero():
     torch.testing.assert_close(out.logits[0], ref_logits, atol=1e-6, rtol=0)
 
 
-def test_set_attn_implementation_switches():
-    model = build_tiny_memformer(attn="sdpa")
-    model.set_attn_implementation("eager")
-    assert model.config._attn_implementation == "eager"
+def test_set_attn_implementation_switches_the_path_we_run(monkeypatch):
+    """`set_attn_implementation` changes which attention code our layers run (they dispatch on the shared config at
+    call time): sdpa runs no eager attention, eager runs it in every attention call, and switching back gives the
+    sdpa logits exactly. Also guards the eager/sdpa comparisons above."""
+    import memformer_hf.modeling_memformer as mm
 
-
-def test_attn_implementation_really_switches_path():
-    """Guards the eager/sdpa comparisons above: the two paths are numerically distinguishable."""
     model = build_tiny_memformer(attn="sdpa", dtype=torch.float32)
     ids = rand_ids(STREAM_N, seed=5)
     calls = []
-    import memformer_hf.modeling_memformer as mm
-
     original = mm.eager_attention_forward
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    mm.eager_attention_forward = spy
-    try:
-        with torch.no_grad():
-            model(ids)
-            n_sdpa = len(calls)
-            model.config._attn_implementation = "eager"
-            model(ids)
-    finally:
-        mm.eager_attention_forward = original
-    assert n_sdpa == 0 and len(calls) > 0
+    monkeypatch.setattr(mm, "eager_attention_forward", spy)
+    with torch.no_grad():
+        sdpa = model(ids).logits
+        n_sdpa = len(calls)
+        model.set_attn_implementation("eager")
+        eager = model(ids).logits
+        n_eager = len(calls)
+        model.set_attn_implementation("sdpa")
+        again = model(ids).logits
+    assert n_sdpa == 0 and n_eager > 0 and len(calls) == n_eager
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, sdpa, atol=0, rtol=0)
 
 
 # ================================================================================== 2. writer invariants
@@ -922,18 +910,6 @@ def test_config_roundtrip_and_tiny_config_values(tmp_path):
 
 
 # ================================================================================== 7. padding, checkpointing
-def _left_pad(rows: list[torch.Tensor], garbage_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), PAD, dtype=torch.long)
-    if garbage_seed is not None:
-        ids = torch.randint(0, 50, (len(rows), n), generator=torch.Generator().manual_seed(garbage_seed))
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("boot", ["bos", "empty"])
 def test_left_padded_batch_equals_rows_alone(boot):
     model = build_tiny_memformer(attn="sdpa", first_segment_context=boot)
@@ -943,11 +919,11 @@ def test_left_padded_batch_equals_rows_alone(boot):
                 layer.cross_attn.o_proj.bias.zero_()
     lengths = [13, 9, 6, 2]  # different phases in the segment grid: rows reach boundaries at different steps
     rows = [rand_ids(n, seed=30 + i, boot=(boot == "bos"))[0] for i, n in enumerate(lengths)]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad(rows)
     extra = rand_ids(7, batch=len(rows), seed=40, boot=False)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-        garbage_ids, _ = _left_pad(rows, garbage_seed=41)
+        garbage_ids, _ = left_pad(rows, garbage_seed=41)
         out_g = model(garbage_ids, attention_mask=mask)
         # continue one column at a time with generate()'s 2-D mask of past + current columns
         cache, step_logits, am = out[CACHE_KWARG], [], mask

@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cache_tensors, randomize_biases_and_norms
+from helpers import BOS, CELL_KEYS, PAD, L, build_tiny_memformer, cache_tensors, gloo_group, left_pad, spawn_workers
+from helpers import TINY_MEMFORMER as TINY
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells
@@ -35,14 +34,6 @@ from memformer_hf.mrbp import cells_backward, memory_replay_backward
 
 RTOL = 1e-6
 FLOOR = 1e-8
-BOS, EOS, PAD = 1, 2, 0
-L = 4  # segment length of the tiny model
-TINY = dict(
-    vocab_size=50, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2, intermediate_size=32,
-    segment_length=L, num_memory_slots=3, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-    initializer_range=0.3,
-)
-CELL_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
 
 # ============================================================================================== helpers
@@ -61,14 +52,8 @@ def build_model(seed: int = 0, dropout: float = 0.0, boot: str = "bos", attn: st
 
     Train mode when dropout > 0, eval mode otherwise. SDPA attention: the eager path is not float64-exact (see
     test_eager_float64_fully_masked_rows_stay_finite)."""
-    torch.manual_seed(seed)
-    cfg = MemformerConfig(**{**TINY, "attention_dropout": dropout, "hidden_dropout": dropout,
-                             "first_segment_context": boot, "attn_implementation": attn, **overrides})
-    model = MemformerForCausalLM(cfg)
-    randomize_biases_and_norms(model, seed + 1000)
-    model = model.double()
-    assert model.config._attn_implementation == attn
-    return model.train() if dropout > 0 else model.eval()
+    return build_tiny_memformer(seed, attn=attn, train=dropout > 0, attention_dropout=dropout, hidden_dropout=dropout,
+                                first_segment_context=boot, **overrides)
 
 
 def rand_doc(n: int, gen: torch.Generator) -> list[int]:
@@ -428,20 +413,11 @@ def test_gradient_accumulation_equals_full_batch():
     torch.testing.assert_close(torch.cat(mems), mem_full, rtol=1e-12, atol=1e-14)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         docs = _docs(80, DOC_LENGTHS)
         common = dict(segment_length=L, window=3, batch_size=2, bos_token_id=BOS, pad_token_id=PAD, seed=4)
         local = _cells_of(StreamBatches(docs, world_size=world, rank=rank, **common)[0])
@@ -467,28 +443,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                    num_items_in_batch=n_items, backward=backward)
         torch.save({"grads": grads(model), "memory": mem, "loss": loss, "reduced_in": reduced_in,
                     "n_backward": current[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_ranks_equal_single_process_full_batch():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
-        # fork: the children inherit the imported modules (spawn would re-import torch + transformers per rank)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), tmp), nprocs=world, join=False,
-                                 start_method=method)
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):  # re-raises a worker's exception
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("DDP workers did not finish within 120 s")
+        spawn_workers(_ddp_worker, world, tmp, timeout=120)
         res = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
     docs = _docs(80, DOC_LENGTHS)
@@ -506,16 +466,6 @@ def test_ddp_two_ranks_equal_single_process_full_batch():
 
 
 # ============================================================================================== stream API
-def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), PAD)
-    am = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        am[i, n - len(r):] = 1
-    return ids, am
-
-
 def assert_cache_equal(got, ref):
     """Equal states: every tensor, except the decoder self-K/V past each row's `fill` (positions fill+1.. are not
     part of the state, SPEC §2.2, and are never attended); those are checked functionally instead."""
@@ -577,7 +527,7 @@ def test_stream_api_equals_forward_backward(boot):
             rand_doc(11, gen),  # implicit boot (no BOS), left-padded
             [BOS] + rand_doc(7, gen),  # explicit boot, shorter
             rand_doc(2, gen)]  # shorter than a segment: no encode step beyond the boot
-    ids, am = _left_padded(rows)
+    ids, am = left_pad(rows)
     _stream_check(model, ids, am, what=f"stream fresh {boot}")
 
 
@@ -591,7 +541,7 @@ def test_stream_api_single_short_call():
 def test_stream_api_continues_from_cache_and_resets(boot):
     gen = torch.Generator().manual_seed(92)
     model = build_model(seed=92, boot=boot)
-    prev_ids, prev_am = _left_padded([[BOS] + rand_doc(6, gen), rand_doc(9, gen), rand_doc(4, gen)])
+    prev_ids, prev_am = left_pad([[BOS] + rand_doc(6, gen), rand_doc(9, gen), rand_doc(4, gen)])
     with torch.no_grad():
         past = model(prev_ids, attention_mask=prev_am, use_cache=True)[CACHE_KWARG]
     assert sorted(set(past.fill.tolist())) != [0], "want partial segments in the cache"

@@ -5,6 +5,7 @@ cache carried equals one forward over the whole input."""
 from __future__ import annotations
 
 import torch
+from helpers import build_tiny_memformer, left_pad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,21 +34,16 @@ def setups(draw):
 
 
 def build(cfg: MemformerConfig, seed: int) -> MemformerForCausalLM:
-    torch.manual_seed(seed)
-    return MemformerForCausalLM(cfg).double().eval()
+    return build_tiny_memformer(seed, config=cfg, randomize=False, attn=None)
 
 
 def left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rows of the given lengths, an explicit boot (BOS) on every other row, left-padded with PAD."""
     g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.full((len(lengths), n), PAD)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for r, m in enumerate(lengths):
-        ids[r, n - m:] = torch.randint(3, VOCAB, (m,), generator=g)
-        if r % 2 == 0:
-            ids[r, n - m] = BOS  # explicit boot on some rows, implicit on the others
-        mask[r, n - m:] = 1
-    return ids, mask
+    rows = [torch.randint(3, VOCAB, (m,), generator=g) for m in lengths]
+    for r in range(0, len(rows), 2):
+        rows[r][0] = BOS  # explicit boot on some rows, implicit on the others
+    return left_pad(rows, pad=PAD)
 
 
 @settings(max_examples=25, deadline=None)

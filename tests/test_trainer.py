@@ -29,39 +29,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_biases_and_norms
+from helpers import BOS, CELL_KEYS, PAD, L, Torchrun, build_tiny_memformer
+from helpers import TINY_MEMFORMER as TINY
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 from transformers.trainer_utils import get_last_checkpoint
 
 import memformer_hf.trainer_memformer as trainer_module
-from memformer_hf import MemformerConfig, MemformerForCausalLM, mrbp
+from memformer_hf import MemformerForCausalLM, mrbp
 from memformer_hf.data_streams import StreamBatches
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 
-BOS, EOS, PAD = 1, 2, 0
-L = 4  # segment length
-TINY = dict(
-    vocab_size=50, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2, intermediate_size=32,
-    segment_length=L, num_memory_slots=3, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-    initializer_range=0.3,  # sharp (SPEC §5.8): the outputs depend strongly on the memory
-)
-CELL_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "decoder_attention_mask")
-
 
 # ============================================================================================== helpers
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> MemformerForCausalLM:
-    """A tiny sharp model; biases and LayerNorm affines randomised (their init 0 / 1 would hide bugs).
-
-    Attention key biases are frozen: softmax is shift-invariant, so their true gradient is 0 and what they get is
-    rounding noise, which Adam's normalisation would turn into ±lr updates that differ between summation orders."""
-    torch.manual_seed(seed)
-    model = MemformerForCausalLM(MemformerConfig(**{**TINY, "attn_implementation": "eager", **overrides}))
-    randomize_biases_and_norms(model, seed + 1000)
-    for name, p in model.named_parameters():
-        if name.endswith("k_proj.bias"):
-            p.requires_grad_(False)
-    return model.to(dtype)
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
+               **overrides) -> MemformerForCausalLM:
+    """A tiny sharp model in train mode, biases and LayerNorm affines randomised, attention key biases frozen (see
+    `helpers.build_tiny_memformer`)."""
+    return build_tiny_memformer(seed, dtype=dtype, attn=attn_implementation, train=True, freeze_key_biases=True,
+                                **overrides)
 
 
 def make_docs(seed: int, n: int, lo: int, hi: int) -> list[list[int]]:
@@ -234,7 +220,7 @@ def test_training_equals_hand_written_loop(tmp_path, mode, window):
         assert got[step] == pytest.approx(ref, rel=1e-5), (step, got, ref_losses)
         assert norms[step] == pytest.approx(ref_norm, rel=1e-5), (step, norms, ref_norms)
     assert_params_close(params(tr.model), params(ref_model), 1e-5, mode)
-    carry = tr._carry  # the per-stream store of SPEC §4.3
+    carry = tr.carried_memory.memory  # the per-stream store of SPEC §4.3
     for sid, m in ref_carry.items():
         torch.testing.assert_close(carry[sid], m, rtol=0, atol=1e-5)
 
@@ -670,6 +656,95 @@ def test_evaluate_equals_stream_forward_per_document(tmp_path, eval_batch, eval_
     assert any("eval_loss" in h for h in tr.state.log_history)
 
 
+class RecordEvaluation(TrainerCallback):
+    """What callbacks (and so the `report_to` loggers, which are callbacks) see of evaluations."""
+
+    def __init__(self):
+        self.evaluated, self.logged = [], []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evaluated.append((state.global_step, dict(metrics)))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append((state.global_step, dict(logs)))
+
+
+def test_evaluation_metrics_reach_callbacks_loggers_and_compute_metrics(tmp_path, capsys):
+    """`compute_metrics` gets the token sums ([variants, buckets] summed NLL / targets) and the trainer's metrics;
+    what it returns is prefixed and joins them; callbacks get all of them in `on_evaluate` and `on_log`, for an
+    `evaluate()` call and for an evaluation during training. A progress bar shows unless `disable_tqdm`."""
+    docs = make_docs(5, 6, 1, 30) + [make_docs(6, 1, 150, 150)[0]]
+    calls = []
+
+    def compute_metrics(p):
+        calls.append(p)
+        return {"nll_from_sums": float(p.predictions[0].sum() / p.label_ids[0].sum()),
+                "eval_targets_no_memory": int(p.label_ids[1].sum()), "as_tensor": torch.tensor(1.5)}
+
+    rec = RecordEvaluation()
+    args = targs(tmp_path, per_device_eval_batch_size=2, eval_window=2, max_steps=2, eval_strategy="steps",
+                 eval_steps=2)
+    tr = MemformerTrainer(model=make_model(0), train_dataset=docs[:4], eval_dataset=docs, args=args, callbacks=[rec],
+                          compute_metrics=compute_metrics)
+    metrics = tr.evaluate()
+    p = calls[-1]
+    assert p.variants == ("", "_no_memory") and p.predictions.shape == p.label_ids.shape == (2, 5)
+    assert p.label_ids[:, :2].sum(1).tolist() == [metrics["eval_tokens"]] * 2 and not p.label_ids[:, 2:].any()
+    predictions, label_ids = p  # unpacks like any EvalPrediction
+    assert predictions is p.predictions and label_ids is p.label_ids
+    assert p.metrics["eval_loss"] == metrics["eval_loss"]
+    assert metrics["eval_nll_from_sums"] == pytest.approx(metrics["eval_loss"], rel=1e-12)
+    assert metrics["eval_targets_no_memory"] == metrics["eval_tokens"] and metrics["eval_as_tensor"] == 1.5
+    # the same perplexity metrics as without compute_metrics, which `evaluate_documents` gives alone
+    assert tr.evaluate_documents(docs) == {k: v for k, v in metrics.items() if k in p.metrics}
+    assert rec.evaluated[-1] == (0, metrics)
+    assert rec.logged[-1] == (0, metrics)
+
+    tr.train()
+    assert len(calls) == 2
+    step, during = rec.evaluated[-1]
+    assert step == 2 and {"eval_loss", "eval_ppl_pos_64-512", "eval_nll_from_sums"} <= during.keys()
+    assert (2, during) in rec.logged
+    assert any(h.get("eval_nll_from_sums") == during["eval_nll_from_sums"] for h in tr.state.log_history)
+
+    capsys.readouterr()
+    tr.args.disable_tqdm = False
+    tr.evaluate_documents(docs[:2])
+    assert "Evaluating" in capsys.readouterr().err
+    tr.args.disable_tqdm = True
+    tr.evaluate_documents(docs[:2])
+    assert "Evaluating" not in capsys.readouterr().err
+
+
+def test_carried_memory_store(tmp_path, caplog):
+    """Rows by global stream id (rank 1 owns streams 4..7), m₀ once on the first get, save / load of a checkpoint
+    folder, and a layout mismatch or a missing state leaves the store empty."""
+    store = trainer_module.CarriedMemory(first_stream=4, num_streams=4, rank=1)
+    made = []
+
+    def initial(n):
+        made.append(n)
+        return torch.zeros(n, 3, 2)
+
+    ids = torch.tensor([6, 4])
+    assert torch.equal(store.get(ids, initial), torch.zeros(2, 3, 2)) and made == [4]
+    store.put(ids, torch.ones(2, 3, 2, dtype=torch.float64))
+    assert store.memory.dtype == torch.float32 and store.memory[[0, 2]].eq(1).all() and store.memory[[1, 3]].eq(0).all()
+    assert torch.equal(store.get(torch.tensor([5, 6]), initial)[1], torch.ones(3, 2)) and made == [4]
+
+    store.save(str(tmp_path), {"world_size": 2})
+    assert {p.name for p in tmp_path.iterdir()} == {"stream_state-rank1.safetensors", "stream_state-rank1.json"}
+    again = trainer_module.CarriedMemory(first_stream=4, num_streams=4, rank=1)
+    assert again.load(str(tmp_path), lambda layout: layout == {"world_size": 2}, torch.device("cpu"))
+    assert torch.equal(again.memory, store.memory)
+    with caplog.at_level(logging.WARNING):
+        other = trainer_module.CarriedMemory(first_stream=4, num_streams=4, rank=1)
+        assert not other.load(str(tmp_path), lambda layout: False, torch.device("cpu")) and other.memory is None
+        rank0 = trainer_module.CarriedMemory(first_stream=0, num_streams=4, rank=0)
+        assert not rank0.load(str(tmp_path), lambda layout: True, torch.device("cpu")) and rank0.memory is None
+    assert "stream layout differs" in caplog.text and "no carried-memory state" in caplog.text
+
+
 # ============================================================================================== 7. mixed precision
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_mixed_precision_autocast_on_cpu(tmp_path, monkeypatch, precision):
@@ -690,7 +765,7 @@ def test_mixed_precision_autocast_on_cpu(tmp_path, monkeypatch, precision):
     tr.train()
     assert half in seen, seen
     assert all(c["memory_out"].dtype == torch.float32 for c in rec.calls)
-    assert tr._carry.dtype == torch.float32
+    assert tr.carried_memory.memory.dtype == torch.float32
     got = logged_losses(tr)
     ref = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "fp32", **kw), train_dataset=docs)
     ref.train()
@@ -818,7 +893,8 @@ DDP_SCRIPT = textwrap.dedent("""
     tr.train()
     metrics = tr.evaluate()
     rank = tr.args.process_index
-    save_file({{"carry": tr._carry.cpu().contiguous()}}, os.path.join(out, f"carry{{rank}}.safetensors"))
+    carry = tr.carried_memory.memory.cpu().contiguous()
+    save_file({{"carry": carry}}, os.path.join(out, f"carry{{rank}}.safetensors"))
     if rank == 0:
         save_file({{k: v.detach().contiguous() for k, v in tr.model.named_parameters()}},
                   os.path.join(out, "params.safetensors"))
@@ -831,27 +907,16 @@ DDP_SCRIPT = textwrap.dedent("""
 def ddp_runs(tmp_path_factory):
     """One 2-rank torchrun (gloo, per-device batch 1) and one single process (batch 2), same global batch."""
     tmp = tmp_path_factory.mktemp("ddp")
-    try:
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_gloo_available():
-            pytest.skip("torch.distributed with the gloo backend is not available")
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"torch.distributed unavailable: {e}")
     script = tmp / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(tmp / "ddp")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    run = Torchrun(script, tmp / "ddp")
     # the single-process run meanwhile, in this process
     docs = make_docs(**DDP_DOCS)
     single = MemformerTrainer(model=make_model(0), args=targs(tmp / "single", per_device_train_batch_size=2, **DDP_KW),
                               train_dataset=docs, eval_dataset=docs[:7])
     single.train()
     single_metrics = single.evaluate()
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out[-4000:]
+    run.wait(timeout=180)
     return tmp / "ddp", single, single_metrics
 
 
@@ -867,7 +932,8 @@ def test_ddp_two_ranks_equal_single_process(ddp_runs):
     S = single.train_dataset.streams_per_rank // 2
     for rank in range(2):
         carry = load_file(ddp / f"carry{rank}.safetensors")["carry"]
-        torch.testing.assert_close(carry, single._carry[rank * S:(rank + 1) * S], rtol=0, atol=1e-5)
+        ref = single.carried_memory.memory[rank * S:(rank + 1) * S]
+        torch.testing.assert_close(carry, ref, rtol=0, atol=1e-5)
     metrics = json.loads((ddp / "result.json").read_text())["metrics"]
     assert metrics["eval_tokens"] == single_metrics["eval_tokens"]
     for key in ("eval_loss", "eval_loss_no_memory"):

@@ -315,16 +315,10 @@ class TrainingCellGraph:
     def for_model(cls, model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None
                   ) -> TrainingCellGraph | None:
         """The model's graphed cell for this window's shapes, or None when graphs do not apply."""
-        from transformers import PreTrainedModel
-
-        device = cells["encoder_input_ids"].device
-        core = getattr(model, "model", None)
-        if (device.type != "cuda" or not isinstance(model, PreTrainedModel) or core is None
-                or not getattr(core, "use_cuda_graphs", False) or _dropout_active(model)
-                or not torch.is_grad_enabled() or "decoder_input_ids" not in cells
-                or (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_world_size() > 1)):
+        if not graphed_cells_apply(model, cells) or not torch.is_grad_enabled():
             return None
+        core = model.model
+        device = cells["encoder_input_ids"].device
         # make_graphed_callables keeps the sample tensors as its static inputs: never the caller's (views of) cells
         example = {k: v.clone() for k, v in cell_batch(cells, 0).items()}
         b = example["encoder_input_ids"].shape[0]
@@ -340,6 +334,35 @@ class TrainingCellGraph:
             return None
         graphed.prepare_gradients()
         return graphed
+
+
+def graphed_cells_apply(model: torch.nn.Module, cells: dict[str, torch.Tensor]) -> bool:
+    """Whether `cells_backward` runs this model's training cells as CUDA graphs: a bare (not DDP/FSDP-wrapped or
+    sharded) Memformer on CUDA, no active dropout, `model.model.use_cuda_graphs` on. Under DDP the Trainer runs the
+    bare module and averages the gradients itself (`average_gradients`)."""
+    from transformers import PreTrainedModel
+
+    core = getattr(model, "model", None)
+    if (cells["encoder_input_ids"].device.type != "cuda" or not isinstance(model, PreTrainedModel) or core is None
+            or not getattr(core, "use_cuda_graphs", False) or _dropout_active(model)
+            or "decoder_input_ids" not in cells):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return True
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce (mean over ranks) every gradient of `model` in one flat buffer, as DDP does after a backward."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or not torch.distributed.is_initialized():
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat.div_(torch.distributed.get_world_size())
+    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
 def cells_backward(

@@ -205,3 +205,35 @@ def test_cell_mode_without_validation_equals_validated():
         b = model(encoder_input_ids=enc, decoder_input_ids=dec, validate_inputs=False)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
     torch.testing.assert_close(a.memory, b.memory, atol=0, rtol=0)
+
+
+def test_torch_compile_is_refused_with_a_reason(tmp_path):
+    from memformer_hf.trainer_memformer import MemformerTrainingArguments
+
+    with pytest.raises(ValueError, match="torch_compile is not supported by MemformerTrainer"):
+        MemformerTrainingArguments(output_dir=str(tmp_path), torch_compile=True)
+    assert not MemformerTrainingArguments(output_dir=str(tmp_path)).torch_compile
+
+
+def _average_worker(rank: int, world: int, port: int) -> None:
+    from helpers import gloo_group
+
+    from memformer_hf.mrbp import average_gradients
+
+    with gloo_group(rank, world, port):
+        model = build(12)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(build(12))
+        ids = rand_ids(9, batch=2, seed=20 + rank)  # each rank its own batch
+        model(ids, labels=ids).loss.backward()
+        average_gradients(model)  # what the Trainer does for graphed cells under DDP
+        ddp_model(ids, labels=ids).loss.backward()  # DDP's own averaging
+        for (name, p), q in zip(model.named_parameters(), ddp_model.module.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_average_gradients_equals_ddp():
+    """Under DDP the graphed training cells run on the bare module and the Trainer averages the gradients itself:
+    the result equals DDP's (2 gloo ranks, different batches)."""
+    from helpers import spawn_workers
+
+    spawn_workers(_average_worker, 2)

@@ -58,6 +58,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--no_bf16", action="store_true", help="float32 instead of bf16 autocast")
     p.add_argument("--tiny", action="store_true", help="tiny model, batch and step count (smoke test)")
+    p.add_argument("--fsdp", action="store_true", help="the N-GPU run with FSDP2 (accelerate launch with "
+                                                       "examples/accelerate/fsdp.yaml) instead of DDP (torchrun)")
     p.add_argument("--work", default="/tmp/bench_scaling", help="per-run JSON files and Trainer output")
     p.add_argument("--output", default=str(RESULTS / "scaling.md"))
     p.add_argument("--worker", metavar="RUN_JSON", help=argparse.SUPPRESS)
@@ -252,7 +254,7 @@ def report(work: Path, output: Path, command: str) -> str:
         f"streams × {a['window']} segments × {cfg['segment_length']} tokens ({tokens_per_step:,} token slots) per "
         f"step in both runs; {n} steps, tokens/s over steps {min(warmup, n - 2) + 1}..{n} (target tokens, wall time "
         f"between optimizer steps including data loading and logging)",
-        "- Multi-GPU: DDP via torchrun (`MemformerTrainer`: `no_sync` on every backward but the window's last)", "",
+        "- Multi-GPU: DDP via torchrun, or FSDP2 via `accelerate launch` with `--fsdp` (gradients synchronised once per optimizer step)", "",
         f"| {unit} | batch per GPU | tokens/s | step ms (median) | speedup | scaling efficiency | peak MB per GPU "
         "| loss at last step |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
@@ -314,6 +316,9 @@ def main() -> None:
             # 1 GPU: a plain process on one visible GPU (torchrun with one process would wrap DDP of world size 1,
             # whose `no_sync` accelerate skips; more visible GPUs would make the Trainer use DataParallel)
             launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else [])
+            if n > 1 and args.fsdp:
+                launcher = ["-m", "accelerate.commands.launch", "--config_file",
+                            str(HERE.parent / "examples" / "accelerate" / "fsdp.yaml"), "--num_processes", str(n)]
             argv = [sys.executable, *launcher, __file__, *sys.argv[1:], "--worker", str(work / f"gpus{n}.json")]
             print(f"== {n} process{'es' if n > 1 else ''}: {' '.join(shlex.quote(x) for x in argv)}", flush=True)
             subprocess.run(argv, env={**env, "CUDA_VISIBLE_DEVICES": first_gpu} if n == 1 else env, check=True)

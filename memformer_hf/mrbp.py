@@ -239,6 +239,20 @@ class _CellOutput:
         self.loss, self.memory = loss, memory
 
 
+class _GradientInto:
+    """Post-accumulate-grad hook of a parameter alias: move its gradient into the parameter's `.grad`."""
+
+    def __init__(self, parameter: torch.nn.Parameter) -> None:
+        self.parameter = parameter
+
+    def __call__(self, alias: torch.Tensor) -> None:
+        if self.parameter.grad is None:
+            self.parameter.grad = alias.grad.clone()  # (alias.grad may be the graph's own output buffer)
+        else:
+            self.parameter.grad.add_(alias.grad)
+        alias.grad = None
+
+
 class _TrainingCell(torch.nn.Module):
     """A training cell as a module over the model's parameters: cell-mode forward, LM head, summed NLL / count."""
 
@@ -270,28 +284,27 @@ class TrainingCellGraph:
 
     def __init__(self, model: torch.nn.Module, example: dict[str, torch.Tensor], memory: torch.Tensor) -> None:
         self.model = model
-        cell = _TrainingCell(model)  # a module, so that make_graphed_callables back-propagates into its parameters
+        cell = _TrainingCell(model)
+        # The graphs differentiate with respect to detached aliases of the trainable parameters (same storage, so
+        # optimizer updates are seen), created here: the parameters' own gradient accumulators may live on another
+        # stream (DDP keeps them alive), which would break the capture. A hook adds each alias's gradient into its
+        # parameter's `.grad` after every backward.
+        names = [n for n, p in cell.named_parameters() if p.requires_grad]
+        params = dict(cell.named_parameters())
+        self.aliases = [params[n].detach().requires_grad_(True) for n in names]
+        for alias, name in zip(self.aliases, names):
+            alias.register_post_accumulate_grad_hook(_GradientInto(params[name]))
+
+        def run(*args):
+            return torch.func.functional_call(cell, dict(zip(names, args[8:])), args[:8])
+
         autocast = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         torch.clear_autocast_cache()  # no cast made outside may enter the captured graphs
         with torch.autocast("cuda", dtype, autocast, cache_enabled=False):
             self.graphed = torch.cuda.make_graphed_callables(
-                cell, self._args(example, memory, torch.ones((), dtype=torch.long, device=memory.device)),
-                num_warmup_iters=3)
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-
-    def prepare_gradients(self) -> None:
-        """Give every trainable parameter a `.grad` before the first graphed backward of a window. Autograd may
-        otherwise adopt the graph's gradient output buffer as `.grad` (it does so for a parameter without one), and
-        the next replay would overwrite it; one zeroed flat buffer costs a single kernel."""
-        missing = [p for p in self.parameters if p.grad is None]
-        if not missing:
-            return
-        flat = torch.zeros(sum(p.numel() for p in missing), dtype=missing[0].dtype, device=missing[0].device)
-        offset = 0
-        for p in missing:
-            p.grad = flat[offset: offset + p.numel()].view_as(p) if p.dtype == flat.dtype else torch.zeros_like(p)
-            offset += p.numel()
+                run, self._args(example, memory, torch.ones((), dtype=torch.long, device=memory.device))
+                + tuple(self.aliases), num_warmup_iters=3)
 
     @staticmethod
     def _args(batch: dict[str, torch.Tensor], memory: torch.Tensor, num_items: torch.Tensor) -> tuple:
@@ -308,7 +321,8 @@ class TrainingCellGraph:
             num_items = batch["shift_labels"].ne(-100).sum()
         num_items = torch.as_tensor(num_items, device=memory.device).long()
         example = {k: v for k, v in batch.items() if torch.is_tensor(v)}
-        loss, new_memory = self.graphed(*self._args(example, memory.to(core.memory_dtype), num_items))
+        loss, new_memory = self.graphed(*self._args(example, memory.to(core.memory_dtype), num_items),
+                                        *self.aliases)
         return _CellOutput(loss, new_memory)
 
     @classmethod
@@ -332,7 +346,6 @@ class TrainingCellGraph:
             logger.warning_once(f"Training cells run eagerly: capturing them as CUDA graphs failed ({e}).")
             core.use_cuda_graphs = False
             return None
-        graphed.prepare_gradients()
         return graphed
 
 

@@ -84,7 +84,17 @@ def graphs_usable(module: torch.nn.Module, device: torch.device) -> bool:
     cfg = module.config
     dropout = module.training and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0)
     return (device.type == "cuda" and not dropout and not torch.is_grad_enabled()
-            and getattr(module, "use_cuda_graphs", True) and not torch.cuda.is_current_stream_capturing())
+            and getattr(module, "use_cuda_graphs", True) and not torch.cuda.is_current_stream_capturing()
+            and not is_sharded(module))
 
 
-__all__ = ["GraphedStep", "StepGraphs", "graphs_usable"]
+def is_sharded(module: torch.nn.Module) -> bool:
+    """FSDP2-sharded parameters are gathered by hooks on other streams, which a graph capture cannot follow."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+__all__ = ["GraphedStep", "StepGraphs", "graphs_usable", "is_sharded"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from .graphs import is_sharded
 from .modeling_memformer import CACHE_KWARG, _graph_state, shift_labels_from
 
 logger = logging.get_logger(__name__)
@@ -360,11 +361,7 @@ def graphed_cells_apply(model: torch.nn.Module, cells: dict[str, torch.Tensor]) 
             or not getattr(core, "use_cuda_graphs", False) or _dropout_active(model)
             or "decoder_input_ids" not in cells):
         return False
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return True
-    return not any(isinstance(m, FSDPModule) for m in model.modules())
+    return not is_sharded(model)
 
 
 def average_gradients(model: torch.nn.Module) -> None:

@@ -599,11 +599,13 @@ class MemformerModel(MemformerPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------ the recurrent step
     def critical_path_step(self, segment_embeds: torch.Tensor, memory: torch.Tensor,
-                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           mask: torch.Tensor | None = None, graphs: bool | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of the recurrence: H = Enc(s, M), M' = BMN(Write(M, H)) for segments [N, L, d] (`mask` [N, L]:
         valid tokens, None: all). Shapes are fixed per (batch, segment length, dtype), so on CUDA without autograd
-        the step runs as a captured CUDA graph (its outputs are then overwritten by the next replay)."""
-        if graphs_usable(self, memory.device):
+        the step runs as a captured CUDA graph (its outputs are then overwritten by the next replay); `graphs`: the
+        caller's `graphs_usable` answer for a loop of steps."""
+        if graphs_usable(self, memory.device) if graphs is None else graphs:
             key = ("encode", tuple(segment_embeds.shape), segment_embeds.dtype, memory.dtype, mask is None)
             inputs = (segment_embeds, memory) if mask is None else (segment_embeds, memory, mask)
             step = self._step_graphs.get(self, key, lambda: GraphedStep(self._encode_step, inputs))
@@ -667,13 +669,14 @@ class MemformerModel(MemformerPreTrainedModel):
             memory = cache.memory.to(self.memory_dtype)
         segments = self.embed_tokens(grid[:, 1: n_segments * L + 1].view(b, n_segments, L))
         hidden_states = []
+        graphs = graphs_usable(self, device)
         for s in range(n_segments):
             if cfg.bptt_horizon and self.training and step_index > 0 and step_index % cfg.bptt_horizon == 0:
                 memory = memory.detach()
-            hidden, memory = self.critical_path_step(segments[:, s], memory)
-            hidden_states.append(hidden.clone() if graphs_usable(self, device) else hidden)
+            hidden, memory = self.critical_path_step(segments[:, s], memory, graphs=graphs)
+            hidden_states.append(hidden.clone() if graphs else hidden)
             step_index += 1
-        if n_segments and graphs_usable(self, device):
+        if n_segments and graphs:
             memory = memory.clone()  # the graph's output buffer is overwritten by its next replay
 
         # decoder over the chunks whose outputs are needed (all, or those holding kept columns + the last one)
@@ -948,11 +951,10 @@ class MemformerModel(MemformerPreTrainedModel):
         if output_memory_attentions:
             hidden, new_memory, write_probs, reads = self.encode_segment(embeds, enc_mask, memory)
         else:
-            hidden, new_memory = self.critical_path_step(embeds, memory, enc_mask)
-            if not critical_path_only and graphs_usable(self, hidden.device):
-                hidden = hidden.clone()  # graph output buffers are overwritten by the next replay
-        if graphs_usable(self, new_memory.device) and not output_memory_attentions:
-            new_memory = new_memory.clone()
+            graphs = graphs_usable(self, embeds.device)
+            hidden, new_memory = self.critical_path_step(embeds, memory, enc_mask, graphs=graphs)
+            if graphs:  # graph output buffers are overwritten by the next replay
+                hidden, new_memory = (hidden if critical_path_only else hidden.clone()), new_memory.clone()
         last_hidden = all_hidden = None
         if not critical_path_only:
             last_hidden, _, _, all_hidden = self.decode_chunks(

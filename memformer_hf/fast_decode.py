@@ -1,4 +1,4 @@
-"""Fast decoding: static-shape state buffers and CUDA-graph replay of the per-token step (SPEC §2.8).
+"""Fast decoding: static-shape state buffers and CUDA-graph replay of the per-token step (docs/design.md#fast-decode).
 
 `MemformerStaticCache` holds the same state as `MemformerCache` in preallocated buffers that are only ever updated
 in place, so their addresses never change. `StaticDecoder` runs one token per row per call with two step functions:

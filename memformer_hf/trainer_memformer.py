@@ -205,6 +205,7 @@ class MemformerTrainer(Trainer):
     def _run_epoch(self, *args: Any, **kwargs: Any):
         """As the Trainer's, over this epoch's own number of batches."""
         if isinstance(self.train_dataset, StreamBatches) and "epoch" in kwargs and "steps_in_epoch" in kwargs:
+            self.train_dataset.set_epoch(kwargs["epoch"])  # also when resuming through a batch-skipping wrapper
             batches = self.train_dataset.epoch_batches(kwargs["epoch"])
             kwargs["steps_in_epoch"] = batches
             kwargs["num_update_steps_per_epoch"] = -(-batches // self.args.gradient_accumulation_steps)

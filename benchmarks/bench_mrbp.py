@@ -1,7 +1,8 @@
-"""Training memory and speed of MRBP vs full BPTT vs activation checkpointing (SPEC §10 T4, the paper's Table 3).
+"""Training memory and speed of MRBP vs full BPTT vs activation checkpointing (docs/design.md#mrbp-cost, the
+paper's Table 3).
 
-One optimizer micro-step over a window of T cells for B stream rows (the `StreamBatches` layout, SPEC §4.2), random
-weights and random tokens, per mode and window length T:
+One optimizer micro-step over a window of T cells for B stream rows (the `StreamBatches` layout,
+docs/design.md#stream-batching), random weights and random tokens, per mode and window length T:
 
 * `bptt`: one graph through all T cells, one backward (`cells_backward(mode="bptt")`);
 * `checkpointing`: the same with `model.gradient_checkpointing_enable()` (encoder and decoder layers recomputed);
@@ -39,7 +40,7 @@ from memformer_hf.mrbp import cells_backward
 
 BOS, PAD = 1, 0
 PRESETS = {
-    # SPEC §3.11 / §10 T4: d 512, 4 + 8 layers (the 12-layer proxy of the paper's decoder), 8 heads, K 32, L 64
+    # docs/design.md#mrbp-cost: d 512, 4 + 8 layers (the 12-layer proxy of the paper's decoder), 8 heads, K 32, L 64
     "paper": dict(hidden_size=512, encoder_layers=4, decoder_layers=8, num_attention_heads=8, intermediate_size=2048,
                   num_memory_slots=32, segment_length=64, vocab_size=32768),
     "small": dict(hidden_size=256, encoder_layers=2, decoder_layers=4, num_attention_heads=4, intermediate_size=1024,
@@ -233,7 +234,7 @@ def main() -> None:
              "\"above start\" subtracts what was allocated when the timed steps began (weights + gradients + "
              "batch). Ratios are against BPTT at the same T. tokens/s counts target tokens (B·T·L). The paper's "
              "Table 3 (12-layer decoder-only model, T = 4): BPTT 16,177 MB ×1.00, checkpointing 9,885 MB ×0.48, "
-             "MRBP 7,229 MB ×0.90 — compare ratios, not MB (SPEC §3.11).")
+             "MRBP 7,229 MB ×0.90 — compare ratios, not MB (docs/design.md#mrbp-cost).")
     with open(path, "w") as f:
         f.write(f"# MRBP vs BPTT vs activation checkpointing: training memory and speed\n\n"
                 f"- Date, device, versions: {environment(args.device)}\n- Setting: {setting}\n"

@@ -18,7 +18,7 @@ DATASHEET_BF16 = 989e12
 
 
 def forward_flops_per_token(cfg) -> dict[str, float]:
-    """SPEC §8.6: 2 FLOPs per multiply-accumulate, full attention cores."""
+    """docs/design.md#flops: 2 FLOPs per multiply-accumulate, full attention cores."""
     d, f, L, K, V = cfg.hidden_size, cfg.intermediate_size, cfg.segment_length, cfg.num_memory_slots, cfg.vocab_size
     dec = 8 * d * d + 8 * d * d + 4 * d * f + 8 * L * d
     enc = 8 * d * d + 4 * d * d + 4 * d * d * K / L + 4 * d * f + 4 * L * d + 4 * K * d

@@ -180,7 +180,8 @@ def worker(args: argparse.Namespace) -> None:
         bf16=not args.no_bf16, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, seed=args.seed, data_seed=args.seed, use_cpu=cpu,
         ddp_backend="gloo" if cpu and world > 1 else None, dataloader_num_workers=args.dataloader_num_workers,
-        # every parameter gets a gradient in the synchronising backward of a window of T >= 2 (SPEC §3.9)
+        # every parameter gets a gradient in the synchronising backward of a window of T >= 2
+        # (docs/design.md#distributed)
         ddp_find_unused_parameters=False if args.window > 1 else None)
     recorder = Recorder()
     trainer = Trainer(model=model, args=targs, train_dataset=docs, callbacks=[recorder])

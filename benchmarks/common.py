@@ -25,8 +25,8 @@ def memformer(preset: str = "v1-lm", vocab: int = VOCAB, **overrides) -> Memform
 
 
 def llama(layers: int = 16, vocab: int = VOCAB, sliding_window: int | None = None):
-    """Same-size baselines (SPEC §10): d 512, 8 heads, intermediate 1408, tied embeddings, RoPE; with a sliding
-    window it is the Mistral-style Transformer-XL stand-in."""
+    """Same-size baselines (docs/design.md#baselines): d 512, 8 heads, intermediate 1408, tied embeddings, RoPE;
+    with a sliding window it is the Mistral-style Transformer-XL stand-in."""
     common = dict(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
                   num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True, max_position_embeddings=2**21,
                   bos_token_id=0, eos_token_id=0, pad_token_id=1)

@@ -1,4 +1,4 @@
-"""Synthetic memory tasks whose answer lies many segments back (issue 7, SPEC §9 "synthetic memory tasks").
+"""Synthetic memory tasks whose answer lies many segments back (issue 7, docs/design.md#memory-tasks).
 
 Associative recall: segment 0 writes P key–value pairs (`k1 v1 k2 v2 ...`, padded with filler), then D segments of
 random filler follow, then a query segment ends with `QUERY key`; the target is that key's value, the first token of

@@ -230,7 +230,7 @@ class MemformerCache(Cache):
             self.check_finite()
 
     def set_state(self, *, memory, cross_mask, segment_ids, fill, started, self_kv, cross_kv) -> None:
-        """Store a complete new state from outside the model (e.g. `fast_decode`); checked on its next use."""
+        """Store a complete new state from outside the model (e.g. a custom decoder); checked on its next use."""
         self.memory, self.cross_mask, self.segment_ids, self.fill, self.started = (
             memory, cross_mask, segment_ids, fill, started)
         for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):

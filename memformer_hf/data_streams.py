@@ -1,4 +1,5 @@
-"""Document loading and deterministic cell batching for Memformer training and evaluation (SPEC §3.1, §4.2-§4.6).
+"""Document loading and deterministic cell batching for Memformer training and evaluation (docs/design.md#cell,
+#stream-batching).
 
 A document with token ids ``d`` (no BOS) is split into segments ``s_0..s_{n-1}`` of ``L`` tokens (the last one possibly
 shorter). Its cells are: encoder inputs ``[boot, s_0, ..., s_{n-2}]``, decoder targets ``[s_0, ..., s_{n-1}]`` and
@@ -400,7 +401,7 @@ def _compact_documents(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Stream batches (SPEC §4.2)
+# Stream batches (docs/design.md#stream-batching)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -411,7 +412,8 @@ def _shuffle_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class StreamBatches(torch.utils.data.Dataset):
-    """Deterministic map-style dataset of ready per-rank batches (SPEC §4.2); index ``k`` -> batch dict.
+    """Deterministic map-style dataset of ready per-rank batches (docs/design.md#stream-batching); index ``k`` ->
+    batch dict.
 
     Documents are shuffled with ``(seed, epoch)`` and dealt greedily to the currently shortest of ``S·W`` streams
     (``S = B·G`` per rank; ties go to the lowest stream id). Streams are padded with inactive cells to the global
@@ -441,9 +443,11 @@ class StreamBatches(torch.utils.data.Dataset):
         shuffle: bool = True,
         length_epochs: int = 1,
     ) -> None:
-        """``length_epochs`` > 1: the dataset length is the largest over epochs ``0..length_epochs-1`` (and the
-        current one), so every epoch of a training run has the same number of batches; shorter dealings end with
-        inactive windows. Pass the number of epochs the run will do. With 1, each epoch has its natural length."""
+        """Each epoch has its natural length (:meth:`epoch_batches`): the documents are re-dealt every epoch, so the
+        lengths differ and no epoch ends with windows that hold no tokens. ``length_epochs`` > 1 is only for loops
+        that need one fixed length: the length becomes the largest over epochs ``0..length_epochs-1``, and shorter
+        dealings then end with inactive windows (no targets). ``MemformerTrainer`` does not need it (it follows
+        every epoch's own length)."""
         _check_ids(segment_length, bos_token_id, pad_token_id, boot)
         if length_epochs < 1:
             raise ValueError(f"length_epochs must be >= 1, got {length_epochs}")
@@ -473,13 +477,25 @@ class StreamBatches(torch.utils.data.Dataset):
         if not self._nonempty:
             raise ValueError("StreamBatches: no non-empty documents")
         self.length_epochs = length_epochs
+        self._natural_cells: dict[int, int] = {}  # epoch -> padded stream length of its dealing (cells)
         self._fixed_cells = (0 if length_epochs == 1 else
-                             max(self._round_up(max(self._deal(e)[1])) for e in range(length_epochs)))
+                             max(self._epoch_cells(e) for e in range(length_epochs)))
         self.epoch = -1
         self.set_epoch(epoch)
 
     def _round_up(self, cells: int) -> int:
         return -(-cells // self.window) * self.window
+
+    def _epoch_cells(self, epoch: int) -> int:
+        """The longest stream of ``epoch``'s dealing, rounded up to a multiple of ``T`` (cached)."""
+        if epoch not in self._natural_cells:
+            self._natural_cells[epoch] = self._round_up(max(self._deal(epoch)[1]))
+        return self._natural_cells[epoch]
+
+    def epoch_batches(self, epoch: int) -> int:
+        """Number of batches (``len``) of ``epoch``, without switching to it. Every window of an epoch holds target
+        tokens in at least one of its ``G·W`` stream groups (unless ``length_epochs`` pads it)."""
+        return max(self._epoch_cells(epoch), self._fixed_cells) // self.window * self.grad_accum
 
     def _deal(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """Greedy dealing of the (shuffled) documents to the currently shortest stream; identical on every rank."""
@@ -507,7 +523,8 @@ class StreamBatches(torch.utils.data.Dataset):
         stream_docs, stream_cells = self._deal(epoch)
         self.stream_num_cells = stream_cells  # active cells per global stream
         self.stream_documents = stream_docs  # document indices (into the input list) per global stream
-        self.num_cells = max(self._round_up(max(stream_cells)), self._fixed_cells)
+        self._natural_cells[epoch] = self._round_up(max(stream_cells))
+        self.num_cells = max(self._natural_cells[epoch], self._fixed_cells)
         self.num_windows = self.num_cells // self.window
 
         # Compact per-rank storage: one flat token tensor plus per-cell (start, length, boot) tables.
@@ -570,7 +587,7 @@ class StreamBatches(torch.utils.data.Dataset):
     # -- checkpoint matching ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Summary of the layout, for matching a saved stream state (SPEC §4.6)."""
+        """Summary of the layout, for matching a saved stream state (docs/design.md#checkpoints)."""
         return {
             "packer_version": PACKER_VERSION,
             "seed": self.seed,
@@ -615,7 +632,7 @@ def stream_batches_loader(dataset: StreamBatches, **kwargs: Any) -> torch.utils.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Window-per-sample (SPEC §4.2, last bullet)
+# Window-per-sample (docs/design.md#windows-per-sample)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Memformer: a memory-augmented Transformer for sequence modeling (Wu et al., arXiv 2010.06891), for transformers v5.
 
-Data flow per segment (SPEC §1.1): H_t = Enc(s_t, M_t) (every encoder layer reads the memory slots),
+Data flow per segment (docs/design.md#data-flow): H_t = Enc(s_t, M_t) (every encoder layer reads the memory slots),
 M_{t+1} = Write(M_t, H_t) (slot attention on the final encoder output, then Biased Memory Normalization) and the
 causal decoder predicts s_{t+1} while cross-attending to H_t only. The recurrent state lives in `MemformerCache`.
 
@@ -428,7 +428,7 @@ class MemformerModel(MemformerPreTrainedModel):
     * **stream mode** (`input_ids` or `inputs_embeds`): any number of columns; the sequence is split into segments
       per row, the recurrence runs inside, the state is taken and returned as `past_key_values`.
     * **cell mode** (`encoder_input_ids` + `decoder_input_ids`): one recurrence cell per row, `memory` in and out
-      (used by MRBP training, SPEC §3.1).
+      (used by MRBP training, docs/design.md#cell).
     """
 
     use_fast_paths: bool = True  # False: every stream-mode call runs the general planner (for tests and debugging)
@@ -877,7 +877,7 @@ class MemformerModel(MemformerPreTrainedModel):
             columns_to_keep: internal (`logits_to_keep` of the LM head): only columns selected here need outputs.
             replay_step / replay_memory: internal to MRBP (`mrbp.memory_replay_backward`): recompute encode step k
                 from its stored memory and only the decoder chunks that depend on it.
-        Cell mode (SPEC §3.1):
+        Cell mode (docs/design.md#cell):
             encoder_input_ids, encoder_attention_mask, decoder_input_ids, decoder_attention_mask [B, L]; memory
             [B, K, d] (None: m₀); memory_reset [B]; critical_path_only skips the decoder.
         """

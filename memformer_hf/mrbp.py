@@ -1,4 +1,4 @@
-"""Memory Replay Back-Propagation (MRBP, SPEC §3): exact back-propagation through time over a window of segments
+"""Memory Replay Back-Propagation (MRBP, docs/design.md): exact back-propagation through time over a window of segments
 while holding only one segment's graph plus one memory per step.
 
 Phase 1 runs the critical path (encoder + writer) without a graph and stores the memory before every step. Phase 2
@@ -13,7 +13,7 @@ Two entry points:
   carried cache. RNG replay needs per-step seeding, which only the cell API provides: with dropout active in
   training mode use `cells_backward` (what `MemformerTrainer` runs).
 * `cells_backward(model, cells, memory, ...)`: one window of T cells per row (the `data_streams` batch layout,
-  SPEC §4.2), with per-cell resets, per-cell RNG replay, loss weighting, DDP / FSDP `no_sync` and fp16 loss scaling.
+  docs/design.md), with per-cell resets, per-cell RNG replay, loss weighting, DDP / FSDP `no_sync` and fp16 loss scaling.
   `mode="bptt"` (one graph over the window) and `mode="truncated"` (T=1 truncation: no gradient through memory)
   run the same cells for comparison.
 """
@@ -399,7 +399,7 @@ def cells_backward(
         mode: "mrbp" (exact BPTT over the window, one cell graph alive), "bptt" (one graph over all cells), or
             "truncated" (each cell back-propagated alone; no gradient through memory).
         loss_weighting: "token_mean" (Σ NLL / N, N = `num_items_in_batch` or this window's targets),
-            "exponential" or "per_cell_mean" (weights on per-cell mean losses, SPEC §3.6).
+            "exponential" or "per_cell_mean" (weights on per-cell mean losses, docs/design.md#loss-weighting).
         backward: back-propagates a scalar (default `Tensor.backward`; the trainer passes `accelerator.backward`).
         no_sync: a context factory wrapping every backward but the last (DDP/FSDP gradient sync only once), e.g.
             `lambda: accelerator.no_sync(model)`; None when the caller keeps sync off for the whole call.

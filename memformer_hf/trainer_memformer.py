@@ -1,12 +1,16 @@
 """`MemformerTrainer`: a `transformers.Trainer` that trains Memformer with MRBP over contiguous document streams.
 
-Each training batch is a window of T cells of B parallel streams (`data_streams.StreamBatches`, SPEC §4.2); the
-memory at the end of a window is carried (detached) to the next window of the same streams, keyed by stream id,
-and restarts from m₀ at every document start. `training_step` runs `mrbp.cells_backward`, so one optimizer step may
-contain several backward calls: DDP / FSDP gradient sync happens only on the last one of the optimizer step
-(`accelerator.no_sync`), fp16 memory gradients are unscaled before they are injected again, and the loss is
-normalised by the global token count of the optimizer step (`num_items_in_batch`, including gradient accumulation
-and, with `average_tokens_across_devices`, all ranks). Under FSDP2 each replayed cell re-gathers the shards.
+Each training batch is a window of T cells of B parallel streams (`data_streams.StreamBatches`,
+docs/design.md#stream-batching); the memory at the end of a window is carried (detached) to the next window of the
+same streams, keyed by stream id, and restarts from m₀ at every document start. `training_step` runs
+`mrbp.cells_backward`, so one optimizer step may contain several backward calls: DDP / FSDP gradient sync happens
+only on the last one of the optimizer step (`accelerator.no_sync`), fp16 memory gradients are unscaled before they
+are injected again, and the loss is normalised by the global token count of the optimizer step
+(`num_items_in_batch`, including gradient accumulation and, with `average_tokens_across_devices`, all ranks). Under
+FSDP2 each replayed cell re-gathers the shards. Every epoch trains its own windows (the documents are re-dealt each
+epoch, so lengths differ; no step trains on a window without tokens) and the step count and LR schedule follow the
+real total (`training_plan`). One process never wraps the model in `nn.DataParallel`: with several visible GPUs and
+no launcher it trains on one and logs how to use all (docs/design.md#distributed).
 
 The trainer is built from named parts:
 
@@ -106,7 +110,7 @@ class _StreamEpochCallback(TrainerCallback):
 
 
 class CarriedMemory:
-    """The memory that each training stream of this rank carries from one window to the next (detached, SPEC §4.2).
+    """The memory that each training stream of this rank carries from one window to the next (detached, docs/design.md#carry).
 
     Row i holds global stream `first_stream + i`: this rank owns streams `[first_stream, first_stream +
     num_streams)`. The store is empty until the first `get`, which fills every row with m₀; a document start inside
@@ -263,12 +267,17 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
         if self._eval_documents is not None:
             check_vocab(vocab, documents=self._eval_documents, what="eval_dataset")
+        _one_gpu_per_process(args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
                          **kwargs)
         self._carry: torch.Tensor | None = None
         if isinstance(train_dataset, StreamBatches):
             self._check_stream_layout(train_dataset)
             self.add_callback(_StreamEpochCallback(train_dataset))
+            if train_dataset.length_epochs > 1:
+                logger.warning(f"train_dataset was built with length_epochs={train_dataset.length_epochs}: its shorter "
+                               "epochs end with windows without tokens, which still take optimizer steps; "
+                               "MemformerTrainer follows each epoch's own length, so build it with length_epochs=1.")
 
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
@@ -280,14 +289,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                       pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id,
                       boot=cfg.first_segment_context)
         params.update(overrides)
-        if "shuffle" not in overrides:  # training: every epoch gets the same number of batches (the largest)
-            probe = StreamBatches(documents, **params)
-            steps_per_epoch = max(len(probe) // args.gradient_accumulation_steps, 1)
-            epochs = (math.ceil(args.max_steps / steps_per_epoch) if args.max_steps > 0
-                      else math.ceil(args.num_train_epochs))
-            if epochs > 1:
-                probe = StreamBatches(documents, **params, length_epochs=epochs)
-            return probe
+        # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
+        # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)
 
     def _check_stream_layout(self, ds: StreamBatches) -> None:
@@ -297,6 +300,61 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         wrong = {k: (getattr(ds, k), v) for k, v in expected.items() if getattr(ds, k) != v}
         if wrong:
             raise ValueError(f"train_dataset stream layout does not match the run: {wrong} (dataset, run).")
+
+    # ------------------------------------------------------------------------------------------------ epochs
+    def _epoch_updates(self, epoch: int) -> int:
+        """Optimizer steps of `epoch`: its own number of windows (each window is G micro-batches)."""
+        return -(-self.train_dataset.epoch_batches(epoch) // self.args.gradient_accumulation_steps)
+
+    def training_plan(self) -> tuple[int, int]:
+        """`(epochs, optimizer steps)` that `train()` runs. The documents are re-dealt to the streams every epoch,
+        so epochs differ in length; each epoch trains exactly its own windows (none without tokens), and the step
+        count (hence the LR schedule) is the real total: `max_steps` when > 0 (epochs: as many as it takes), else
+        the windows of `num_train_epochs` epochs (a fractional last epoch counts its share of that epoch)."""
+        args = self.args
+        if args.max_steps > 0:
+            epochs, steps = 0, 0
+            while steps < args.max_steps:
+                steps += self._epoch_updates(epochs)
+                epochs += 1
+            return epochs, args.max_steps
+        full = int(args.num_train_epochs)
+        steps = sum(self._epoch_updates(e) for e in range(full))
+        if args.num_train_epochs > full:
+            steps += math.ceil((args.num_train_epochs - full) * self._epoch_updates(full))
+        return math.ceil(args.num_train_epochs), steps
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
+        """As the Trainer's, with the epoch count, step count and sample count of `training_plan` (the Trainer
+        assumes that every epoch has the length of the current one)."""
+        values = super().set_initial_training_values(args, dataloader)
+        if not isinstance(self.train_dataset, StreamBatches):
+            return values
+        (_, per_epoch, num_examples, _, total_batch, steps_in_epoch, _) = values
+        epochs, max_steps = self.training_plan()
+        return epochs, per_epoch, num_examples, max_steps * total_batch, total_batch, steps_in_epoch, max_steps
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        """As the Trainer's; on resume, the epoch and the batches to skip in it follow the real epoch lengths."""
+        epochs_trained, skip = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                            resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None and isinstance(self.train_dataset, StreamBatches):
+            epochs_trained, left = 0, self.state.global_step
+            while left >= self._epoch_updates(epochs_trained):
+                left -= self._epoch_updates(epochs_trained)
+                epochs_trained += 1
+            skip = 0 if self.args.ignore_data_skip else left * self.args.gradient_accumulation_steps
+        return epochs_trained, skip
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        """As the Trainer's, over this epoch's own number of batches."""
+        if isinstance(self.train_dataset, StreamBatches) and "epoch" in kwargs and "steps_in_epoch" in kwargs:
+            self.train_dataset.set_epoch(kwargs["epoch"])  # also when resuming through a batch-skipping wrapper
+            batches = self.train_dataset.epoch_batches(kwargs["epoch"])
+            kwargs["steps_in_epoch"] = batches
+            kwargs["num_update_steps_per_epoch"] = -(-batches // self.args.gradient_accumulation_steps)
+        return super()._run_epoch(*args, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
         """Ready batches in order, never re-sharded or re-shuffled by accelerate (streams are rank-aware)."""
@@ -316,10 +374,17 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             count = self.accelerator.gather(count).sum()
         return count
 
+    def _wrap_model(self, model: torch.nn.Module, training: bool = True, dataloader: DataLoader | None = None):
+        """As the Trainer's, never in `nn.DataParallel` (MRBP runs several backwards per step; DataParallel would
+        split the cells across GPUs): several GPUs in one process train on the first one."""
+        _one_gpu_per_process(self.args)
+        return super()._wrap_model(model, training=training, dataloader=dataloader)
+
     # ------------------------------------------------------------------------------------------------ FSDP
     def create_accelerator_and_postprocess(self) -> None:
         """As the Trainer's; with FSDP2 mixed precision the memory stays in float32 (no cast of the forward inputs
-        and outputs, SPEC §3.9) and gradients are accumulated and reduced in float32 across the window's backwards."""
+        and outputs, docs/design.md#distributed) and gradients are accumulated and reduced in float32 across the
+        window's backwards."""
         super().create_accelerator_and_postprocess()
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         policy = getattr(plugin, "mixed_precision_policy", None)
@@ -533,15 +598,61 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             self.carried_memory.save(folder, self.train_dataset.state_dict())
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """As the Trainer's. `resume_from_checkpoint`: a checkpoint folder or True (the last one in `output_dir`);
+        a missing folder raises `FileNotFoundError`, and an unreadable (e.g. truncated) weights, optimizer or
+        stream-state file an `OSError` that names it, before anything is loaded (`check_checkpoint`)."""
         if resume_from_checkpoint is True:
+            if not os.path.isdir(self.args.output_dir) or get_last_checkpoint(self.args.output_dir) is None:
+                raise FileNotFoundError(f"No checkpoint found in output_dir {self.args.output_dir} to resume from.")
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir} to resume from.")
+        if resume_from_checkpoint:
+            check_checkpoint(str(resume_from_checkpoint))
         self._carried_memory = None  # laid out anew on the training streams
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
             self.carried_memory.load(resume_from_checkpoint, device=self.args.device,
                                      layout_matches=lambda s: self.train_dataset.compatible_with(s, ignore=("epoch",)))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _one_gpu_per_process(args: TrainingArguments) -> None:
+    """Several GPUs visible to one non-distributed process: the Trainer would wrap the model in `nn.DataParallel`,
+    which cannot run MRBP. Train on one GPU and say (once) how to use them all."""
+    if args.n_gpu > 1 and args.world_size == 1:
+        n = args.n_gpu
+        args._n_gpu = 1
+        logger.warning(f"{n} GPUs are visible but this is a single process: using {args.device} only. To use "
+                       f"all of them run `torchrun --nproc_per_node {n} ...` or `accelerate launch --num_processes "
+                       f"{n} ...` (DDP; FSDP with --fsdp).")
+
+
+def check_checkpoint(folder: str) -> None:
+    """Raise `FileNotFoundError` when `folder` is not a checkpoint folder, and an `OSError` naming the file when one
+    of its safetensors files (weights, carried memory) does not parse or is shorter than its header says, or one of
+    its torch files (optimizer, scheduler, scaler, RNG) is not a complete archive, e.g. after a crash or a truncated
+    copy. Checks only headers and archive directories (cheap)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"resume_from_checkpoint {folder}: no such checkpoint folder")
+    names = sorted(os.listdir(folder))
+    if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        raise FileNotFoundError(f"resume_from_checkpoint {folder}: not a checkpoint folder (no model.safetensors)")
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):  # parses the header; checks that it covers the file
+                    pass
+            elif name.endswith((".pt", ".pth", ".bin")):
+                with zipfile.ZipFile(path) as z:
+                    z.infolist()
+        except Exception as e:  # noqa: BLE001 - any failure to read the header is the answer
+            raise OSError(f"{path}: truncated or corrupted checkpoint file ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())}); resume from another checkpoint") from e
 
 
 def _fsdp_module_class() -> type | tuple:
@@ -579,4 +690,4 @@ def _as_documents(data: Any, name: str) -> list[list[int]]:
 
 
 __all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",
-           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS"]
+           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS", "check_checkpoint"]

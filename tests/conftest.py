@@ -3,9 +3,10 @@
 The scaffolding (tiny config, model builder, padding, launchers) is in `helpers.py`; the names below are re-exported
 from there for tests that import them from `conftest`.
 
-The reference (`reference_stream`, `reference_writer`) re-implements SPEC §1 directly from the parameters of a model
-(looked up by their checkpoint names, SPEC §1.11) with plain per-segment / per-head loops. It shares no code with
-`memformer_hf.modeling_memformer`, so agreeing with it is evidence, not a tautology.
+The reference (`reference_stream`, `reference_writer`) re-implements the model (docs/design.md#model) directly from
+the parameters of a model (looked up by their checkpoint names, docs/design.md#parameter-names) with plain
+per-segment / per-head loops. It shares no code with `memformer_hf.modeling_memformer`, so agreeing with it is
+evidence, not a tautology.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def tiny_memformer_cfg():
     return tiny_memformer_config
 
 
-# ================================================================================ independent reference (SPEC §1)
+# ================================================================= independent reference (docs/design.md#model)
 class _P:
     """Parameter access by checkpoint name, relative to the base model (`model.` prefix stripped)."""
 
@@ -109,7 +110,8 @@ def _self_attention(P: _P, prefix: str, x: torch.Tensor, causal: bool) -> torch.
 
 
 def _cross_attention(P: _P, prefix: str, x: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:
-    """x [T, d] attends to all rows of mem [S, d] (no positions). S = 0: the sublayer outputs exactly 0 (SPEC §1.2)."""
+    """x [T, d] attends to all rows of mem [S, d] (no positions). S = 0: the sublayer outputs exactly 0
+    (docs/design.md#boot-segment)."""
     if mem is None or mem.shape[0] == 0:
         return torch.zeros_like(x)
     T, d = x.shape
@@ -127,7 +129,7 @@ def _ffn(P: _P, prefix: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_writer(P: _P, memory: torch.Tensor, tokens: torch.Tensor, return_probs: bool = False):
-    """SPEC §1.5 + §1.6 for one row, written out slot by slot and head by head.
+    """docs/design.md#writer and #bmn for one row, written out slot by slot and head by head.
 
     memory [K, d], tokens [S, d] (valid tokens only, S may be 0) → new memory [K, d] (and probs [H, K, 1+S])."""
     cfg = P.cfg
@@ -204,8 +206,9 @@ def reference_decode(P: _P, ids: list[int], cross: torch.Tensor) -> torch.Tensor
 
 
 def reference_stream(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-stream view (SPEC §2.1) of one unpadded row: logits [n, V] (`logits[i]` predicts token i+1) and the final
-    memory [K, d]. In "bos" mode `tokens[0]` must be BOS (the boot segment); in "empty" mode the boot is ∅."""
+    """Token-stream view (docs/design.md#logits-convention) of one unpadded row: logits [n, V] (`logits[i]` predicts
+    token i+1) and the final memory [K, d]. In "bos" mode `tokens[0]` must be BOS (the boot segment); in "empty"
+    mode the boot is ∅."""
     P = _P(model)
     cfg = model.config
     L, bos = cfg.segment_length, cfg.bos_token_id

@@ -21,7 +21,7 @@ L = 4  # segment length of the tiny config
 TINY_MEMFORMER = dict(
     vocab_size=50, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2, intermediate_size=32,
     segment_length=L, num_memory_slots=3, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-    initializer_range=0.3,  # SHARP init (SPEC §5.8): with 0.02 the logits ignore the memory
+    initializer_range=0.3,  # SHARP init (docs/design.md#testing): with 0.02 the logits ignore the memory
 )
 CELL_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
@@ -51,7 +51,7 @@ def build_tiny_memformer(seed: int = 0, dtype: torch.dtype = torch.float64, attn
     randomize: every bias / LayerNorm affine gets a random value (they are initialised to 0 / 1, which would hide a
         missing bias or a wrong LayerNorm).
     attn: the attention implementation, set with `set_attn_implementation` (None: keep the config's). The model
-        dispatches on the config attribute at call time (SPEC §5.6), shared by every submodule.
+        dispatches on the config attribute at call time (docs/design.md), shared by every submodule.
     train: train mode (default: eval mode).
     freeze_key_biases: attention key biases get no gradient. Softmax is shift-invariant, so their true gradient is 0
         and what they get is rounding noise, which Adam's normalisation would turn into ±lr updates that differ

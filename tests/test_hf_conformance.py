@@ -1,4 +1,5 @@
-"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) run against Memformer (SPEC §5.8).
+"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) run against Memformer
+(docs/design.md#testing).
 
 The mixins come from the transformers sdist matching the installed version exactly, fetched at CI time by
 `tests/hf_conformance/fetch_transformers_tests.py` (never vendored). Without them this module is skipped, unless

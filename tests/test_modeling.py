@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_stream_full_equals_tokenwise_equals_chunks_float64(pe, boot, attn):
 @pytest.mark.parametrize("boot", ["bos", "empty"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_stream_equivalence_and_reference_float32(pe, boot, attn):
-    """Same equivalences in float32 (where B1 does not bite), plus the independent SPEC reference."""
+    """Same equivalences in float32 (where B1 does not bite), plus the independent reference (conftest.py)."""
     model = build_tiny_memformer(position_embedding_type=pe, first_segment_context=boot, attn=attn,
                                  dtype=torch.float32)
     if boot == "empty":  # B2 (see test_empty_boot_cross_attention_outputs_exact_zero): isolate it there
@@ -134,7 +135,7 @@ def test_matches_independent_reference_float64(pe):
 
 
 def test_float64_exactness():
-    """A float64 model is float64 end to end (SPEC §1.9): eager == sdpa == reference to 1e-10."""
+    """A float64 model is float64 end to end (docs/design.md#numerics): eager == sdpa == reference to 1e-10."""
     eager = build_tiny_memformer(attn="eager", position_embedding_type="rope")
     sdpa = build_tiny_memformer(attn="sdpa", position_embedding_type="rope")
     ids = rand_ids(STREAM_N, seed=4)
@@ -481,10 +482,14 @@ def test_save_pretrained_auto_classes_roundtrip(tmp_path):
 
 _REMOTE_SCRIPT = textwrap.dedent("""
     import os, sys
-    repo = os.path.realpath(sys.argv[1])
+    from pathlib import Path
+    # argv[1]: folders (os.pathsep-separated) whose contents must not be importable: the checkout. Compare whole path
+    # components: a venv at /tmp/x-venv is not inside a checkout at /tmp/x, although its path starts with it.
+    hidden = [Path(os.path.realpath(p)) for p in sys.argv[1].split(os.pathsep)]
     sys.meta_path[:] = [f for f in sys.meta_path
                         if "editable" not in (getattr(f, "__name__", "") + type(f).__module__).lower()]
-    sys.path[:] = [p for p in sys.path if not os.path.realpath(p or ".").startswith(repo)]
+    sys.path[:] = [p for p in sys.path
+                   if not any(Path(os.path.realpath(p or ".")).is_relative_to(h) for h in hidden)]
     try:
         import memformer_hf  # noqa: F401
     except ImportError:
@@ -505,6 +510,12 @@ _REMOTE_SCRIPT = textwrap.dedent("""
 
 
 def test_remote_code_load_in_fresh_process(tmp_path):
+    """The saved folder loads as remote code in a process where `memformer_hf` is not importable. The checkout is
+    hidden by path components, not by string prefix: here also a folder whose path is a string prefix of the
+    site-packages folder (as a checkout /tmp/x is of a venv /tmp/x-venv) is hidden, and torch must still import."""
+    site_packages = str(Path(torch.__file__).resolve().parents[1])
+    string_prefix = site_packages[:-2]  # e.g. .../site-packag: a prefix of the string, not a parent folder
+    assert site_packages.startswith(string_prefix) and not Path(site_packages).is_relative_to(string_prefix)
     model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
     ids = rand_ids(13, batch=2, seed=21)
     with torch.no_grad():
@@ -516,8 +527,8 @@ def test_remote_code_load_in_fresh_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-I", str(script), REPO_ROOT, str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-I", str(script), os.pathsep.join([str(REPO_ROOT), string_prefix]),
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = torch.load(tmp_path / "outputs.pt")
     assert result["module"].startswith("transformers_modules")
@@ -552,7 +563,7 @@ def test_missing_parameter_initialises_finite(tmp_path, missing, overrides):
         assert p.std() > 1e-3  # a real random init, not zeros
     if missing.endswith("forget_bias"):
         d = p.shape[-1]
-        assert 0.3 / math.sqrt(d) < float(p.std()) < 3 / math.sqrt(d)  # N(0, 1/d) (SPEC §1.6)
+        assert 0.3 / math.sqrt(d) < float(p.std()) < 3 / math.sqrt(d)  # N(0, 1/d) (docs/design.md#bmn)
     with torch.no_grad():
         assert torch.isfinite(loaded(rand_ids(10)).logits).all()
 

@@ -1,6 +1,7 @@
-"""MRBP (SPEC §3): memory replay back-propagation must leave exactly the gradient of full BPTT over the window.
+"""MRBP (docs/design.md#mrbp): memory replay back-propagation must leave exactly the gradient of full BPTT over the
+window.
 
-Everything runs on tiny, sharp float64 models (SPEC §5.8), where "equal" means a per-tensor error
+Everything runs on tiny, sharp float64 models (docs/design.md#testing), where "equal" means a per-tensor error
 ``max|Δ| <= RTOL * max(max|g_ref|, FLOOR)``. The absolute floor matters: attention key-projection biases receive
 ~1e-17 gradients (softmax is shift-invariant, so their true gradient is 0) and a purely relative metric explodes
 there.
@@ -61,7 +62,8 @@ def rand_doc(n: int, gen: torch.Generator) -> list[int]:
 
 
 def inactive_cells(n: int, boot: str) -> dict[str, torch.Tensor]:
-    """Padding cells at the end of a stream (SPEC §3.5): reset, all-pad encoder input, no targets."""
+    """Padding cells at the end of a stream (docs/design.md#inactive-cells): reset, all-pad encoder input, no
+    targets."""
     return {
         "encoder_input_ids": torch.full((n, L), PAD), "encoder_attention_mask": torch.zeros(n, L, dtype=torch.bool),
         "decoder_input_ids": torch.full((n, L), PAD), "decoder_attention_mask": torch.zeros(n, L, dtype=torch.bool),
@@ -155,7 +157,7 @@ def run_cells(model, cells, memory, **kwargs):
 
 @contextlib.contextmanager
 def seeded(seed: int | None):
-    """Written here on purpose (not imported): what SPEC §3.4 asks of the RNG replay, on CPU."""
+    """Written here on purpose (not imported): what docs/design.md#rng-replay asks of the RNG replay, on CPU."""
     if seed is None:
         yield
         return
@@ -468,7 +470,7 @@ def test_ddp_two_ranks_equal_single_process_full_batch():
 # ============================================================================================== stream API
 def assert_cache_equal(got, ref):
     """Equal states: every tensor, except the decoder self-K/V past each row's `fill` (positions fill+1.. are not
-    part of the state, SPEC §2.2, and are never attended); those are checked functionally instead."""
+    part of the state, docs/design.md#cache, and are never attended); those are checked functionally instead."""
     a, b = cache_tensors(got), cache_tensors(ref)
     assert a.keys() == b.keys()
     assert got.consumed == ref.consumed
@@ -599,7 +601,7 @@ def test_stream_api_loss_keeps_model_dtype():
 def test_eager_float64_fully_masked_rows_stay_finite():
     model = build_model(seed=95, attn="eager")
     out = model(encoder_input_ids=torch.full((1, L), PAD), encoder_attention_mask=torch.zeros(1, L, dtype=torch.bool),
-                critical_path_only=True)  # an inactive cell (SPEC §3.5)
+                critical_path_only=True)  # an inactive cell (docs/design.md#inactive-cells)
     assert torch.isfinite(out.memory).all()
 
 

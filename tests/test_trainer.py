@@ -1,4 +1,4 @@
-"""`MemformerTrainer` (SPEC §3.9, §4, §5.8 tests 10 and 12) against independent references.
+"""`MemformerTrainer` (docs/design.md#trainer, #distributed, #testing) against independent references.
 
 * the stock `transformers.Trainer` fed the same cells one segment per row (window 1, nothing to carry): identical
   logged losses and parameters, i.e. loss scaling by `num_items_in_batch`, gradient accumulation and the optimizer
@@ -96,6 +96,7 @@ class RecordCells:
         def wrapper(model, cells, memory, **kw):
             loss, new = inner(model, cells, memory, **kw)
             self.calls.append(dict(stream_ids=cells["stream_ids"].clone(), window=int(cells["window_index"]),
+                                   tokens=int(cells["shift_labels"].ne(-100).sum()),
                                    memory_in=None if memory is None else memory.detach().clone(),
                                    memory_out=new.detach().clone(), loss=float(loss)))
             return loss, new
@@ -220,7 +221,7 @@ def test_training_equals_hand_written_loop(tmp_path, mode, window):
         assert got[step] == pytest.approx(ref, rel=1e-5), (step, got, ref_losses)
         assert norms[step] == pytest.approx(ref_norm, rel=1e-5), (step, norms, ref_norms)
     assert_params_close(params(tr.model), params(ref_model), 1e-5, mode)
-    carry = tr.carried_memory.memory  # the per-stream store of SPEC §4.3
+    carry = tr.carried_memory.memory  # the per-stream store (docs/design.md#carry)
     for sid, m in ref_carry.items():
         torch.testing.assert_close(carry[sid], m, rtol=0, atol=1e-5)
 
@@ -423,40 +424,89 @@ def test_kill_and_resume_in_process(tmp_path, monkeypatch, stop, dropout):
 
 
 def test_resume_after_an_epoch_of_another_length(tmp_path, monkeypatch):
-    """The stream layout is re-dealt every epoch, so the natural epoch lengths differ (here 14, 12, 14 batches); the
-    trainer packs with `length_epochs` so every epoch has the largest length. Resuming in the third epoch must still
-    continue exactly where the uninterrupted run was."""
+    """The stream layout is re-dealt every epoch, so the natural epoch lengths differ (here 14, 12, 14 batches, i.e.
+    7, 6, 7 optimizer steps) and each epoch keeps its own length. Resuming in the third epoch (after 7 + 6 + 2
+    steps) must still continue exactly where the uninterrupted run was."""
     docs = make_docs(0, 14, 3, 22)
     common = dict(segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS, pad_token_id=PAD)
-    natural, fixed = StreamBatches(docs, **common), StreamBatches(docs, **common, length_epochs=3)
-    lengths, fixed_lengths = [], []
+    natural = StreamBatches(docs, **common)
+    lengths = []
     for e in range(3):
         natural.set_epoch(e)
-        fixed.set_epoch(e)
         lengths.append(len(natural))
-        fixed_lengths.append(len(fixed))
-    assert lengths == [14, 12, 14] and fixed_lengths == [14, 14, 14]
+    assert lengths == [14, 12, 14]
     stop = 15  # 7 + 6 steps in the first two epochs, then two steps into the third
     out = resume_case(tmp_path, monkeypatch, docs, stop, epochs=3, dropout=0.0)
+    assert out[0].state.global_step == 7 + 6 + 7
     assert_resumed_equal(*out, stop=stop)
 
 
-def test_every_window_of_every_epoch_is_trained(tmp_path, monkeypatch):
-    """Natural epoch lengths 14 and 16 batches: both epochs get 16 (the first ends with inactive windows), so every
-    window of every epoch is trained."""
-    docs = make_docs(1, 14, 3, 22)
-    ds = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
-                       pad_token_id=PAD, length_epochs=2)
-    expected = []
-    for e in range(2):
+def _windows_with_tokens(docs, epochs: int, **layout) -> list[list[tuple[int, tuple[int, ...], int]]]:
+    """Per epoch, every (window, stream ids, target tokens) of the natural dealing that holds target tokens, read
+    from a `StreamBatches` of the same layout (GA = 1: one batch per window)."""
+    ds = StreamBatches(docs, segment_length=L, bos_token_id=BOS, pad_token_id=PAD, **layout)
+    out = []
+    for e in range(epochs):
         ds.set_epoch(e)
-        expected += [(e, int(ds[k]["window_index"]), tuple(ds[k]["stream_ids"].tolist())) for k in range(len(ds))]
-    assert len(expected) == 16 + 16
+        batches = [ds[k] for k in range(len(ds))]
+        out.append([(int(b["window_index"]), tuple(b["stream_ids"].tolist()), int(b["shift_labels"].ne(-100).sum()))
+                    for b in batches if b["shift_labels"].ne(-100).any()])
+        assert len(out[-1]) == ds.epoch_batches(e) == len(ds)  # the natural length has no window without tokens
+    return out
+
+
+@pytest.mark.parametrize("limit", ["epochs", "max_steps"])
+def test_every_optimizer_step_trains_on_tokens(tmp_path, monkeypatch, limit):
+    """Three epochs whose dealings pack to different lengths (regression: the shorter epochs used to end with empty
+    windows that still took optimizer steps with loss 0 and advanced the LR schedule). Every batch the Trainer
+    trains on holds target tokens, the steps are exactly the non-empty windows of the three epochs in order, the
+    step count is their real total (also when set by max_steps, here ending inside the third epoch), and the linear
+    schedule reaches 0 exactly at the last step."""
+    docs = make_docs(1, 9, 3, 30)
+    layout = dict(window=2, batch_size=2, grad_accum=1, seed=0)
+    expected = _windows_with_tokens(docs, 3, **layout)
+    lengths = [len(e) for e in expected]
+    assert len(set(lengths)) > 1, lengths  # the epochs really differ in length
+    if limit == "epochs":
+        kw, total = dict(num_train_epochs=3), sum(lengths)
+    else:
+        kw, total = dict(max_steps=lengths[0] + lengths[1] + 2), lengths[0] + lengths[1] + 2
     rec = RecordCells(monkeypatch)
-    tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path, num_train_epochs=2), train_dataset=docs)
+    tr = MemformerTrainer(model=make_model(0), train_dataset=docs,
+                          args=targs(tmp_path, gradient_accumulation_steps=1, lr_scheduler_type="linear", **kw))
+    assert tr.training_plan() == (3, total)
     tr.train()
-    got = [(c["window"], tuple(c["stream_ids"].tolist())) for c in rec.calls]
-    assert got == [x[1:] for x in expected]
+    assert tr.state.global_step == tr.state.max_steps == total
+    got = [(c["window"], tuple(c["stream_ids"].tolist()), c["tokens"]) for c in rec.calls]
+    assert got == [w for epoch in expected for w in epoch][:total]
+    assert all(c["tokens"] > 0 for c in rec.calls)
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == total and all(h["loss"] > 0 and h["grad_norm"] > 0 for h in logs), logs
+    assert tr.lr_scheduler.get_last_lr()[0] == 0.0 and logs[-1]["learning_rate"] > 0
+    assert tr.state.epoch == pytest.approx(3.0 if limit == "epochs" else 2 + 2 / lengths[2])
+
+
+# ============================================================================================== one GPU per process
+def test_several_gpus_in_one_process_never_use_data_parallel(tmp_path, caplog):
+    """The Trainer wraps the model in `nn.DataParallel` when one process sees several GPUs (`args.n_gpu > 1`), which
+    cannot run MRBP (regression: plain `memformer-hf train` on a 2-GPU machine crashed). Pretend 2 visible GPUs on
+    CPU: the trainer trains on one device and says in one line how to use both; the model is never wrapped."""
+    args = targs(tmp_path, max_steps=2, gradient_accumulation_steps=1)
+    assert args.device.type == "cpu"  # devices resolved; now the process "sees" two GPUs
+    args._n_gpu = 2
+    assert args.n_gpu == 2 and args.train_batch_size == 4
+    with caplog.at_level(logging.WARNING):
+        tr = MemformerTrainer(model=make_model(0), args=args, train_dataset=make_docs(0, 6, 3, 22))
+    lines = [r.getMessage() for r in caplog.records if "GPUs are visible" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], caplog.text
+    assert "torchrun --nproc_per_node 2" in lines[0] and "accelerate launch --num_processes 2" in lines[0]
+    assert args.n_gpu == 1 and args.train_batch_size == 2  # one device's batch, not DataParallel's n_gpu x batch
+    args._n_gpu = 2  # also when set again later, `_wrap_model` itself never returns DataParallel
+    assert tr._wrap_model(tr.model) is tr.model
+    args._n_gpu = 2
+    tr.train()
+    assert not isinstance(tr.model_wrapped, torch.nn.DataParallel) and tr.model_wrapped is tr.model
+    assert tr.state.global_step == 2 and all(math.isfinite(v) for v in logged_losses(tr).values())
 
 
 # ---------------------------------------------------------------------------------------------- real SIGKILL
@@ -551,6 +601,36 @@ def test_checkpoint_holds_stream_state_and_mismatched_layout_resets_carries(tmp_
     assert (carry[0] - m0[0]).abs().max() > 1e-3  # what a compatible resume would have restored
     assert other.state.global_step == 5
     assert all(math.isfinite(h["loss"]) for h in other.state.log_history if "loss" in h)
+
+
+def test_resume_from_a_missing_or_damaged_checkpoint_names_it(tmp_path):
+    """A missing checkpoint folder, no checkpoint at all for `resume_from_checkpoint=True`, and a truncated weights,
+    carried-memory or optimizer file raise before anything is loaded, naming the folder or the file (regression:
+    a truncated model.safetensors raised a SafetensorError that named no file)."""
+    import shutil
+
+    docs = make_docs(2, 8, 3, 22)
+    kw = dict(save_strategy="steps", save_steps=2, max_steps=2)
+    MemformerTrainer(model=make_model(0), args=targs(tmp_path / "run", **kw), train_dataset=docs).train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    fresh = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "run", **{**kw, "max_steps": 4}),
+                             train_dataset=docs)
+    with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint .*nope: no such checkpoint folder"):
+        fresh.train(resume_from_checkpoint=str(tmp_path / "nope"))
+    empty = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "empty", **kw), train_dataset=docs)
+    with pytest.raises(FileNotFoundError, match="No checkpoint found in output_dir"):
+        empty.train(resume_from_checkpoint=True)
+    for name in ("model.safetensors", "stream_state-rank0.safetensors", "optimizer.pt"):
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(ckpt, bad)
+        data = (bad / name).read_bytes()
+        (bad / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(OSError, match="truncated or corrupted checkpoint file") as err:
+            fresh.train(resume_from_checkpoint=str(bad))
+        assert str(err.value).startswith(f"{bad / name}: "), err.value
+    assert fresh.state.global_step == 0  # nothing was trained from a damaged checkpoint
+    fresh.train(resume_from_checkpoint=str(ckpt))  # the intact one resumes
+    assert fresh.state.global_step == 4
 
 
 def test_crash_during_checkpoint_save_resumes_from_the_previous_complete_one(tmp_path, monkeypatch):

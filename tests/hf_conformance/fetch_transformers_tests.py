@@ -1,4 +1,4 @@
-"""Fetch transformers' own common model tests (SPEC §5.8) for the installed transformers version.
+"""Fetch transformers' own common model tests (docs/design.md#testing) for the installed transformers version.
 
 The transformers **sdist** ships `tests/test_modeling_common.py` (ModelTesterMixin) and
 `tests/test_configuration_common.py` (ConfigTester), but not the modules they import from `tests/exporters`,

@@ -11,6 +11,8 @@ from transformers import PretrainedConfig
 POSITION_EMBEDDING_TYPES = ("rope", "simplified_rpe", "none")
 FIRST_SEGMENT_CONTEXTS = ("bos", "empty")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
+NORM_TYPES = ("layernorm", "rmsnorm")
+MLP_TYPES = ("gelu_mlp", "swiglu")
 # Upper bound on `segment_length`: every segment is encoded at full length L (self-attention is L x L per head), so
 # a huge L makes even a 5-token forward allocate terabytes.
 MAX_SEGMENT_LENGTH = 65536
@@ -46,7 +48,16 @@ class MemformerConfig(PretrainedConfig):
         encoder_layers / decoder_layers: depth of the memory-reading encoder and of the causal decoder.
         num_attention_heads: heads of every attention block (d must be divisible by it).
         intermediate_size: FFN width.
-        activation_function: FFN activation.
+        activation_function: FFN activation (for `mlp_type="swiglu"` the gate's activation: "silu" for Llama).
+        norm_type: "layernorm" (default, the paper's Pre-LN blocks) or "rmsnorm" (Llama-style RMSNorm, gain only,
+            `rms_norm_eps`); applies to every norm of the model (docs/design.md#llama-shapes).
+        mlp_type: "gelu_mlp" (default: Linear `fc1` → activation → Linear `fc2`) or "swiglu" (Llama's
+            `down_proj(act(gate_proj(x)) * up_proj(x))`).
+        num_key_value_heads: key/value heads of the encoder/decoder self-attention and the decoder cross-attention
+            (grouped-query attention; None: `num_attention_heads`). Must divide `num_attention_heads`. The memory
+            reader and writer keep full heads.
+        mlp_bias: biases in the FFN's linear layers (default True, the paper's FFN; False for Llama).
+        rms_norm_eps: epsilon of the RMSNorms (used with `norm_type="rmsnorm"` only).
         segment_length: L, tokens per segment; positions are in-segment indices 0..L-1.
         num_memory_slots: K, memory slots per row.
         memory_write_heads: heads of the memory writer (defaults to `num_attention_heads`).
@@ -68,7 +79,9 @@ class MemformerConfig(PretrainedConfig):
         rope_parameters: RoPE settings, v5 naming (`rope_type`, `rope_theta`).
         first_segment_context: "bos" (the first segment conditions on a BOS-only previous segment) or "empty".
         attention_dropout / hidden_dropout: dropout probabilities (0 in the paper).
-        layer_norm_eps / initializer_range / attention_bias: usual meanings.
+        layer_norm_eps / initializer_range / attention_bias: usual meanings (`layer_norm_eps` is used with
+            `norm_type="layernorm"` only; `attention_bias` covers self/cross-attention and the memory reader).
+        tie_word_embeddings: tie the LM head to the token embedding (default True).
         bptt_horizon: in full-BPTT stream mode, detach the memory every this many segments (None: never).
     """
 
@@ -105,6 +118,11 @@ class MemformerConfig(PretrainedConfig):
         attention_bias: bool = True,
         bptt_horizon: int | None = None,
         tie_word_embeddings: bool = True,
+        norm_type: str = "layernorm",
+        mlp_type: str = "gelu_mlp",
+        num_key_value_heads: int | None = None,
+        mlp_bias: bool = True,
+        rms_norm_eps: float = 1e-6,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 0,
         eos_token_id: int | None = 0,
@@ -138,6 +156,11 @@ class MemformerConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.bptt_horizon = bptt_horizon
         self.tie_word_embeddings = tie_word_embeddings
+        self.norm_type = norm_type
+        self.mlp_type = mlp_type
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.mlp_bias = mlp_bias
+        self.rms_norm_eps = rms_norm_eps
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -201,7 +224,14 @@ class MemformerConfig(PretrainedConfig):
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             _check(is_num(value) and 0.0 <= value < 1.0, name, value, "a probability in [0, 1)")
-        for name in ("layer_norm_eps", "initializer_range"):  # inf / nan would give NaN logits
+        _check(self.norm_type in NORM_TYPES, "norm_type", self.norm_type, f"one of {NORM_TYPES}")
+        _check(self.mlp_type in MLP_TYPES, "mlp_type", self.mlp_type, f"one of {MLP_TYPES}")
+        kv = self.num_key_value_heads
+        _check(is_int(kv) and kv >= 1 and self.num_attention_heads % kv == 0, "num_key_value_heads", kv,
+               f"None or an integer >= 1 dividing num_attention_heads={self.num_attention_heads}")
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        for name in ("layer_norm_eps", "rms_norm_eps", "initializer_range"):  # inf / nan would give NaN logits
             value = getattr(self, name)
             _check(is_num(value) and math.isfinite(value) and value > 0, name, value, "a positive finite number")
         _check(self.bptt_horizon is None or (is_int(self.bptt_horizon) and self.bptt_horizon >= 1), "bptt_horizon",
@@ -220,4 +250,4 @@ class MemformerConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-__all__ = ["MAX_SEGMENT_LENGTH", "MemformerConfig", "PRESETS"]
+__all__ = ["MAX_SEGMENT_LENGTH", "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]

@@ -155,13 +155,14 @@ class MemformerAttention(nn.Module):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads  # grouped-query attention when < num_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5
         self.is_causal = False  # masks are always explicit, see `_attend`
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, d, bias=bias)
-        self.k_proj = nn.Linear(d, d, bias=bias)
-        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(d, d, bias=bias)
         self.uses_rel_pos = is_self_attention and config.position_embedding_type == "simplified_rpe"
         if self.uses_rel_pos:
@@ -169,11 +170,19 @@ class MemformerAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         n, q, _ = x.shape
-        return x.view(n, q, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.view(n, q, -1, self.head_dim).transpose(1, 2)
 
     def project_kv(self, states: torch.Tensor, cos_sin=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, k, d] → keys (rotated when `cos_sin` is given) and values, each [N, H, k, d_h]."""
-        return apply_rotary(self.split_heads(self.k_proj(states)), cos_sin), self.split_heads(self.v_proj(states))
+        """[N, k, d] → keys (rotated when `cos_sin` is given) and values, each [N, H, k, d_h]. With grouped KV heads
+        (`num_key_value_heads` < H) each KV head is repeated for its group of query heads here (as transformers'
+        `repeat_kv`: query head h reads KV head h // (H / H_kv)), so callers and caches always see H heads
+        (docs/design.md#llama-shapes)."""
+        key = apply_rotary(self.split_heads(self.k_proj(states)), cos_sin)
+        value = self.split_heads(self.v_proj(states))
+        if self.num_kv_heads != self.num_heads:
+            groups = self.num_heads // self.num_kv_heads
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        return key, value
 
     def attend(
         self,
@@ -220,10 +229,12 @@ class MemformerAttention(nn.Module):
 
 
 class MemformerFFN(nn.Module):
+    """The paper's FFN (`mlp_type="gelu_mlp"`): fc1 → activation → fc2."""
+
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -231,19 +242,66 @@ class MemformerFFN(nn.Module):
         return self.fc2(self.dropout(self.act(self.fc1(x))))
 
 
+class MemformerSwiGLU(nn.Module):
+    """Llama's gated FFN (`mlp_type="swiglu"`): down_proj(act(gate_proj(x)) * up_proj(x)), act = silu for Llama."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        d, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, inner, bias=bias)
+        self.up_proj = nn.Linear(d, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, d, bias=bias)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MemformerRMSNorm(nn.Module):
+    """RMSNorm as Llama's (`norm_type="rmsnorm"`): x / sqrt(mean(x²) + eps) · weight, computed in at least float32
+    (float64 stays float64) and cast back before the gain, as `LlamaRMSNorm` does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = at_least_fp32(x)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def make_norm(config: MemformerConfig, size: int | None = None) -> nn.Module:
+    """The normalisation layer of every block (`norm_type`): LayerNorm (weight, bias) or RMSNorm (weight)."""
+    size = config.hidden_size if size is None else size
+    if config.norm_type == "rmsnorm":
+        return MemformerRMSNorm(size, eps=config.rms_norm_eps)
+    return nn.LayerNorm(size, eps=config.layer_norm_eps)
+
+
+def make_ffn(config: MemformerConfig) -> nn.Module:
+    """The feed-forward block of every layer (`mlp_type`)."""
+    return MemformerSwiGLU(config) if config.mlp_type == "swiglu" else MemformerFFN(config)
+
+
 class MemformerEncoderLayer(GradientCheckpointingLayer):
     """Pre-LN: self-attention (bidirectional, in-segment positions) → memory read → FFN."""
 
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
-        self.self_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.self_attn_norm = make_norm(config)
         self.self_attn = MemformerAttention(config, is_self_attention=True)
-        self.memory_read_norm = nn.LayerNorm(d, eps=eps)
+        self.memory_read_norm = make_norm(config)
         self.memory_read = MemoryReader(config)
-        self.memory_kv_norm = nn.LayerNorm(d, eps=eps) if config.normalize_memory_kv else None
-        self.ffn_norm = nn.LayerNorm(d, eps=eps)
-        self.ffn = MemformerFFN(config)
+        self.memory_kv_norm = make_norm(config) if config.normalize_memory_kv else None
+        self.ffn_norm = make_norm(config)
+        self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None, cos_sin=None,
@@ -264,13 +322,12 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
-        self.self_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.self_attn_norm = make_norm(config)
         self.self_attn = MemformerAttention(config, is_self_attention=True)
-        self.cross_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.cross_attn_norm = make_norm(config)
         self.cross_attn = MemformerAttention(config, is_self_attention=False)
-        self.ffn_norm = nn.LayerNorm(d, eps=eps)
-        self.ffn = MemformerFFN(config)
+        self.ffn_norm = make_norm(config)
+        self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden: torch.Tensor, past_key: torch.Tensor | None, past_value: torch.Tensor | None,
@@ -316,7 +373,7 @@ class MemformerEncoder(nn.Module):
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(MemformerEncoderLayer(config) for _ in range(config.encoder_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = make_norm(config)
 
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None, cos_sin,
                 rel_index) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -331,7 +388,7 @@ class MemformerDecoder(nn.Module):
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(MemformerDecoderLayer(config) for _ in range(config.decoder_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = make_norm(config)
 
 
 # ============================================================================================ pretrained base
@@ -359,6 +416,8 @@ class MemformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, MemformerRMSNorm):
+            init.ones_(module.weight)
         elif isinstance(module, MemoryWriter):
             init.normal_(module.forget_bias, mean=0.0,
                          std=self.config.forget_bias_init_scale * self.config.hidden_size ** -0.5)

@@ -1,0 +1,236 @@
+"""Warm start: a Memformer built from a pretrained Llama-family decoder (`LlamaForCausalLM`), docs/design.md#warm-start.
+
+    from memformer_hf.conversion_llama import memformer_from_llama
+    memformer = memformer_from_llama(llama, num_memory_slots=32, segment_length=128, encoder_layers=4)
+
+The mapping, chosen so that the new model starts *exactly* as the backbone restricted to the segment-local context
+(each decoder chunk [BOS, s[:-1]] is the backbone run on that sequence, positions 0..L-1):
+
+| Memformer | from the backbone |
+|---|---|
+| `embed_tokens`, `lm_head` (tied or not), `decoder.norm` | `embed_tokens`, `lm_head`, final `norm` |
+| decoder layer i: `self_attn_norm`, `self_attn`, `ffn_norm`, `ffn` | layer i: `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp` (every layer) |
+| decoder layer i: `cross_attn` (new) | q/k/v copied from layer i's `self_attn`, `cross_attn_norm` from its `input_layernorm`, **o_proj = 0** |
+| encoder layer j: `self_attn_norm`, `self_attn`, `ffn_norm`, `ffn` | layer `encoder_layer_indices[j]` (default: the first k layers), now bidirectional in the segment |
+| encoder layer j: `memory_read` (new) | default init, **o_proj = 0**; `memory_read_norm`, `memory_kv_norm` = 1 |
+| `encoder.norm` | the backbone's norm in front of the layer after the last copied one (`input_layernorm`, or the final norm) |
+| `writer` (q/k/v, forgetting vector, optional self bias / temperature) | new, default init from the config |
+
+A zero output projection makes a block's output exactly zero whatever its inputs, so at initialisation the memory
+and the previous segment do not change the decoder; gradients still reach the zero projections at once (their
+gradient is the block's attention output times the upstream gradient) and the rest of each new block from the
+second step on, as with zero-initialised adapters. `warm_start_parameter_groups` splits the parameters into the new
+blocks, the copied encoder and the copied backbone, for separate learning rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration_memformer import ACTIVATIONS, MemformerConfig
+from .modeling_memformer import MemformerForCausalLM
+
+CROSS_ATTENTION_INITS = ("self_attn", "random")
+# Name fragments of the parameters that a warm start creates (everything else is copied from the backbone).
+NEW_PARAMETER_PATTERNS = (".cross_attn.", ".cross_attn_norm.", ".memory_read.", ".memory_read_norm.",
+                          ".memory_kv_norm.", "model.writer.", "model.encoder.norm.")
+_LLAMA_LIKE = "a LlamaForCausalLM-style model (model.embed_tokens, model.layers[i].{self_attn,mlp,...}, model.norm)"
+
+
+def _llama_config_value(config: Any, name: str, default: Any = None) -> Any:
+    return getattr(config, name, default)
+
+
+def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
+    """The backbone's inner model and config, after checking that the mapping applies to it exactly."""
+    inner = getattr(llama, "model", None)
+    config = getattr(llama, "config", None)
+    if inner is None or config is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+        raise ValueError(f"memformer_from_llama needs {_LLAMA_LIKE}; got {type(llama).__name__}.")
+    layer = inner.layers[0]
+    for attr in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"):
+        if not hasattr(layer, attr):
+            raise ValueError(f"memformer_from_llama: backbone layers have no `{attr}`; it needs {_LLAMA_LIKE}.")
+    for attr in ("gate_proj", "up_proj", "down_proj"):
+        if not hasattr(layer.mlp, attr):
+            raise ValueError(f"memformer_from_llama: the backbone's MLP has no `{attr}` (a SwiGLU MLP is needed).")
+    d, heads = config.hidden_size, config.num_attention_heads
+    head_dim = _llama_config_value(config, "head_dim") or d // heads
+    if head_dim * heads != d:
+        raise ValueError(f"memformer_from_llama: the backbone's head_dim={head_dim} x {heads} heads != hidden_size={d}; "
+                         "Memformer's heads split the model width.")
+    rope = dict(_llama_config_value(config, "rope_parameters") or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" or _llama_config_value(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"memformer_from_llama: the backbone uses rope_type={rope_type!r} (or a partial rotary "
+                         "factor); only plain RoPE ('default') maps exactly onto Memformer's in-segment positions.")
+    act = _llama_config_value(config, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"memformer_from_llama: the backbone's hidden_act={act!r} is not one of {ACTIVATIONS}.")
+    attn = layer.self_attn
+    biases = {name: getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if len(set(biases.values())) != 1:
+        raise ValueError(f"memformer_from_llama: the backbone has attention biases on some projections only "
+                         f"({biases}); Memformer's `attention_bias` covers all four.")
+    if _llama_config_value(config, "sliding_window") not in (None, 0):
+        raise ValueError("memformer_from_llama: the backbone uses sliding-window attention; Memformer's decoder "
+                         "attends to the whole segment.")
+    return inner, config
+
+
+def _copy_linear(dst: nn.Linear, src: nn.Linear) -> None:
+    if dst.weight.shape != src.weight.shape:
+        raise ValueError(f"shape mismatch copying a projection: {tuple(src.weight.shape)} -> {tuple(dst.weight.shape)}")
+    dst.weight.copy_(src.weight)
+    if (dst.bias is None) != (src.bias is None):
+        raise ValueError("bias mismatch copying a projection")
+    if dst.bias is not None:
+        dst.bias.copy_(src.bias)
+
+
+def _copy_norm(dst: nn.Module, src: nn.Module) -> None:
+    dst.weight.copy_(src.weight)
+
+
+def _zero_linear(layer: nn.Linear) -> None:
+    layer.weight.zero_()
+    if layer.bias is not None:
+        layer.bias.zero_()
+
+
+def _copy_block(dst, src) -> None:
+    """Self-attention, MLP and their norms of one backbone layer into a Memformer encoder/decoder layer."""
+    _copy_norm(dst.self_attn_norm, src.input_layernorm)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        _copy_linear(getattr(dst.self_attn, name), getattr(src.self_attn, name))
+    _copy_norm(dst.ffn_norm, src.post_attention_layernorm)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        _copy_linear(getattr(dst.ffn, name), getattr(src.mlp, name))
+
+
+def memformer_config_from_llama(
+    llama_config: Any,
+    *,
+    num_memory_slots: int = 32,
+    segment_length: int = 128,
+    encoder_layers: int = 4,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    **overrides: Any,
+) -> MemformerConfig:
+    """The `MemformerConfig` of a warm start from a backbone with `llama_config`: Llama layer shapes (RMSNorm, SwiGLU,
+    grouped KV heads, RoPE theta, biases, tying), its vocabulary and special tokens (`pad_token_id` defaults to the
+    backbone's pad, else its EOS), every decoder layer, and `overrides` for the memory settings (e.g.
+    `memory_write_self_bias`, `forget_bias_init_scale`, `memory_write_temperature`)."""
+    c = llama_config
+    rope = dict(_llama_config_value(c, "rope_parameters") or {})
+    theta = rope.get("rope_theta", _llama_config_value(c, "rope_theta", 1e4))
+    bos = c.bos_token_id if bos_token_id is None else bos_token_id
+    eos = c.eos_token_id if eos_token_id is None else eos_token_id
+    pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else
+                                                          (eos[0] if isinstance(eos, list) else eos))
+    kwargs = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, encoder_layers=encoder_layers,
+        decoder_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=_llama_config_value(c, "num_key_value_heads") or c.num_attention_heads,
+        intermediate_size=c.intermediate_size, activation_function=_llama_config_value(c, "hidden_act", "silu"),
+        segment_length=segment_length, num_memory_slots=num_memory_slots, norm_type="rmsnorm",
+        rms_norm_eps=float(_llama_config_value(c, "rms_norm_eps", 1e-6)), mlp_type="swiglu",
+        attention_bias=bool(_llama_config_value(c, "attention_bias", False)),
+        mlp_bias=bool(_llama_config_value(c, "mlp_bias", False)),
+        tie_word_embeddings=bool(_llama_config_value(c, "tie_word_embeddings", False)),
+        position_embedding_type="rope", rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+        first_segment_context="bos", attention_dropout=0.0, hidden_dropout=0.0,
+        initializer_range=float(_llama_config_value(c, "initializer_range", 0.02)),
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    kwargs.update(overrides)
+    return MemformerConfig(**kwargs)
+
+
+@torch.no_grad()
+def memformer_from_llama(
+    llama: nn.Module,
+    *,
+    num_memory_slots: int = 32,
+    segment_length: int = 128,
+    encoder_layers: int = 4,
+    encoder_layer_indices: Sequence[int] | None = None,
+    cross_attention_init: str = "self_attn",
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    **config_overrides: Any,
+) -> MemformerForCausalLM:
+    """A `MemformerForCausalLM` warm-started from `llama` (a `LlamaForCausalLM` or a model of the same layout), in
+    its dtype and on its device; the mapping is in the module docstring and docs/design.md#warm-start.
+
+    num_memory_slots / segment_length: K and L of the new model.
+    encoder_layers: k, the encoder is a copy of the backbone's first k layers (or of `encoder_layer_indices`).
+    cross_attention_init: "self_attn" (q/k/v and the norm copied from the same decoder layer's self-attention) or
+        "random" (default init); either way its output projection starts at zero.
+    bos_token_id: the token that starts every decoder chunk (and the boot segment); defaults to the backbone's BOS.
+        Pick the token the backbone saw at document starts (SmolLM2: `<|endoftext|>`, id 0).
+    config_overrides: any other `MemformerConfig` field (memory settings: `memory_write_self_bias`,
+        `forget_bias_init_scale`, `memory_write_temperature`, `normalize_memory_kv`, ...).
+
+    At initialisation the decoder computes exactly the backbone on each chunk [BOS, s[:-1]] (positions 0..L-1):
+    `tests/test_warm_start.py` checks it to float64 rounding."""
+    inner, lcfg = _check_backbone(llama)
+    if cross_attention_init not in CROSS_ATTENTION_INITS:
+        raise ValueError(f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, got {cross_attention_init!r}.")
+    n_layers = len(inner.layers)
+    indices = list(range(encoder_layers)) if encoder_layer_indices is None else [int(i) for i in encoder_layer_indices]
+    if not indices or any(not 0 <= i < n_layers for i in indices):
+        raise ValueError(f"encoder layers must be backbone layer indices in [0, {n_layers}), at least one; got "
+                         f"{indices}.")
+    config = memformer_config_from_llama(lcfg, num_memory_slots=num_memory_slots, segment_length=segment_length,
+                                         encoder_layers=len(indices), bos_token_id=bos_token_id,
+                                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **config_overrides)
+    weight = inner.embed_tokens.weight
+    model = MemformerForCausalLM(config).to(device=weight.device, dtype=weight.dtype)
+    attn_impl = getattr(llama.config, "_attn_implementation", None)
+    if attn_impl in ("eager", "sdpa"):
+        model.set_attn_implementation(attn_impl)
+    m = model.model
+
+    m.embed_tokens.weight.copy_(inner.embed_tokens.weight)
+    if not config.tie_word_embeddings:
+        model.lm_head.weight.copy_(llama.get_output_embeddings().weight)
+    _copy_norm(m.decoder.norm, inner.norm)
+    for dst, src in zip(m.decoder.layers, inner.layers):
+        _copy_block(dst, src)
+        if cross_attention_init == "self_attn":
+            _copy_norm(dst.cross_attn_norm, src.input_layernorm)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                _copy_linear(getattr(dst.cross_attn, name), getattr(src.self_attn, name))
+        _zero_linear(dst.cross_attn.o_proj)
+    for dst, i in zip(m.encoder.layers, indices):
+        _copy_block(dst, inner.layers[i])
+        _zero_linear(dst.memory_read.o_proj)
+    after = indices[-1] + 1
+    _copy_norm(m.encoder.norm, inner.layers[after].input_layernorm if after < n_layers else inner.norm)
+    return model
+
+
+def warm_start_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The parameters of a warm-started `MemformerForCausalLM` by origin: `"new"` (cross-attention, memory readers
+    and their norms, writer, encoder output norm), `"encoder"` (the copied encoder layers) and `"backbone"` (the
+    copied decoder, embeddings and head; a tied head counts once)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"new": [], "encoder": [], "backbone": []}
+    for name, p in model.named_parameters():
+        if any(pat in name for pat in NEW_PARAMETER_PATTERNS):
+            groups["new"].append((name, p))
+        elif ".encoder.layers." in name:
+            groups["encoder"].append((name, p))
+        else:
+            groups["backbone"].append((name, p))
+    return groups
+
+
+__all__ = ["CROSS_ATTENTION_INITS", "memformer_config_from_llama", "memformer_from_llama",
+           "warm_start_parameter_groups"]

@@ -48,7 +48,8 @@ class MemformerConfig(PretrainedConfig):
         encoder_layers / decoder_layers: depth of the memory-reading encoder and of the causal decoder.
         num_attention_heads: heads of every attention block (d must be divisible by it).
         intermediate_size: FFN width.
-        activation_function: FFN activation (for `mlp_type="swiglu"` the gate's activation: "silu" for Llama).
+        activation_function: FFN activation (for `mlp_type="swiglu"` the gate's activation: "silu" for Llama);
+            `hidden_act` (Llama's name) is accepted as another name for it.
         norm_type: "layernorm" (default, the paper's Pre-LN blocks) or "rmsnorm" (Llama-style RMSNorm, gain only,
             `rms_norm_eps`); applies to every norm of the model (docs/design.md#llama-shapes).
         mlp_type: "gelu_mlp" (default: Linear `fc1` → activation → Linear `fc2`) or "swiglu" (Llama's
@@ -86,7 +87,8 @@ class MemformerConfig(PretrainedConfig):
     """
 
     model_type = "memformer"
-    attribute_map = {"num_hidden_layers": "decoder_layers", "n_positions": "segment_length"}
+    attribute_map = {"num_hidden_layers": "decoder_layers", "n_positions": "segment_length",
+                     "hidden_act": "activation_function"}
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
@@ -129,6 +131,11 @@ class MemformerConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs: Any,
     ) -> None:
+        if "hidden_act" in kwargs:  # Llama's name for the (SwiGLU gate's) activation
+            hidden_act = kwargs.pop("hidden_act")
+            _check(activation_function in ("gelu", hidden_act), "hidden_act", hidden_act,
+                   f"the same value as activation_function={activation_function!r} (it is another name for it)")
+            activation_function = hidden_act
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.encoder_layers = encoder_layers

@@ -150,3 +150,26 @@ class MemformerConfigTest(unittest.TestCase):
         ConfigTester(self, config_class=MemformerConfig, hidden_size=16, num_attention_heads=2, vocab_size=50,
                      segment_length=8, num_memory_slots=4, first_segment_context="empty",
                      position_embedding_type="simplified_rpe").run_common_tests()
+
+
+class MemformerLlamaStyleModelTester(MemformerModelTester):
+    """The tiny config with Llama's layer shapes (docs/design.md#llama-shapes): RMSNorm, SwiGLU, one KV head for two
+    query heads, no attention / MLP biases (the head stays tied, as SmolLM2's: an untied head makes the mixin's
+    base-model-into-head load miss `lm_head.weight`, which the strict loader refuses by design; tests/test_warm_start.py
+    round-trips untied heads)."""
+
+    def __init__(self, parent, **kwargs) -> None:
+        super().__init__(parent, **kwargs)
+        self.config_kwargs.update(norm_type="rmsnorm", mlp_type="swiglu", activation_function="silu",
+                                  num_key_value_heads=1, attention_bias=False, mlp_bias=False, rms_norm_eps=1e-6)
+
+
+class MemformerLlamaStyleModelTest(MemformerModelTest):
+    """The mixin's tests again, on the Llama-style configuration."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.model_tester = MemformerLlamaStyleModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=MemformerConfig, hidden_size=16, vocab_size=50,
+                                          num_attention_heads=2, norm_type="rmsnorm", mlp_type="swiglu",
+                                          num_key_value_heads=1, mlp_bias=False, tie_word_embeddings=False)

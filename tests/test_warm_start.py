@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +108,8 @@ def perturb(module: torch.nn.Linear, seed: int, scale: float = 0.3) -> None:
     (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),
     (dict(rms_norm_eps=float("inf")), "rms_norm_eps"),
     (dict(activation_function="swish"), "activation_function"),
+    (dict(hidden_act="swish"), "activation_function"),
+    (dict(hidden_act="silu", activation_function="relu"), "hidden_act"),
 ])
 def test_llama_options_are_validated(tmp_path, overrides, field):
     """Each new option is refused with an error naming it, from Python and from a config.json."""
@@ -137,8 +141,9 @@ def test_default_model_keeps_its_checkpoint_keys():
 
 
 def test_llama_style_blocks_have_llama_shapes():
-    cfg = tiny_memformer_config(norm_type="rmsnorm", mlp_type="swiglu", activation_function="silu",
+    cfg = tiny_memformer_config(norm_type="rmsnorm", mlp_type="swiglu", hidden_act="silu",  # Llama's name
                                 num_key_value_heads=1, attention_bias=False, mlp_bias=False, rms_norm_eps=1e-5)
+    assert cfg.activation_function == cfg.hidden_act == "silu" and "hidden_act" not in cfg.to_dict()
     model = MemformerForCausalLM(cfg)
     keys = model.model.state_dict()
     d, dh = cfg.hidden_size, cfg.head_dim
@@ -337,3 +342,45 @@ def test_llama_style_mrbp_step_matches_bptt():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
     assert model.model.writer.q_proj.weight.grad.any()  # gradient reached the writer through memory
+
+
+def test_readme_warm_start_snippet_runs():
+    """README's warm-start snippet runs as written, with the tiny Llama in place of the GGUF download."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "memformer_from_llama(" in b]
+    assert len(blocks) == 1
+    code = re.sub(r"^llama = AutoModelForCausalLM\.from_pretrained\(.*\)$", "llama = tiny_llama(num_hidden_layers=5)", blocks[0],
+                  count=1, flags=re.M)
+    assert code != blocks[0]
+    ns = {"tiny_llama": tiny_llama}
+    exec(compile(code, "README: warm start", "exec"), ns)
+    model, llama = ns["model"].eval(), ns["llama"]
+    assert model.config.segment_length == 128 and model.config.bos_token_id == 0
+    ids = ids_with_bos(20, seed=7)
+    ids[:, 0] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=0, atol=1e-11)
+
+
+def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
+    """`benchmarks/warm_start.py --tiny` (shrunk further): backbone controls, warm start, the init check (the
+    Memformer at initialisation scores exactly the segment-local backbone), MRBP training with per-group learning
+    rates and a frozen backbone, evaluation with memory carried / reset, the writer analysis and the report."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["warm_start.py", "--tiny"])
+    import warm_start
+
+    report = warm_start.main(["--tiny", "--tiny_pretrain_steps", "10", "--contexts", "32,64", "--max_doc_tokens",
+                              "256", "--min_doc_tokens", "256", "--train_tokens", "2048", "--writer_segments", "4",
+                              "--output_dir", str(tmp_path), "--work", str(tmp_path / "work")])
+    rows = report["rows"]
+    assert report["init_vs_segment_local_rel_diff"] < 1e-6
+    assert rows["Memformer at init (= segment-local backbone)"]["tokens"] == rows[
+        "backbone, context 32 (strided, stride 16)"]["tokens"] == 512
+    assert report["training"]["steps"] == report["training"]["steps_planned"] == 4
+    assert all(math.isfinite(r["ppl"]) for r in rows.values())
+    text = (tmp_path / "warm_start_tiny.md").read_text()
+    assert "Memformer trained, memory reset every segment" in text and "retaining slots" in text
+    assert (tmp_path / "warm_start_writer_trained.png").is_file()

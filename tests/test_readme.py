@@ -44,7 +44,7 @@ def test_readme_python_snippets_run_on_cpu(tmp_path, monkeypatch):
     usage = _block("AutoModelForCausalLM.from_config")
     cpu_usage = usage.replace('from_preset("small"', 'from_preset("tiny"')
     assert cpu_usage != usage
-    generation, mrbp, trainer = _block("TextStreamer"), _block("memory_replay_backward"), _block("MemformerTrainer(")
+    generation, mrbp, trainer = _block("TextStreamer"), _block("memory_replay_backward"), _block("MemformerTrainingArguments(")
     assert "bf16=True" not in trainer  # the snippet must run without a GPU
 
     rng = random.Random(0)

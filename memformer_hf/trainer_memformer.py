@@ -571,8 +571,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                 for t in range(T):
                     cell = cell_batch(cells, t)
                     cell.pop("shift_labels")
-                    with self.compute_loss_context_manager():
-                        out = model(**cell, memory=memory[suffix])
+                    with self.compute_loss_context_manager():  # ids were checked when packed: no sync per cell
+                        out = model(**cell, memory=memory[suffix], validate_inputs=False)
                     memory[suffix] = out.memory
                     nll[:, t] = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, t],
                                                                   ignore_index=-100, reduction="none")

@@ -103,6 +103,17 @@ def left_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad: int = PAD, garba
     return ids, mask
 
 
+def word_tokenizer(n: int):
+    """A `PreTrainedTokenizerFast` with `n` tokens `w0 .. w{n-1}` (word level, built offline; w0 pads and is the
+    unknown token, w1 is BOS, w2 EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="w0", bos_token="w1", eos_token="w2")
+
+
 # ================================================================================================ gloo launchers
 def require_gloo() -> None:
     """Skip the calling test unless torch.distributed with the gloo backend is available."""

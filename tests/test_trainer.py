@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BOS, CELL_KEYS, PAD, L, Torchrun, build_tiny_memformer
+from helpers import BOS, CELL_KEYS, PAD, L, Torchrun, build_tiny_memformer, word_tokenizer
 from helpers import TINY_MEMFORMER as TINY
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
@@ -900,16 +900,6 @@ def test_bad_arguments_raise(tmp_path):
     tr = MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs)
     with pytest.raises(ValueError, match="eval"):
         tr.evaluate()
-
-
-def word_tokenizer(n: int):
-    """A `PreTrainedTokenizerFast` with `n` tokens (word level, built offline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="w0", bos_token="w1", eos_token="w2")
 
 
 def test_tokenizer_or_token_ids_beyond_vocab_raise(tmp_path):

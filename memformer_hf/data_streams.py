@@ -408,13 +408,72 @@ def _compact_documents(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class _StreamLayout:
+    """What :class:`StreamBatches` and :class:`IterableStreamBatches` share: the layout (``S = B·G`` streams per rank,
+    rank ``r`` owning the global streams ``[r·S, (r+1)·S)``, windows of ``T`` cells of ``L`` tokens), its checks, its
+    part of ``state_dict``, and the batch of one stream group."""
+
+    def _init_layout(self, *, segment_length: int, window: int, batch_size: int, grad_accum: int, world_size: int,
+                     rank: int, bos_token_id: int, pad_token_id: int, boot: str) -> None:
+        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.segment_length = segment_length
+        self.window = window
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.rank = rank
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.boot = boot
+        self.streams_per_rank = batch_size * grad_accum
+        self.num_streams = self.streams_per_rank * world_size
+
+    def _layout_state(self) -> dict[str, Any]:
+        return {
+            "packer_version": PACKER_VERSION,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "streams_per_rank": self.streams_per_rank,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "segment_length": self.segment_length,
+            "window": self.window,
+            "boot": self.boot,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def _group_batch(self, flat: torch.Tensor, start: torch.Tensor, length: torch.Tensor, is_boot: torch.Tensor,
+                     group: int, window_index: int) -> dict[str, torch.Tensor]:
+        """The batch of stream group ``group`` from the cell tables ``[S, T]`` of one window of this rank."""
+        B, T, L = self.batch_size, self.window, self.segment_length
+        rows = slice(group * B, (group + 1) * B)
+        cells = _build_cells(flat, start[rows], length[rows], is_boot[rows], L, self.bos_token_id, self.pad_token_id,
+                             self.boot)
+        return {
+            "encoder_input_ids": cells["encoder_input_ids"],
+            "encoder_attention_mask": cells["encoder_attention_mask"],
+            "decoder_input_ids": cells["decoder_input_ids"],
+            "decoder_attention_mask": cells["decoder_attention_mask"],
+            "shift_labels": cells["labels"].reshape(B, T * L).contiguous(),
+            "memory_reset": cells["memory_reset"],
+            "stream_ids": torch.arange(B, dtype=torch.long) + self.rank * self.streams_per_rank + group * B,
+            "window_index": torch.tensor(window_index, dtype=torch.long),
+        }
+
+
 def _shuffle_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(f"memformer-streams:{seed}:{epoch}").shuffle(order)
     return order
 
 
-class StreamBatches(torch.utils.data.Dataset):
+class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
     """Deterministic map-style dataset of ready per-rank batches (docs/design.md#stream-batching); index ``k`` ->
     batch dict.
 
@@ -451,27 +510,13 @@ class StreamBatches(torch.utils.data.Dataset):
         that need one fixed length: the length becomes the largest over epochs ``0..length_epochs-1``, and shorter
         dealings then end with inactive windows (no targets). ``MemformerTrainer`` does not need it (it follows
         every epoch's own length)."""
-        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        self._init_layout(segment_length=segment_length, window=window, batch_size=batch_size, grad_accum=grad_accum,
+                          world_size=world_size, rank=rank, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
+                          boot=boot)
         if length_epochs < 1:
             raise ValueError(f"length_epochs must be >= 1, got {length_epochs}")
-        for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.segment_length = segment_length
-        self.window = window
-        self.batch_size = batch_size
-        self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.rank = rank
         self.seed = seed
-        self.bos_token_id = bos_token_id
-        self.pad_token_id = pad_token_id
-        self.boot = boot
         self.shuffle = shuffle
-        self.streams_per_rank = batch_size * grad_accum
-        self.num_streams = self.streams_per_rank * world_size
 
         self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches")
         lengths = self._doc_offsets[1:] - self._doc_offsets[:-1]
@@ -562,51 +607,19 @@ class StreamBatches(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range [0, {len(self)})")
         g, w = index % self.grad_accum, index // self.grad_accum
-        B, T, L = self.batch_size, self.window, self.segment_length
-        rows = slice(g * B, (g + 1) * B)
-        cols = slice(w * T, (w + 1) * T)
-        cells = _build_cells(
-            self._flat,
-            self._start[rows, cols],
-            self._length[rows, cols],
-            self._is_boot[rows, cols],
-            L,
-            self.bos_token_id,
-            self.pad_token_id,
-            self.boot,
-        )
-        batch = {
-            "encoder_input_ids": cells["encoder_input_ids"],
-            "encoder_attention_mask": cells["encoder_attention_mask"],
-            "decoder_input_ids": cells["decoder_input_ids"],
-            "decoder_attention_mask": cells["decoder_attention_mask"],
-            "shift_labels": cells["labels"].reshape(B, T * L).contiguous(),
-            "memory_reset": cells["memory_reset"],
-            "stream_ids": torch.arange(B, dtype=torch.long) + self.rank * self.streams_per_rank + g * B,
-            "window_index": torch.tensor(w, dtype=torch.long),
-        }
-        return batch
+        cols = slice(w * self.window, (w + 1) * self.window)
+        return self._group_batch(self._flat, self._start[:, cols], self._length[:, cols], self._is_boot[:, cols], g, w)
 
     # -- checkpoint matching ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Summary of the layout, for matching a saved stream state (docs/design.md#checkpoints)."""
         return {
-            "packer_version": PACKER_VERSION,
+            **self._layout_state(),
             "seed": self.seed,
             "epoch": self.epoch,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "streams_per_rank": self.streams_per_rank,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "segment_length": self.segment_length,
-            "window": self.window,
-            "boot": self.boot,
             "shuffle": self.shuffle,
             "length_epochs": self.length_epochs,
-            "bos_token_id": self.bos_token_id,
-            "pad_token_id": self.pad_token_id,
             "num_documents": len(self._doc_cells),
             "num_tokens": int(self._doc_offsets[-1]),
             "num_batches": len(self),
@@ -724,7 +737,7 @@ class DocumentWindows(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class IterableStreamBatches(torch.utils.data.IterableDataset):
+class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
     """:class:`StreamBatches` for corpora larger than memory: the documents are read from an iterable source (a
     ``datasets.IterableDataset`` from ``load_dataset(..., streaming=True)``, a ``datasets.Dataset``, a list, or a
     function returning a fresh iterator), tokenized when they are dealt, and dropped once their last cell is yielded.
@@ -781,13 +794,11 @@ class IterableStreamBatches(torch.utils.data.IterableDataset):
         vocab_size: int | None = None,
         tokenize_batch: int = 16,
     ) -> None:
-        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
-        for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum),
-                        ("tokenize_batch", tokenize_batch)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self._init_layout(segment_length=segment_length, window=window, batch_size=batch_size, grad_accum=grad_accum,
+                          world_size=world_size, rank=rank, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
+                          boot=boot)
+        if tokenize_batch < 1:
+            raise ValueError(f"tokenize_batch must be >= 1, got {tokenize_batch}")
         if passes is not None and passes < 1:
             raise ValueError(f"passes must be >= 1 or None (endless), got {passes}")
         if isinstance(documents, (str, bytes)) or not (callable(documents) or hasattr(documents, "__iter__")):
@@ -798,23 +809,12 @@ class IterableStreamBatches(torch.utils.data.IterableDataset):
                              "iterated again for every pass and on resume (a list, a datasets IterableDataset, or a "
                              "function returning a fresh iterator)")
         self.documents = documents
-        self.segment_length = segment_length
-        self.window = window
-        self.batch_size = batch_size
-        self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.rank = rank
-        self.bos_token_id = bos_token_id
-        self.pad_token_id = pad_token_id
-        self.boot = boot
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.split_documents = split_documents
         self.passes = passes
         self.vocab_size = vocab_size
         self.tokenize_batch = tokenize_batch
-        self.streams_per_rank = batch_size * grad_accum
-        self.num_streams = self.streams_per_rank * world_size
         self._position: dict[str, Any] = self._fresh_position()  # where the next batch comes from
 
     # -- reading ------------------------------------------------------------------------------------------------------
@@ -913,7 +913,7 @@ class IterableStreamBatches(torch.utils.data.IterableDataset):
             raise ValueError("IterableStreamBatches keeps its stream position in the main process: read it with "
                              "num_workers=0 (dataloader_num_workers=0)")
         start = self._position
-        S, T, L, G, B = self.streams_per_rank, self.window, self.segment_length, self.grad_accum, self.batch_size
+        S, T, L, G = self.streams_per_rank, self.window, self.segment_length, self.grad_accum
         # per local stream: its queue of documents in flight, [pass, index, ids, cells, next cell]
         queues: list[list[list[Any]]] = [[] for _ in range(S)]
         in_flight = {(p, i): (s, c) for s, refs in enumerate(start["streams"]) for p, i, c in refs}
@@ -981,19 +981,7 @@ class IterableStreamBatches(torch.utils.data.IterableDataset):
                         queues[s].pop(0)
             after = self._snapshot(window + 1, queues, nxt, documents, tokens)
             for g in range(group, G):
-                rows = slice(g * B, (g + 1) * B)
-                built = _build_cells(cells[0], cells[1][rows], cells[2][rows], cells[3][rows], L, self.bos_token_id,
-                                     self.pad_token_id, self.boot)
-                batch = {
-                    "encoder_input_ids": built["encoder_input_ids"],
-                    "encoder_attention_mask": built["encoder_attention_mask"],
-                    "decoder_input_ids": built["decoder_input_ids"],
-                    "decoder_attention_mask": built["decoder_attention_mask"],
-                    "shift_labels": built["labels"].reshape(B, T * L).contiguous(),
-                    "memory_reset": built["memory_reset"],
-                    "stream_ids": torch.arange(B, dtype=torch.long) + self.rank * S + g * B,
-                    "window_index": torch.tensor(window, dtype=torch.long),
-                }
+                batch = self._group_batch(*cells, g, window)
                 self._position = after if g + 1 == G else {**snapshot, "group": g + 1}
                 yield batch
             window, group = window + 1, 0
@@ -1034,22 +1022,8 @@ class IterableStreamBatches(torch.utils.data.IterableDataset):
 
     def layout(self) -> dict[str, Any]:
         """What a saved position depends on."""
-        return {
-            "packer_version": PACKER_VERSION,
-            "kind": "iterable",
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "streams_per_rank": self.streams_per_rank,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "segment_length": self.segment_length,
-            "window": self.window,
-            "boot": self.boot,
-            "split_documents": self.split_documents,
-            "passes": self.passes,
-            "bos_token_id": self.bos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
+        return {**self._layout_state(), "kind": "iterable", "split_documents": self.split_documents,
+                "passes": self.passes}
 
     def resume_point(self) -> list[int]:
         """``[pass, index]`` of the earliest document this rank has in flight (or of its next document)."""

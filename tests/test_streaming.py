@@ -14,9 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import BOS, PAD, L, build_tiny_memformer, word_tokenizer
+from helpers import BOS, PAD, L, StopAt, build_tiny_memformer, word_tokenizer
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from memformer_hf.data_streams import IGNORE_INDEX, IterableStreamBatches, StreamBatches
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
@@ -216,15 +215,6 @@ def args(out: Path, **kw) -> MemformerTrainingArguments:
     return MemformerTrainingArguments(**{**base, **kw})
 
 
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def test_trainer_streams_a_jsonl_and_resumes(tmp_path):
     """`load_dataset("json", streaming=True)` of texts, tokenized on the fly with the `processing_class`: training
     runs `max_steps` optimizer steps over endless passes; a run stopped after step 3 and resumed from its checkpoint
@@ -244,7 +234,7 @@ def test_trainer_streams_a_jsonl_and_resumes(tmp_path):
     full.train()
     assert full.state.global_step == 6 and full.train_dataset.state_dict()["position"]["next"][0] >= 1  # in pass 1
 
-    part = trainer(tmp_path / "part", callbacks=[StopAfter(3)])
+    part = trainer(tmp_path / "part", callbacks=[StopAt(3)])
     part.train()
     ckpt = tmp_path / "part" / "checkpoint-3"
     saved = json.loads((ckpt / "stream_state-rank0.json").read_text())

@@ -299,14 +299,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
-        cfg = self._model_config
-        params = dict(segment_length=cfg.segment_length, window=args.mrbp_window,
-                      batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
-                      world_size=args.world_size, rank=args.process_index, seed=args.data_seed or args.seed,
-                      bos_token_id=cfg.bos_token_id,
-                      pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id,
-                      boot=cfg.first_segment_context)
-        params.update(overrides)
+        params = {**stream_layout(self._model_config, args), "seed": args.data_seed or args.seed, **overrides}
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
         # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)
@@ -314,13 +307,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     def _pack_stream(self, source: Any, args: MemformerTrainingArguments, tokenizer: Any) -> IterableStreamBatches:
         """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`), tokenized on the fly with
         `tokenizer` unless its rows hold `input_ids`."""
-        cfg = self._model_config
-        return IterableStreamBatches(
-            source, segment_length=cfg.segment_length, window=args.mrbp_window,
-            batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
-            world_size=args.world_size, rank=args.process_index, bos_token_id=cfg.bos_token_id,
-            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id,
-            boot=cfg.first_segment_context, tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
+        return IterableStreamBatches(source, **stream_layout(self._model_config, args),
+                                     tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
 
     def _check_stream_layout(self, ds: StreamBatches | IterableStreamBatches) -> None:
         a, cfg = self.args, self._model_config
@@ -676,6 +664,17 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         ds.load_state_dict(state)
 
 
+def stream_layout(config: Any, args: MemformerTrainingArguments) -> dict[str, Any]:
+    """The layout keywords of `StreamBatches` / `IterableStreamBatches` for a model config and the training arguments:
+    segment length, window `mrbp_window`, per-device batch, gradient accumulation, world size, rank, BOS and pad ids
+    (BOS when the config has no pad id) and the boot mode."""
+    return dict(segment_length=config.segment_length, window=args.mrbp_window,
+                batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                world_size=args.world_size, rank=args.process_index, bos_token_id=config.bos_token_id,
+                pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.bos_token_id,
+                boot=config.first_segment_context)
+
+
 def _one_gpu_per_process(args: TrainingArguments) -> None:
     """Several GPUs visible to one non-distributed process: the Trainer would wrap the model in `nn.DataParallel`,
     which cannot run MRBP. Train on one GPU and say (once) how to use them all."""
@@ -775,4 +774,4 @@ def _as_documents(data: Any, name: str) -> list[list[int]]:
 
 
 __all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",
-           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS", "check_checkpoint"]
+           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS", "check_checkpoint", "stream_layout"]

@@ -11,6 +11,9 @@ FSDP2 each replayed cell re-gathers the shards. Every epoch trains its own windo
 epoch, so lengths differ; no step trains on a window without tokens) and the step count and LR schedule follow the
 real total (`training_plan`). One process never wraps the model in `nn.DataParallel`: with several visible GPUs and
 no launcher it trains on one and logs how to use all (docs/design.md#distributed).
+A corpus larger than memory comes as an `IterableStreamBatches` (or a `datasets.IterableDataset`, wrapped in one):
+its documents are tokenized as they are dealt, training is bounded by `max_steps`, and checkpoints hold its position,
+so a resumed run continues where it stopped (docs/design.md#streaming).
 
 The trainer is built from named parts:
 

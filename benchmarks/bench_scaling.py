@@ -45,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary for --prepare (the CLI's default)")
     p.add_argument("--data", metavar="DIR", help="a --prepare folder (default: synthetic tokens)")
     p.add_argument("--report", metavar="WORK_DIR", help="only write the report from WORK_DIR/gpus*.json")
-    p.add_argument("--preset", default="small", help="a memformer_hf.PRESETS name, or 'cpu-small' (the CLI's)")
+    p.add_argument("--preset", default="small", help="a memformer_hf.PRESETS name ('cpu-small': the CLI's default)")
     p.add_argument("--gpus", type=int, default=2, help="processes of the data-parallel run (compared with 1)")
     p.add_argument("--global_batch", type=int, default=128, help="streams per optimizer step, over all GPUs")
     p.add_argument("--window", type=int, default=4, help="MRBP window T (segments per stream per step)")
@@ -77,7 +77,7 @@ def parse() -> argparse.Namespace:
 # ================================================================================================ data
 def prepare(args: argparse.Namespace) -> None:
     """Train the CLI's byte-level BPE on the train split and save its token ids (no `datasets` needed later)."""
-    from memformer_hf.cli import _prepare_documents, train_bpe_tokenizer
+    from memformer_hf.cli.corpus import prepare_documents, train_bpe_tokenizer
     from memformer_hf.data_streams import load_documents
 
     out = Path(args.prepare)
@@ -86,7 +86,7 @@ def prepare(args: argparse.Namespace) -> None:
     texts = load_documents(os.path.join(args.corpus, "train.jsonl.gz"))
     tokenizer = train_bpe_tokenizer(texts, args.vocab)
     tokenizer.save_pretrained(out / "tokenizer")
-    docs = _prepare_documents(texts, tokenizer)
+    docs = prepare_documents(texts, tokenizer)
     lengths = torch.tensor([len(d) for d in docs])
     flat = torch.tensor([t for d in docs for t in d], dtype=torch.int32)
     torch.save({"flat": flat.to(torch.int16) if len(tokenizer) <= 32767 else flat,
@@ -121,7 +121,6 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import TrainerCallback
 
     from memformer_hf import MemformerConfig, MemformerForCausalLM
-    from memformer_hf.cli import CPU_SMALL
     from memformer_hf.configuration_memformer import PRESETS
     from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 
@@ -130,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
     if cpu:
         torch.set_num_threads(1)
     docs, ids = load_data(args)
-    base = TINY if args.tiny else CPU_SMALL if args.preset == "cpu-small" else PRESETS[args.preset]
+    base = TINY if args.tiny else PRESETS[args.preset]
     vocab = -(-ids["vocab_size"] // 128) * 128
     config = MemformerConfig(**base, vocab_size=vocab, bos_token_id=ids["bos_token_id"],
                              eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])

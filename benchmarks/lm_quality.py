@@ -27,7 +27,7 @@ import transformers
 from common import param_counts, run_variants_in_parallel, write_results
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
-from memformer_hf.cli import plot_writer_attention, writer_self_weights
+from memformer_hf.cli.report import plot_writer_attention, writer_self_weights
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "corpora")

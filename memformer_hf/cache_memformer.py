@@ -127,6 +127,7 @@ class MemformerCache(Cache):
         self._host: tuple[list[bool], list[int]] | None = None  # host copy of (started, fill); None: read on demand
         self._written_in_place = False  # the tensors are this cache's own (the decoder step may update them in place)
         self._trusted: list | None = None  # stamps of the tensors last written by the model (or verified finite)
+        self._checked_config: MemformerConfig | None = None  # the config object last checked compatible
 
     # ----------------------------------------------------------------------------------------------- state access
     @property
@@ -217,7 +218,7 @@ class MemformerCache(Cache):
         """Raise a clear error if this cache cannot serve a forward of `batch_size` rows of a model with `config`;
         with `dtype` / `device` (the model calls it so at the start of a stream-mode forward), also bring the state
         to the model's device and compute dtype and check it for NaN/inf (`check_finite`)."""
-        if self.fingerprint != config_fingerprint(config):
+        if config is not self._checked_config and self.fingerprint != config_fingerprint(config):
             raise ValueError("This MemformerCache was built for a different model configuration (fingerprint "
                              f"{self.fingerprint} != {config_fingerprint(config)}); start a new cache.")
         if self.memory is not None and self.memory.shape[0] != batch_size:
@@ -225,8 +226,12 @@ class MemformerCache(Cache):
                 f"Memory batch size {self.memory.shape[0]} != input batch size {batch_size}. A filled cache is not "
                 "expanded by generate(): call `cache.batch_repeat_interleave(n)` (num_return_sequences / num_beams) or "
                 "`cache.batch_select_indices(idx)` first.")
+        self._checked_config = config  # (hashing the config's fields on every decoded token costs more than the step)
         if self.memory is not None and (dtype is not None or device is not None):
-            self._match_model(dtype, device)
+            first = self.layers[0].keys
+            if not (self.is_trusted and first is not None and (dtype is None or first.dtype == dtype)
+                    and (device is None or first.device == torch.device(device))):
+                self._match_model(dtype, device)
             self.check_finite()
 
     def set_state(self, *, memory, cross_mask, segment_ids, fill, started, self_kv, cross_kv) -> None:

@@ -11,6 +11,8 @@ Public API:
 * :func:`load_documents` / :func:`tokenize_documents`: texts from a ``datasets`` dataset or local files, then token ids.
 * :func:`check_vocab`: a clear error when a tokenizer or token ids do not fit the model's ``vocab_size``.
 * :class:`StreamBatches`: map-style dataset of ready per-rank batches (Transformer-XL style streams with carry).
+* :class:`IterableStreamBatches`: the same batches from an iterable source (``datasets`` streaming), tokenized on the
+  fly, for corpora larger than memory; resumable (``state_dict`` / ``load_state_dict``).
 * :class:`DocumentWindows`: one independent window of ``T`` cells per sample (no carry), for fine-tuning.
 * :func:`document_cells`: all cells of one document, for evaluators that carry memory through a whole document.
 * :func:`collate_single`: DataLoader collate that unwraps the single element of a ``batch_size=1`` batch.
@@ -24,7 +26,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ __all__ = [
     "check_vocab",
     "document_cells",
     "StreamBatches",
+    "IterableStreamBatches",
     "DocumentWindows",
     "collate_single",
     "stream_batches_loader",
@@ -405,13 +408,72 @@ def _compact_documents(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class _StreamLayout:
+    """What :class:`StreamBatches` and :class:`IterableStreamBatches` share: the layout (``S = B·G`` streams per rank,
+    rank ``r`` owning the global streams ``[r·S, (r+1)·S)``, windows of ``T`` cells of ``L`` tokens), its checks, its
+    part of ``state_dict``, and the batch of one stream group."""
+
+    def _init_layout(self, *, segment_length: int, window: int, batch_size: int, grad_accum: int, world_size: int,
+                     rank: int, bos_token_id: int, pad_token_id: int, boot: str) -> None:
+        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.segment_length = segment_length
+        self.window = window
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.rank = rank
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.boot = boot
+        self.streams_per_rank = batch_size * grad_accum
+        self.num_streams = self.streams_per_rank * world_size
+
+    def _layout_state(self) -> dict[str, Any]:
+        return {
+            "packer_version": PACKER_VERSION,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "streams_per_rank": self.streams_per_rank,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "segment_length": self.segment_length,
+            "window": self.window,
+            "boot": self.boot,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def _group_batch(self, flat: torch.Tensor, start: torch.Tensor, length: torch.Tensor, is_boot: torch.Tensor,
+                     group: int, window_index: int) -> dict[str, torch.Tensor]:
+        """The batch of stream group ``group`` from the cell tables ``[S, T]`` of one window of this rank."""
+        B, T, L = self.batch_size, self.window, self.segment_length
+        rows = slice(group * B, (group + 1) * B)
+        cells = _build_cells(flat, start[rows], length[rows], is_boot[rows], L, self.bos_token_id, self.pad_token_id,
+                             self.boot)
+        return {
+            "encoder_input_ids": cells["encoder_input_ids"],
+            "encoder_attention_mask": cells["encoder_attention_mask"],
+            "decoder_input_ids": cells["decoder_input_ids"],
+            "decoder_attention_mask": cells["decoder_attention_mask"],
+            "shift_labels": cells["labels"].reshape(B, T * L).contiguous(),
+            "memory_reset": cells["memory_reset"],
+            "stream_ids": torch.arange(B, dtype=torch.long) + self.rank * self.streams_per_rank + group * B,
+            "window_index": torch.tensor(window_index, dtype=torch.long),
+        }
+
+
 def _shuffle_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(f"memformer-streams:{seed}:{epoch}").shuffle(order)
     return order
 
 
-class StreamBatches(torch.utils.data.Dataset):
+class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
     """Deterministic map-style dataset of ready per-rank batches (docs/design.md#stream-batching); index ``k`` ->
     batch dict.
 
@@ -448,27 +510,13 @@ class StreamBatches(torch.utils.data.Dataset):
         that need one fixed length: the length becomes the largest over epochs ``0..length_epochs-1``, and shorter
         dealings then end with inactive windows (no targets). ``MemformerTrainer`` does not need it (it follows
         every epoch's own length)."""
-        _check_ids(segment_length, bos_token_id, pad_token_id, boot)
+        self._init_layout(segment_length=segment_length, window=window, batch_size=batch_size, grad_accum=grad_accum,
+                          world_size=world_size, rank=rank, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
+                          boot=boot)
         if length_epochs < 1:
             raise ValueError(f"length_epochs must be >= 1, got {length_epochs}")
-        for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.segment_length = segment_length
-        self.window = window
-        self.batch_size = batch_size
-        self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.rank = rank
         self.seed = seed
-        self.bos_token_id = bos_token_id
-        self.pad_token_id = pad_token_id
-        self.boot = boot
         self.shuffle = shuffle
-        self.streams_per_rank = batch_size * grad_accum
-        self.num_streams = self.streams_per_rank * world_size
 
         self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches")
         lengths = self._doc_offsets[1:] - self._doc_offsets[:-1]
@@ -559,51 +607,19 @@ class StreamBatches(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range [0, {len(self)})")
         g, w = index % self.grad_accum, index // self.grad_accum
-        B, T, L = self.batch_size, self.window, self.segment_length
-        rows = slice(g * B, (g + 1) * B)
-        cols = slice(w * T, (w + 1) * T)
-        cells = _build_cells(
-            self._flat,
-            self._start[rows, cols],
-            self._length[rows, cols],
-            self._is_boot[rows, cols],
-            L,
-            self.bos_token_id,
-            self.pad_token_id,
-            self.boot,
-        )
-        batch = {
-            "encoder_input_ids": cells["encoder_input_ids"],
-            "encoder_attention_mask": cells["encoder_attention_mask"],
-            "decoder_input_ids": cells["decoder_input_ids"],
-            "decoder_attention_mask": cells["decoder_attention_mask"],
-            "shift_labels": cells["labels"].reshape(B, T * L).contiguous(),
-            "memory_reset": cells["memory_reset"],
-            "stream_ids": torch.arange(B, dtype=torch.long) + self.rank * self.streams_per_rank + g * B,
-            "window_index": torch.tensor(w, dtype=torch.long),
-        }
-        return batch
+        cols = slice(w * self.window, (w + 1) * self.window)
+        return self._group_batch(self._flat, self._start[:, cols], self._length[:, cols], self._is_boot[:, cols], g, w)
 
     # -- checkpoint matching ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Summary of the layout, for matching a saved stream state (docs/design.md#checkpoints)."""
         return {
-            "packer_version": PACKER_VERSION,
+            **self._layout_state(),
             "seed": self.seed,
             "epoch": self.epoch,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "streams_per_rank": self.streams_per_rank,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "segment_length": self.segment_length,
-            "window": self.window,
-            "boot": self.boot,
             "shuffle": self.shuffle,
             "length_epochs": self.length_epochs,
-            "bos_token_id": self.bos_token_id,
-            "pad_token_id": self.pad_token_id,
             "num_documents": len(self._doc_cells),
             "num_tokens": int(self._doc_offsets[-1]),
             "num_batches": len(self),
@@ -714,3 +730,331 @@ class DocumentWindows(torch.utils.data.Dataset):
             "stream_ids": torch.tensor(index, dtype=torch.long),
             "window_index": torch.tensor(0, dtype=torch.long),
         }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streamed documents (docs/design.md#streaming)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
+    """:class:`StreamBatches` for corpora larger than memory: the documents are read from an iterable source (a
+    ``datasets.IterableDataset`` from ``load_dataset(..., streaming=True)``, a ``datasets.Dataset``, a list, or a
+    function returning a fresh iterator), tokenized when they are dealt, and dropped once their last cell is yielded.
+    No length: train with ``max_steps``.
+
+    **Ownership.** With ``split_documents`` (default) rank ``r`` keeps the documents ``r, r+W, r+2W, ...`` of the
+    source (every rank reads the source, only its own documents are tokenized); with ``split_documents=False`` the
+    source already is this rank's share (e.g. ``datasets.distributed.split_dataset_by_node``). Rank ``r`` owns the
+    global streams ``[r·S, (r+1)·S)`` (``S = B·G``), as in :class:`StreamBatches`.
+
+    **Dealing.** Before each window the rank deals its next documents, in source order, to the local stream with the
+    fewest queued cells (ties to the lowest id) until every stream holds ``T`` cells: the greedy rule of
+    :class:`StreamBatches` applied online. Batch ``k`` carries stream group ``g = k % G`` at the window
+    ``w = k // G``; the batch dicts are those of :class:`StreamBatches` (``window_index`` counts windows from the
+    start of training). Documents with no tokens are skipped. With one rank, no shuffle and ``passes=1`` the batches
+    equal ``StreamBatches(documents, shuffle=False)``'s.
+
+    **Passes.** ``passes=None`` (default) reads the source again and again (``set_epoch(pass)`` is called on sources
+    that have it, so a seeded ``IterableDataset.shuffle`` reshuffles per pass); streams run on from one pass into
+    the next without padding. ``passes=n`` stops after ``n`` passes and pads the last window with inactive cells.
+    A whole pass that gives this rank no tokens raises ``ValueError`` (it would never yield a batch).
+
+    **Position.** An iteration continues from the current position (where the previous one stopped; after a
+    finished iteration of ``passes`` passes, from the beginning). :meth:`state_dict` holds the layout and the
+    position (JSON data): for the next batch, its window and group, the source position ``(pass, index)`` of the
+    next undealt document and, per stream, the documents in flight (source position and next cell); ``resume_from``
+    is the earliest of them. :meth:`load_state_dict` with the same layout continues **exactly**: the records before
+    the earliest document in flight are read but not tokenized, the documents in flight are read and tokenized again,
+    and the batches are those of the uninterrupted iteration, provided the source yields the same records in the same
+    order in every pass (local files; a dataset with a seeded shuffle). With another layout (world size, batch,
+    window, ...) the position cannot be mapped onto the new streams, so it resumes **approximately**: the iteration
+    restarts at ``resume_from`` (the trainer saves the earliest document in flight over all ranks there; with
+    ``split_documents=False``, at the start of that pass), with a warning: no document is skipped, some are read
+    twice. The position lives in this process: read the dataset with ``num_workers=0``.
+    """
+
+    def __init__(
+        self,
+        documents: Any,
+        *,
+        segment_length: int,
+        window: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        bos_token_id: int,
+        pad_token_id: int,
+        boot: BootMode = "bos",
+        tokenizer: Any = None,
+        text_column: str = "text",
+        split_documents: bool = True,
+        passes: int | None = None,
+        vocab_size: int | None = None,
+        tokenize_batch: int = 16,
+    ) -> None:
+        self._init_layout(segment_length=segment_length, window=window, batch_size=batch_size, grad_accum=grad_accum,
+                          world_size=world_size, rank=rank, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
+                          boot=boot)
+        if tokenize_batch < 1:
+            raise ValueError(f"tokenize_batch must be >= 1, got {tokenize_batch}")
+        if passes is not None and passes < 1:
+            raise ValueError(f"passes must be >= 1 or None (endless), got {passes}")
+        if isinstance(documents, (str, bytes)) or not (callable(documents) or hasattr(documents, "__iter__")):
+            raise ValueError(f"IterableStreamBatches: documents must be an iterable of documents or a function "
+                             f"returning an iterator, got {type(documents).__name__}")
+        if hasattr(documents, "__next__") and iter(documents) is documents:
+            raise ValueError("IterableStreamBatches: documents is a one-shot iterator; pass something that can be "
+                             "iterated again for every pass and on resume (a list, a datasets IterableDataset, or a "
+                             "function returning a fresh iterator)")
+        self.documents = documents
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.split_documents = split_documents
+        self.passes = passes
+        self.vocab_size = vocab_size
+        self.tokenize_batch = tokenize_batch
+        self._position: dict[str, Any] = self._fresh_position()  # where the next batch comes from
+
+    # -- reading ------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fresh_position() -> dict[str, Any]:
+        return {"window": 0, "group": 0, "next": [0, 0], "streams": [], "documents": 0, "tokens": 0}
+
+    def _source(self, pass_index: int) -> Iterator[Any]:
+        src = self.documents
+        if hasattr(src, "set_epoch"):
+            src.set_epoch(pass_index)
+        return iter(src() if callable(src) and not hasattr(src, "__iter__") else src)
+
+    def _owned(self, index: int) -> bool:
+        return not self.split_documents or index % self.world_size == self.rank
+
+    def _content(self, record: Any, where: str) -> str | list[int] | torch.Tensor:
+        """Token ids or text of one source record: a string, token ids, or a mapping with ``input_ids`` or
+        ``text_column``."""
+        if isinstance(record, str):
+            return record
+        if isinstance(record, dict):
+            if "input_ids" in record:
+                return record["input_ids"]
+            if self.text_column not in record:
+                raise ValueError(f"{where} has no column {self.text_column!r} (nor 'input_ids'); available columns: "
+                                 f"{sorted(record)}")
+            text = record[self.text_column]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: column {self.text_column!r} is {type(text).__name__}, expected str")
+            return text
+        if torch.is_tensor(record) or isinstance(record, (list, tuple)):
+            return record
+        raise ValueError(f"{where} is a {type(record).__name__}; expected a text, token ids or a mapping")
+
+    def _read(self, start: tuple[int, int], wanted) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+        """``(pass, index, ids)`` of this rank's documents from source position ``start`` on, through the passes;
+        ``ids`` is None for documents that ``wanted(pass, index)`` declines (they are not tokenized)."""
+        pass_index, first = start
+        while self.passes is None or pass_index < self.passes:
+            tokens_in_pass, declined = 0, False
+            pending: list[tuple[int, Any]] = []  # (index, text / ids / None), tokenized together
+            for index, record in enumerate(self._source(pass_index)):
+                if index < first or not self._owned(index):
+                    continue
+                if wanted(pass_index, index):
+                    pending.append((index, self._content(record, f"document {index} of pass {pass_index}")))
+                else:
+                    pending.append((index, None))
+                    declined = True
+                if len(pending) >= self.tokenize_batch:
+                    for item in self._tokenized(pass_index, pending):
+                        tokens_in_pass += 0 if item[2] is None else int(item[2].numel())
+                        yield item
+                    pending = []
+            for item in self._tokenized(pass_index, pending):
+                tokens_in_pass += 0 if item[2] is None else int(item[2].numel())
+                yield item
+            if first == 0 and not declined and tokens_in_pass == 0:
+                share = (f"documents {self.rank}, {self.rank + self.world_size}, ... of the source"
+                         if self.split_documents and self.world_size > 1 else "its documents")
+                raise ValueError(f"IterableStreamBatches: pass {pass_index} gave rank {self.rank} no tokens ({share}); "
+                                 f"the source needs at least {self.world_size} non-empty document(s)")
+            pass_index, first = pass_index + 1, 0
+
+    def _tokenized(self, pass_index: int, pending: list[tuple[int, Any]]
+                   ) -> list[tuple[int, int, torch.Tensor | None]]:
+        """Token ids of the pending documents (texts tokenized in one call)."""
+        texts = [c for _, c in pending if isinstance(c, str)]
+        if texts and self.tokenizer is None:
+            index = next(i for i, c in pending if isinstance(c, str))
+            raise ValueError(f"IterableStreamBatches: document {index} of pass {pass_index} is text; pass "
+                             "tokenizer= (or documents of token ids)")
+        encoded = iter(tokenize_documents(texts, self.tokenizer) if texts else [])
+        return [(pass_index, index, None if content is None else
+                 self._checked(next(encoded) if isinstance(content, str) else content, pass_index, index))
+                for index, content in pending]
+
+    def _checked(self, ids: Any, pass_index: int, index: int) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel():
+            low, top = int(ids.min()), int(ids.max())
+            if low < 0:
+                raise ValueError(f"document {index} of pass {pass_index} holds a negative token id ({low})")
+            if self.vocab_size is not None and top >= self.vocab_size:
+                raise ValueError(f"document {index} of pass {pass_index} holds token id {top} but the model's "
+                                 f"vocab_size is {self.vocab_size} (valid ids are 0..{self.vocab_size - 1}); was it "
+                                 "tokenized with another tokenizer?")
+        return ids
+
+    # -- iteration ----------------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if torch.utils.data.get_worker_info() is not None:
+            raise ValueError("IterableStreamBatches keeps its stream position in the main process: read it with "
+                             "num_workers=0 (dataloader_num_workers=0)")
+        start = self._position
+        S, T, L, G = self.streams_per_rank, self.window, self.segment_length, self.grad_accum
+        # per local stream: its queue of documents in flight, [pass, index, ids, cells, next cell]
+        queues: list[list[list[Any]]] = [[] for _ in range(S)]
+        in_flight = {(p, i): (s, c) for s, refs in enumerate(start["streams"]) for p, i, c in refs}
+        resume_next = tuple(start["next"])
+        low = min([resume_next, *in_flight])
+        reader = self._read(low, lambda p, i: (p, i) >= resume_next or (p, i) in in_flight)
+        restored: dict[tuple[int, int], list[Any]] = {}
+        while len(restored) < len(in_flight):  # re-read the documents in flight; the reader then continues
+            item = next(reader, None)
+            if item is None:
+                break
+            p, i, ids = item
+            if (p, i) in in_flight:
+                restored[(p, i)] = [p, i, ids, _n_cells(ids.numel(), L), in_flight[(p, i)][1]]
+        missing = sorted(set(in_flight) - set(restored))
+        if missing:
+            raise ValueError(f"IterableStreamBatches: cannot resume, the source no longer holds the documents (pass, "
+                             f"index) {missing[:4]} that were in flight; is it the same source?")
+        for s, refs in enumerate(start["streams"]):
+            queues[s] = [restored[(p, i)] for p, i, _ in refs]
+        queued = [sum(e[3] - e[4] for e in q) for q in queues]
+        nxt = list(resume_next)
+        documents, tokens = start["documents"], start["tokens"]
+        exhausted = False
+        window, group = start["window"], start["group"]
+        pending_doc = None
+        while True:
+            snapshot = self._snapshot(window, queues, nxt, documents, tokens)
+            # deal: the document goes to the stream with the fewest queued cells (ties: lowest id)
+            while not exhausted:
+                s = min(range(S), key=lambda k: (queued[k], k))
+                if queued[s] >= T:
+                    break
+                if pending_doc is None:
+                    pending_doc = next(reader, None)
+                    if pending_doc is None:
+                        exhausted = True
+                        break
+                p, i, ids = pending_doc
+                if (p, i) < resume_next:  # a document in flight, already queued
+                    pending_doc = None
+                    continue
+                pending_doc = None
+                nxt = [p, i + 1]
+                if not ids.numel():
+                    continue
+                n_c = _n_cells(ids.numel(), L)
+                queues[s].append([p, i, ids, n_c, 0])
+                queued[s] += n_c
+                documents += 1
+                tokens += int(ids.numel())
+            if exhausted and not any(queued):
+                self._position = self._fresh_position()  # a finished iteration: the next one starts over
+                return
+            cells = self._window_cells(queues, T, L)
+            for s in range(S):  # consume the window's cells
+                take = T
+                while take and queues[s]:
+                    entry = queues[s][0]
+                    k = min(take, entry[3] - entry[4])
+                    entry[4] += k
+                    take -= k
+                    queued[s] -= k
+                    if entry[4] == entry[3]:
+                        queues[s].pop(0)
+            after = self._snapshot(window + 1, queues, nxt, documents, tokens)
+            for g in range(group, G):
+                batch = self._group_batch(*cells, g, window)
+                self._position = after if g + 1 == G else {**snapshot, "group": g + 1}
+                yield batch
+            window, group = window + 1, 0
+
+    def _snapshot(self, window: int, queues, nxt, documents: int, tokens: int) -> dict[str, Any]:
+        """The position at the start of ``window`` (before its dealing), as plain JSON data."""
+        return {"window": window, "group": 0, "next": list(nxt),
+                "streams": [[[e[0], e[1], e[4]] for e in q] for q in queues],
+                "documents": documents, "tokens": tokens}
+
+    def _window_cells(self, queues, T: int, L: int):
+        """(flat tokens, start, length, is_boot) of the next ``T`` cells of every local stream; cells past the end
+        of a stream's queue are inactive (length 0)."""
+        S = len(queues)
+        start = torch.zeros(S, T, dtype=torch.long)
+        length = torch.zeros(S, T, dtype=torch.int32)
+        is_boot = torch.zeros(S, T, dtype=torch.bool)
+        parts: list[torch.Tensor] = []
+        pos = 0
+        for s, queue in enumerate(queues):
+            t = 0
+            for _, _, ids, n_c, c0 in queue:
+                if t == T:
+                    break
+                k = min(T - t, n_c - c0)
+                lo, hi = max(c0 - 1, 0) * L, min(int(ids.numel()), (c0 + k) * L)  # with the previous segment
+                parts.append(ids[lo:hi])
+                seg = torch.arange(c0, c0 + k, dtype=torch.long) * L
+                start[s, t:t + k] = pos + seg - lo
+                length[s, t:t + k] = (ids.numel() - seg).clamp(max=L).to(torch.int32)
+                is_boot[s, t] = c0 == 0
+                t += k
+                pos += hi - lo
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return flat, start, length, is_boot
+
+    # -- position -----------------------------------------------------------------------------------------------------
+
+    def layout(self) -> dict[str, Any]:
+        """What a saved position depends on."""
+        return {**self._layout_state(), "kind": "iterable", "split_documents": self.split_documents,
+                "passes": self.passes}
+
+    def resume_point(self) -> list[int]:
+        """``[pass, index]`` of the earliest document this rank has in flight (or of its next document)."""
+        pos = self._position
+        return list(min([tuple(pos["next"]), *((p, i) for refs in pos["streams"] for p, i, _ in refs)]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layout plus ``position`` (JSON-serialisable): where the next batch comes from."""
+        position = {**self._position, "streams": [list(map(list, refs)) for refs in self._position["streams"]]}
+        return {**self.layout(), "position": position, "resume_from": self.resume_point()}
+
+    def compatible_with(self, state: dict[str, Any], ignore: Iterable[str] = ()) -> bool:
+        """True if a saved :meth:`state_dict` was made with this layout (then its position continues exactly)."""
+        skip = set(ignore)
+        return all(state.get(k) == v for k, v in self.layout().items() if k not in skip)
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Continue from a saved :meth:`state_dict` at the next iteration. Returns True when the position is exact
+        (same layout); otherwise the iteration restarts at ``state["resume_from"]`` (see the class docstring) and a
+        warning says so."""
+        if "position" not in state:
+            raise ValueError("IterableStreamBatches.load_state_dict: the state holds no position (it is not an "
+                             "IterableStreamBatches state)")
+        if self.compatible_with(state):
+            self._position = {**self._fresh_position(), **state["position"]}
+            return True
+        p, i = state.get("resume_from") or state["position"]["next"]
+        if not (self.split_documents and state.get("split_documents", True)):
+            i = 0  # per-rank sources: an index of one rank's share means nothing to another layout
+        warnings.warn(f"IterableStreamBatches: the saved stream layout differs from this one (e.g. another world "
+                      f"size or batch size); the streams restart at document {i} of pass {p}, so documents in flight "
+                      "are read again", stacklevel=2)
+        self._position = {**self._fresh_position(), "next": [p, i]}
+        return False

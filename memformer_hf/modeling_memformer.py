@@ -4,9 +4,11 @@ Data flow per segment (docs/design.md#data-flow): H_t = Enc(s_t, M_t) (every enc
 M_{t+1} = Write(M_t, H_t) (slot attention on the final encoder output, then Biased Memory Normalization) and the
 causal decoder predicts s_{t+1} while cross-attending to H_t only. The recurrent state lives in `MemformerCache`.
 
-Reading order: building blocks (rotary, attention, FFN, memory reader, memory writer, BMN, layers) → encoder /
-decoder stacks → `MemformerPreTrainedModel` → `MemformerModel` (stream planning, critical path, batched decoder)
-→ `MemformerForCausalLM`.
+Reading order: building blocks (rotary, attention, FFN, layers; the memory reader, writer and BMN are in
+`memory.py`) → encoder / decoder stacks → `MemformerPreTrainedModel` → `MemformerModel` (the recurrent step
+`critical_path_step` + the batched decoder `decode_chunks`; the aligned fast path, the one-token decoder step, then
+the general path over `stream_planner.plan_stream`; docs/design.md#fast-decode) → `MemformerForCausalLM`. MRBP
+replays the step in `mrbp.py`; CUDA graphs of the fixed-shape steps are in `graphs.py`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from transformers import PretrainedConfig
+from transformers.utils import logging
 from transformers.utils.hub import cached_file
+
+logger = logging.get_logger(__name__)
 
 SAFETENSORS_ONLY = ("Memformer and MemBART load safetensors checkpoints only (unpickling a checkpoint can run arbitrary code). "
                     "Convert a trusted pickle once: load its state dict with torch.load(path, weights_only=True) "
@@ -171,11 +174,15 @@ def safetensors_only_from_pretrained(cls: type, load: Callable[..., Any], pretra
                                      *model_args: Any, **kwargs: Any):
     """`PreTrainedModel.from_pretrained` (`load`, the bound parent method of `cls`) restricted to safetensors weights
     and to checkpoints that match the model exactly. Pass `strict=False` to accept missing/unexpected keys (the
-    missing ones are freshly initialised, as transformers does); `output_loading_info=True` works as usual."""
+    missing ones are freshly initialised, as transformers does). A caller that asks for the loading report
+    (`output_loading_info=True`) or passes its own `state_dict` gets transformers' behaviour (the report lists the
+    mismatch, and a warning says it) unless it passes `strict=True`."""
     source = None if pretrained_model_name_or_path is None else str(pretrained_model_name_or_path)
     subfolder = kwargs.get("subfolder") or ""
-    strict = kwargs.pop("strict", True)
+    strict = kwargs.pop("strict", None)
     want_info = kwargs.pop("output_loading_info", False)
+    if strict is None:
+        strict = not want_info and kwargs.get("state_dict") is None
     if kwargs.get("use_safetensors") is False:
         raise ValueError(f"{cls.__name__}.from_pretrained: use_safetensors=False is not supported; this model "
                          f"loads safetensors weights only.")
@@ -202,6 +209,10 @@ def safetensors_only_from_pretrained(cls: type, load: Callable[..., Any], pretra
                       f"{cls.__name__} ({'; '.join(problems)}). The file is corrupted or was saved from a different "
                       f"model or configuration; refusing to return a partly loaded model (pass strict=False to load "
                       f"it anyway, with the missing weights freshly initialised).")
+    if missing or unexpected:
+        logger.warning(f"{_weights_description(source, kwargs)} does not match {cls.__name__}: missing "
+                       f"{_key_list(missing) or 'none'}; unexpected {_key_list(unexpected) or 'none'} (the missing "
+                       f"weights are freshly initialised).")
     return (model, info) if want_info else model
 
 

@@ -11,6 +11,9 @@ FSDP2 each replayed cell re-gathers the shards. Every epoch trains its own windo
 epoch, so lengths differ; no step trains on a window without tokens) and the step count and LR schedule follow the
 real total (`training_plan`). One process never wraps the model in `nn.DataParallel`: with several visible GPUs and
 no launcher it trains on one and logs how to use all (docs/design.md#distributed).
+A corpus larger than memory comes as an `IterableStreamBatches` (or a `datasets.IterableDataset`, wrapped in one):
+its documents are tokenized as they are dealt, training is bounded by `max_steps`, and checkpoints hold its position,
+so a resumed run continues where it stopped (docs/design.md#streaming).
 
 The trainer is built from named parts:
 
@@ -48,7 +51,7 @@ from transformers.trainer_utils import denumpify_detensorize, get_last_checkpoin
 from transformers.utils import logging
 
 from .checkpointing import AtomicCheckpointMixin
-from .data_streams import StreamBatches, check_vocab, collate_single
+from .data_streams import IterableStreamBatches, StreamBatches, check_vocab, collate_single
 from .mrbp import LOSS_WEIGHTINGS, MODES, average_gradients, cell_batch, cells_backward, graphed_cells_apply
 
 logger = logging.get_logger(__name__)
@@ -57,6 +60,7 @@ POSITION_BUCKETS = (0, 64, 512, 4096, 32768)
 BUCKET_NAMES = tuple(f"{lo}-{hi}" for lo, hi in zip(POSITION_BUCKETS, POSITION_BUCKETS[1:])) + (
     f"{POSITION_BUCKETS[-1]}+",)
 STREAM_STATE = "stream_state-rank{rank}"
+STREAM_DATASETS = (StreamBatches, IterableStreamBatches)  # rank-aware stream layouts with a carried memory per stream
 
 
 @dataclass
@@ -145,6 +149,14 @@ class CarriedMemory:
         save_file({"carry": self.memory.detach().cpu().contiguous()}, path + ".safetensors")
         with open(path + ".json", "w") as f:
             json.dump(layout, f)
+
+    def saved_layout(self, folder: str) -> dict[str, Any] | None:
+        """The stream layout saved with this rank's memories in `folder`, or None."""
+        path = self._path(folder) + ".json"
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
     def load(self, folder: str, layout_matches: Callable[[dict[str, Any]], bool], device: torch.device) -> bool:
         """Restore this rank's memories from a checkpoint whose stream layout `layout_matches` this run's. Otherwise
@@ -240,7 +252,10 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 
     `train_dataset`: a `StreamBatches`, or tokenized documents (a list of token-id lists, or a `datasets.Dataset`
     with an `input_ids` column), which are packed into streams with the arguments' batch size, gradient
-    accumulation, world size, seed and `mrbp_window`. `eval_dataset`: tokenized documents (same forms). A
+    accumulation, world size, seed and `mrbp_window`. For corpora larger than memory: an `IterableStreamBatches`,
+    or a `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) of texts (tokenized on the fly with
+    `processing_class`) or of `input_ids`, which is wrapped in one; it has no length, so `max_steps` > 0 is
+    required (docs/design.md#streaming). `eval_dataset`: tokenized documents (same forms as above, in memory). A
     `processing_class` tokenizer with more tokens than the model's `vocab_size`, or token ids `>= vocab_size` in the
     data, raise a `ValueError` (`data_streams.check_vocab`).
 
@@ -260,9 +275,14 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         self._model_config = model.config
         vocab = model.config.vocab_size
         check_vocab(vocab, tokenizer=kwargs.get("processing_class"))
-        if train_dataset is not None and not isinstance(train_dataset, StreamBatches):
+        if _is_streamed(train_dataset):
+            train_dataset = self._pack_stream(train_dataset, args, kwargs.get("processing_class"))
+        if isinstance(train_dataset, IterableStreamBatches):
+            _check_streaming_args(train_dataset, args)
+            train_dataset.vocab_size = min(vocab, train_dataset.vocab_size or vocab)  # checked as documents are read
+        elif train_dataset is not None and not isinstance(train_dataset, StreamBatches):
             train_dataset = self._pack(_as_documents(train_dataset, "train_dataset"), args)
-        if train_dataset is not None:
+        if isinstance(train_dataset, StreamBatches):
             check_vocab(vocab, documents=train_dataset, what="train_dataset")
         self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
         if self._eval_documents is not None:
@@ -271,8 +291,9 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
                          **kwargs)
         self._carry: torch.Tensor | None = None
-        if isinstance(train_dataset, StreamBatches):
+        if isinstance(train_dataset, STREAM_DATASETS):
             self._check_stream_layout(train_dataset)
+        if isinstance(train_dataset, StreamBatches):
             self.add_callback(_StreamEpochCallback(train_dataset))
             if train_dataset.length_epochs > 1:
                 logger.warning(f"train_dataset was built with length_epochs={train_dataset.length_epochs}: its shorter "
@@ -281,19 +302,18 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
-        cfg = self._model_config
-        params = dict(segment_length=cfg.segment_length, window=args.mrbp_window,
-                      batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
-                      world_size=args.world_size, rank=args.process_index, seed=args.data_seed or args.seed,
-                      bos_token_id=cfg.bos_token_id,
-                      pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id,
-                      boot=cfg.first_segment_context)
-        params.update(overrides)
+        params = {**stream_layout(self._model_config, args), "seed": args.data_seed or args.seed, **overrides}
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
         # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)
 
-    def _check_stream_layout(self, ds: StreamBatches) -> None:
+    def _pack_stream(self, source: Any, args: MemformerTrainingArguments, tokenizer: Any) -> IterableStreamBatches:
+        """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`), tokenized on the fly with
+        `tokenizer` unless its rows hold `input_ids`."""
+        return IterableStreamBatches(source, **stream_layout(self._model_config, args),
+                                     tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
+
+    def _check_stream_layout(self, ds: StreamBatches | IterableStreamBatches) -> None:
         a, cfg = self.args, self._model_config
         expected = {"segment_length": cfg.segment_length, "batch_size": a.per_device_train_batch_size,
                     "grad_accum": a.gradient_accumulation_steps, "world_size": a.world_size, "rank": a.process_index}
@@ -310,8 +330,13 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         """`(epochs, optimizer steps)` that `train()` runs. The documents are re-dealt to the streams every epoch,
         so epochs differ in length; each epoch trains exactly its own windows (none without tokens), and the step
         count (hence the LR schedule) is the real total: `max_steps` when > 0 (epochs: as many as it takes), else
-        the windows of `num_train_epochs` epochs (a fractional last epoch counts its share of that epoch)."""
+        the windows of `num_train_epochs` epochs (a fractional last epoch counts its share of that epoch). A
+        streamed `train_dataset` (`IterableStreamBatches`) has no epochs: `(1, max_steps)`, one endless pass of the
+        loader over the source's passes."""
         args = self.args
+        if isinstance(self.train_dataset, IterableStreamBatches):
+            _check_streaming_args(self.train_dataset, args)
+            return 1, args.max_steps
         if args.max_steps > 0:
             epochs, steps = 0, 0
             while steps < args.max_steps:
@@ -345,6 +370,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                 left -= self._epoch_updates(epochs_trained)
                 epochs_trained += 1
             skip = 0 if self.args.ignore_data_skip else left * self.args.gradient_accumulation_steps
+        if resume_from_checkpoint is not None and isinstance(self.train_dataset, IterableStreamBatches):
+            epochs_trained, skip = 0, 0  # the stream position was restored with the carries (`train`)
         return epochs_trained, skip
 
     def _run_epoch(self, *args: Any, **kwargs: Any):
@@ -360,6 +387,9 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         """Ready batches in order, never re-sharded or re-shuffled by accelerate (streams are rank-aware)."""
         if self.train_dataset is None:
             raise ValueError("MemformerTrainer: training requires a train_dataset.")
+        if isinstance(self.train_dataset, IterableStreamBatches):  # its position lives in this process: no workers
+            return DataLoader(self.train_dataset, batch_size=1, collate_fn=collate_single,
+                              pin_memory=self.args.dataloader_pin_memory)
         return _EpochLoader(self.train_dataset, batch_size=1, sampler=SequentialSampler(self.train_dataset),
                             collate_fn=collate_single, num_workers=self.args.dataloader_num_workers,
                             pin_memory=self.args.dataloader_pin_memory)
@@ -445,7 +475,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         store = self.__dict__.get("_carried_memory")
         if store is None:
             ds = self.train_dataset
-            n = ds.streams_per_rank if isinstance(ds, StreamBatches) else 0
+            n = ds.streams_per_rank if isinstance(ds, STREAM_DATASETS) else 0
             rank = self.args.process_index
             store = self._carried_memory = CarriedMemory(first_stream=rank * n, num_streams=n, rank=rank)
         return store
@@ -571,8 +601,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                 for t in range(T):
                     cell = cell_batch(cells, t)
                     cell.pop("shift_labels")
-                    with self.compute_loss_context_manager():
-                        out = model(**cell, memory=memory[suffix])
+                    with self.compute_loss_context_manager():  # ids were checked when packed: no sync per cell
+                        out = model(**cell, memory=memory[suffix], validate_inputs=False)
                     memory[suffix] = out.memory
                     nll[:, t] = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, t],
                                                                   ignore_index=-100, reduction="none")
@@ -593,9 +623,18 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint_extras(self, folder: str) -> None:
-        """This rank's carried memory and stream layout (`stream_state-rank{r}.safetensors` / `.json`)."""
-        if isinstance(self.train_dataset, StreamBatches):
-            self.carried_memory.save(folder, self.train_dataset.state_dict())
+        """This rank's carried memory and stream layout (`stream_state-rank{r}.safetensors` / `.json`); for a streamed
+        dataset the layout also holds its position, and `resume_from` is the earliest document in flight over all
+        ranks (every rank calls this, so the minimum is gathered here)."""
+        ds = self.train_dataset
+        if isinstance(ds, StreamBatches):
+            self.carried_memory.save(folder, ds.state_dict())
+        elif isinstance(ds, IterableStreamBatches):
+            state = ds.state_dict()
+            if self.accelerator.num_processes > 1:
+                points = self.accelerator.gather(torch.tensor([state["resume_from"]], device=self.args.device))
+                state["resume_from"] = min(map(tuple, points.tolist()))
+            self.carried_memory.save(folder, state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """As the Trainer's. `resume_from_checkpoint`: a checkpoint folder or True (the last one in `output_dir`);
@@ -611,7 +650,32 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
             self.carried_memory.load(resume_from_checkpoint, device=self.args.device,
                                      layout_matches=lambda s: self.train_dataset.compatible_with(s, ignore=("epoch",)))
+        if resume_from_checkpoint and isinstance(self.train_dataset, IterableStreamBatches):
+            self._resume_stream(str(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _resume_stream(self, folder: str) -> None:
+        """Restore a streamed dataset's position and the carries from a checkpoint (exact with the same layout; see
+        `IterableStreamBatches.load_state_dict` otherwise)."""
+        ds = self.train_dataset
+        state = self.carried_memory.saved_layout(folder)
+        if state is None or "position" not in state:
+            raise ValueError(f"resume_from_checkpoint {folder}: the checkpoint holds no stream position "
+                             f"({STREAM_STATE.format(rank=self.args.process_index)}.json of a streamed train_dataset); "
+                             "it was not written by a streaming run")
+        self.carried_memory.load(folder, device=self.args.device, layout_matches=ds.compatible_with)
+        ds.load_state_dict(state)
+
+
+def stream_layout(config: Any, args: MemformerTrainingArguments) -> dict[str, Any]:
+    """The layout keywords of `StreamBatches` / `IterableStreamBatches` for a model config and the training arguments:
+    segment length, window `mrbp_window`, per-device batch, gradient accumulation, world size, rank, BOS and pad ids
+    (BOS when the config has no pad id) and the boot mode."""
+    return dict(segment_length=config.segment_length, window=args.mrbp_window,
+                batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                world_size=args.world_size, rank=args.process_index, bos_token_id=config.bos_token_id,
+                pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.bos_token_id,
+                boot=config.first_segment_context)
 
 
 def _one_gpu_per_process(args: TrainingArguments) -> None:
@@ -676,6 +740,29 @@ def _cell_positions(doc_start: torch.Tensor, last: torch.Tensor | None) -> tuple
     return pos, pos[:, -1]
 
 
+def _is_streamed(data: Any) -> bool:
+    """A `datasets.IterableDataset` (what `load_dataset(..., streaming=True)` returns)."""
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(data, IterableDataset)
+
+
+def _check_streaming_args(ds: IterableStreamBatches, args: TrainingArguments) -> None:
+    """A streamed train_dataset has no length: the run needs `max_steps`; its position lives in this process."""
+    if args.max_steps <= 0:
+        raise ValueError(f"MemformerTrainer: a streamed train_dataset ({type(ds).__name__}) has no length, so the "
+                         f"number of epochs cannot be counted: set max_steps > 0 (got max_steps={args.max_steps}).")
+    if args.dataloader_num_workers:
+        raise ValueError(f"MemformerTrainer: a streamed train_dataset keeps its position in the main process; set "
+                         f"dataloader_num_workers=0 (got {args.dataloader_num_workers}).")
+    if ds.passes is not None and args.world_size > 1:
+        raise ValueError(f"MemformerTrainer: IterableStreamBatches(passes={ds.passes}) under {args.world_size} "
+                         "processes: the ranks would run out of batches at different steps; use passes=None "
+                         "(endless, bounded by max_steps).")
+
+
 def _as_documents(data: Any, name: str) -> list[list[int]]:
     """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column."""
     if hasattr(data, "column_names"):
@@ -690,4 +777,4 @@ def _as_documents(data: Any, name: str) -> list[list[int]]:
 
 
 __all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",
-           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS", "check_checkpoint"]
+           "MemformerEvalPrediction", "perplexity_metrics", "POSITION_BUCKETS", "check_checkpoint", "stream_layout"]

@@ -1,5 +1,6 @@
-"""Shared scaffolding of the test suite: the tiny configuration, the model builder, left padding and the launchers
-of multi-process (gloo) runs. `conftest.py` holds the fixtures and the independent reference implementation."""
+"""Shared scaffolding of the test suite: the tiny configuration, the model builder, left padding, a word-level
+tokenizer, a callback that stops training after a step, and the launchers of multi-process (gloo) runs.
+`conftest.py` holds the fixtures and the independent reference implementation."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 
@@ -101,6 +103,29 @@ def left_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad: int = PAD, garba
         ids[i, n - len(r):] = torch.as_tensor(r)
         mask[i, n - len(r):] = 1
     return ids, mask
+
+
+def word_tokenizer(n: int):
+    """A `PreTrainedTokenizerFast` with `n` tokens `w0 .. w{n-1}` (word level, built offline; w0 pads and is the
+    unknown token, w1 is BOS, w2 EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="w0", bos_token="w1", eos_token="w2")
+
+
+class StopAt(TrainerCallback):
+    """Ends training right after optimizer step `step` (after its checkpoint, as a crash right after it would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 # ================================================================================================ gloo launchers

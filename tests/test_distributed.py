@@ -280,6 +280,42 @@ def test_cli_train_under_fsdp(tmp_path):
     assert metrics["eval_tokens"] > 0 and metrics["eval_ppl"] > 1
 
 
+def test_cli_streaming_under_ddp_resumes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m memformer_hf train --streaming true`: each rank streams its share of the
+    records (`split_dataset_by_node`), both ranks' checkpoints hold their stream position with the earliest document
+    in flight over all ranks, and a run resumed from checkpoint-1 ends with the uninterrupted run's weights."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{(7 * i + j * j) % 61}" for j in range(40 + 9 * i))})
+                            + "\n" for i in range(9)))
+    argv = ["--streaming", "true", "--train_file", str(data), "--validation_file", str(data), "--skip_test",
+            "--max_eval_documents", "2", "--max_eval_tokens", "128", "--preset", "tiny", "--vocab_size", "300",
+            "--max_steps", "2", "--per_device_train_batch_size", "1", "--mrbp_window", "2", "--eval_strategy", "no",
+            "--use_cpu", "--ddp_backend", "gloo", "--sample_max_new_tokens", "0", "--heatmap_segments", "2",
+            "--save_strategy", "steps", "--save_steps", "1",
+            "--optim", "sgd"]  # an optimizer state without tensors: transformers 5.17 loads the optimizer of a
+    # multi-process CPU run with map_location="cpu:0", which torch cannot restore tensors to
+    full, part = tmp_path / "full", tmp_path / "part"
+    stdout = Torchrun(__file__, "cli", "train", *argv, "--output_dir", str(full), cwd=REPO).wait(timeout=240)
+    assert stdout.count("== report") == 1 and "endless passes over the train stream" in stdout, stdout[-3000:]
+    states = [json.loads((full / "checkpoint-1" / f"stream_state-rank{r}.json").read_text()) for r in range(2)]
+    assert [s["rank"] for s in states] == [0, 1] and all(s["world_size"] == 2 for s in states)
+    assert states[0]["resume_from"] == states[1]["resume_from"]  # gathered: the minimum over the ranks
+    assert all(s["position"]["documents"] > 0 for s in states)
+    part.mkdir()
+    import shutil
+
+    shutil.copytree(full / "checkpoint-1", part / "checkpoint-1")
+    Torchrun(__file__, "cli", "train", *argv, "--output_dir", str(part), "--resume_from_checkpoint", "true",
+             cwd=REPO).wait(timeout=240)
+    got, ref = load_file(part / "model.safetensors"), load_file(full / "model.safetensors")
+    for name, value in ref.items():
+        assert (got[name] - value).abs().max() <= 1e-6, name
+    for r in range(2):
+        positions = [json.loads((run / "checkpoint-2" / f"stream_state-rank{r}.json").read_text())["position"]
+                     for run in (full, part)]
+        assert positions[0] == positions[1], r
+
+
 if __name__ == "__main__":  # a torchrun worker: python -m torch.distributed.run ... test_distributed.py BACKEND OUT
     sys.path.insert(0, str(Path(__file__).parent))
     if sys.argv[1] == "cli":

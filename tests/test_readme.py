@@ -1,11 +1,14 @@
 """README.md's Python snippets run as written on CPU: the Auto-class / forward / memory snippet, generation and
-streaming, MRBP and the `MemformerTrainer` snippet, executed in one namespace in that order, with only the preset
+streaming, MRBP, the `MemformerTrainer` snippet and the streamed-corpus one (on a small jsonl.gz, 2 steps), executed in
+one namespace in that order, with only the preset
 substituted ("small" -> "tiny") and the names the README leaves to the reader (`tokenizer`, the token lists)
 supplied. None of them may log the transformers >= 5.23 deprecation of the `past_key_values` name (CI runs this at
 5.17 and at the newest 5.x)."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import random
 import re
@@ -44,8 +47,11 @@ def test_readme_python_snippets_run_on_cpu(tmp_path, monkeypatch):
     usage = _block("AutoModelForCausalLM.from_config")
     cpu_usage = usage.replace('from_preset("small"', 'from_preset("tiny"')
     assert cpu_usage != usage
-    generation, mrbp, trainer = _block("TextStreamer"), _block("memory_replay_backward"), _block("MemformerTrainer(")
+    generation, mrbp, trainer = _block("TextStreamer"), _block("memory_replay_backward"), _block("trainer.evaluate()")
     assert "bf16=True" not in trainer  # the snippet must run without a GPU
+    streaming = _block("streaming=True")
+    cpu_streaming = streaming.replace("max_steps=10_000", "max_steps=2")
+    assert cpu_streaming != streaming
 
     rng = random.Random(0)
     words = "the king queen lord lady night day sword crown love death heart fair foul good sweet".split()
@@ -53,6 +59,8 @@ def test_readme_python_snippets_run_on_cpu(tmp_path, monkeypatch):
              for _ in range(24)]
     tokenizer = train_bpe_tokenizer(texts, 300)
     token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:  # the streaming snippet's file
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:20])
 
     records = _Records()
     hf_logger = logging.getLogger("transformers")
@@ -71,10 +79,13 @@ def test_readme_python_snippets_run_on_cpu(tmp_path, monkeypatch):
             assert torch.isfinite(ns["loss"]) and ns["model"].lm_head.weight.grad is not None
             ns["train_token_lists"], ns["valid_token_lists"] = token_lists[:20], token_lists[20:]
             exec(compile(trainer, "README: MemformerTrainer", "exec"), ns)
+            tr = ns["trainer"]
+            assert tr.state.global_step == tr.training_plan()[1] > 0 and not tr.args.bf16
+            assert any("eval_ppl_no_memory" in h for h in tr.state.log_history)
+            exec(compile(cpu_streaming, "README: corpora larger than memory", "exec"), ns)
+            ns["trainer"].train()
+            assert ns["trainer"].state.global_step == 2
     finally:
         hf_logger.removeHandler(records)
-    tr = ns["trainer"]
-    assert tr.state.global_step == tr.training_plan()[1] > 0 and not tr.args.bf16
-    assert any("eval_ppl_no_memory" in h for h in tr.state.log_history)
     messages = records.messages + [str(w.message) for w in caught]
     assert not [m for m in messages if "past_key_values" in m or "cache_params" in m], messages

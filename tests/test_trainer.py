@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BOS, CELL_KEYS, PAD, L, Torchrun, build_tiny_memformer
+from helpers import BOS, CELL_KEYS, PAD, L, StopAt, Torchrun, build_tiny_memformer, word_tokenizer
 from helpers import TINY_MEMFORMER as TINY
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
@@ -356,18 +356,6 @@ def test_carried_memory_equals_sequential_recomputation(tmp_path):
 
 
 # ============================================================================================== 4. resume
-class StopAt(TrainerCallback):
-    """Ends training right after optimizer step `step` (after its checkpoint, as a crash right after it would)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
-
-
 def resume_case(tmp_path, monkeypatch, docs, stop: int, epochs: int, dropout: float):
     """Uninterrupted run vs. a run stopped after step `stop` and resumed by a fresh Trainer and model."""
     kw = dict(mrbp_window=2, num_train_epochs=epochs, save_strategy="steps", save_steps=1000, learning_rate=2e-2)
@@ -900,16 +888,6 @@ def test_bad_arguments_raise(tmp_path):
     tr = MemformerTrainer(model=model, args=targs(tmp_path), train_dataset=docs)
     with pytest.raises(ValueError, match="eval"):
         tr.evaluate()
-
-
-def word_tokenizer(n: int):
-    """A `PreTrainedTokenizerFast` with `n` tokens (word level, built offline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="w0", bos_token="w1", eos_token="w2")
 
 
 def test_tokenizer_or_token_ids_beyond_vocab_raise(tmp_path):

@@ -1,0 +1,59 @@
+"""`memformer-hf eval --model DIR`: perplexity of a trained model folder with the memory carried through whole
+documents and with the memory reset at every segment, and by position in the document, on a split of the dataset,
+the files or the default corpus. stdout: the metric tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from transformers.utils import logging
+
+from ..trainer_memformer import MemformerTrainer, MemformerTrainingArguments
+from . import corpus as corpus_io
+from . import report as reports
+from .arguments import CliError, DataArguments, EvalArguments, check_data_args, check_positive, parse
+
+logger = logging.get_logger(__name__)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    ev, data = parse((EvalArguments, DataArguments), argv,
+                     "evaluate perplexity with and without memory, and by position in the document")
+    if not ev.model:
+        raise CliError("--model DIR is required")
+    check_data_args(data)
+    check_positive("per_device_eval_batch_size", ev.per_device_eval_batch_size)
+    check_positive("eval_window", ev.eval_window)
+    model, tokenizer = corpus_io.load_model_folder(ev.model, ev.use_cpu)
+    corpus, description = corpus_io.load_corpus(data, splits=(ev.split,))
+    if ev.split not in corpus:
+        raise CliError(f"no {ev.split!r} split in {description}")
+    texts = corpus[ev.split]
+    if data.streaming and ev.split == "train":  # the train split stays a stream in load_corpus
+        texts = corpus_io.stream_sample(texts, data.max_eval_documents)
+    texts = texts[: data.max_eval_documents] if data.max_eval_documents else texts
+    docs = corpus_io.prepare_documents(texts, tokenizer, data.max_eval_tokens)
+    if not docs:
+        raise CliError(f"the {ev.split} split has no non-empty documents")
+    args = MemformerTrainingArguments(output_dir=os.path.join(tempfile.gettempdir(), "memformer-hf-eval"),
+                                      per_device_eval_batch_size=min(ev.per_device_eval_batch_size, len(docs)),
+                                      eval_window=ev.eval_window, report_to="none", use_cpu=ev.use_cpu,
+                                      bf16=ev.bf16, disable_tqdm=True)
+    trainer = MemformerTrainer(model=model, args=args, processing_class=tokenizer)
+    logger.info(f"evaluating {ev.model} on {len(docs)} {ev.split} documents ({sum(map(len, docs)):,} tokens) of "
+                f"{description}")
+    t = time.time()
+    prefix = "eval" if ev.split == "validation" else ev.split
+    metrics = trainer.evaluate_documents(docs, metric_key_prefix=prefix)
+    metrics[f"{prefix}_seconds"] = time.time() - t
+    splits = ((prefix, ev.split),)
+    print(reports.metrics_table(metrics, splits))
+    print()
+    print(reports.position_table(metrics, splits), flush=True)
+    if ev.output_json:
+        Path(ev.output_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,335 @@
+"""The report of `memformer-hf`: the plots (`training_curve.png`, `memory_writer_attention.png`), the metric tables
+printed by `train` and `eval`, and the model card, rendered from the `model_card.md` template with
+`huggingface_hub.ModelCard.from_template` (its metadata from a `ModelCardData`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .arguments import CliError
+
+
+# ================================================================================================ run facts
+def versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"memformer_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__, "python": platform.python_version()}
+
+
+def device_description(device) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# ================================================================================================ plots
+def _runs(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+    """Split (step, value) points into runs of consecutive steps (a line is never drawn across a gap)."""
+    runs: list[list[tuple[int, float]]] = []
+    for step, value in points:
+        if runs and step == runs[-1][-1][0] + 1:
+            runs[-1].append((step, value))
+        else:
+            runs.append([(step, value)])
+    return runs
+
+
+def _log_ticks(ax, values: list[float]) -> None:
+    """Log axis limits around `values` and ticks at 1-2-5 steps labelled in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = min(values), max(values)
+    ax.set_ylim(lo / 1.25, hi * 1.25)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_training_curve(step_losses: list[tuple[int, float]], log_history: list[dict], path: Path,
+                        unigram: float | None = None, smooth: int = 10,
+                        final: tuple[int, float, float | None] | None = None) -> None:
+    """Left: the train loss per optimizer step and its moving average (lines break where steps are missing, e.g.
+    steps without target tokens), with the last average marked. Right: validation perplexity during training with
+    the memory carried (solid, filled circles) and reset every segment (dashed, open squares: visible also where
+    the two agree), and `final` = (step, ppl, ppl with the memory reset) of the evaluation after training (stars;
+    the only points with `--eval_strategy no`). The log axis is labelled in plain numbers, with a labelled line at
+    the final perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [(h["step"], h["eval_ppl"], h.get("eval_ppl_no_memory")) for h in log_history if "eval_ppl" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)  # one step axis for both panels
+    if step_losses:
+        k = max(1, min(int(smooth), len(step_losses)))
+        last_avg = None
+        for i, run in enumerate(_runs(sorted(step_losses))):
+            steps, losses = zip(*run)
+            ax1.plot(steps, losses, color="tab:blue", alpha=0.3 if k > 1 else 1.0, lw=0.8 if k > 1 else 1.2,
+                     label="per step" if i == 0 else None)
+            avg = [sum(losses[max(0, j - k + 1):j + 1]) / len(losses[max(0, j - k + 1):j + 1])
+                   for j in range(len(losses))]
+            if k > 1:
+                ax1.plot(steps, avg, color="tab:blue", lw=1.8, label=f"mean of {k} steps" if i == 0 else None)
+            last_avg = (steps[-1], avg[-1])
+        if last_avg is not None:
+            ax1.axhline(last_avg[1], color="tab:blue", ls=":", lw=0.8)
+            ax1.annotate(f"{last_avg[1]:.2f}", xy=last_avg, xytext=(-4, 6), textcoords="offset points",
+                         ha="right", color="tab:blue", fontsize=9)
+        ax1.legend()
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("train loss (nats / token)")
+    ax1.set_title("Training loss (MRBP)")
+    ax1.grid(alpha=0.3)
+
+    values: list[float] = []
+    if evals:
+        steps = [e[0] for e in evals]
+        ax2.plot(steps, [e[1] for e in evals], color="tab:blue", ls="-", marker="o", ms=6, zorder=3,
+                 label="memory carried")
+        values += [e[1] for e in evals]
+        if all(e[2] is not None for e in evals):
+            ax2.plot(steps, [e[2] for e in evals], color="tab:orange", ls="--", marker="s", ms=9, mfc="none", mew=1.5,
+                     zorder=4, label="memory reset every segment")
+            values += [e[2] for e in evals]
+    if final is not None and final[1] is not None:
+        step, ppl, ppl_reset = final
+        ax2.plot([step], [ppl], ls="none", marker="*", ms=13, color="tab:blue", zorder=5,
+                 label=f"final, memory carried ({ppl:,.1f})")
+        values.append(ppl)
+        if ppl_reset is not None:
+            ax2.plot([step], [ppl_reset], ls="none", marker="*", ms=17, mfc="none", mew=1.2, color="tab:orange",
+                     zorder=6, label=f"final, memory reset ({ppl_reset:,.1f})")
+            values.append(ppl_reset)
+        ax2.axhline(ppl, color="tab:blue", ls=":", lw=0.8)
+    if unigram:
+        ax2.axhline(unigram, color="gray", ls="--", label=f"unigram baseline ({unigram:,.0f})")
+        values.append(unigram)
+    ax2.set_yscale("log")
+    if values:
+        _log_ticks(ax2, values)
+        if final is not None and final[1] is not None:  # a labelled tick at the final perplexity
+            ticks = [t for t in ax2.get_yticks() if ax2.get_ylim()[0] <= t <= ax2.get_ylim()[1]]
+            ticks = [t for t in ticks if abs(math.log(t / final[1])) > 0.12] + [final[1]]
+            ax2.set_yticks(sorted(ticks))
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("validation perplexity")
+    ax2.set_title("Validation perplexity")
+    ax2.grid(alpha=0.3, which="both")
+    if values:
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax2.transAxes, color="gray")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def writer_self_weights(model, doc: list[int], max_segments: int):
+    """Memory-writer attention of each slot on itself (column 0 of `writer_attentions`, averaged over heads) per
+    segment of `doc`, with the memory carried: a [K, n_segments] tensor. Near 1: the slot keeps its content;
+    near 0: it is overwritten from the segment (paper Fig. 6)."""
+    import torch
+
+    from ..data_streams import document_cells
+
+    cfg = model.config
+    L = cfg.segment_length
+    doc = doc[: max_segments * L]
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id
+    cells = document_cells(doc, L, cfg.bos_token_id, pad, boot=cfg.first_segment_context)
+    device = next(model.parameters()).device
+    memory, columns = None, []
+    model.eval()
+    with torch.no_grad():
+        for t in range(cells["encoder_input_ids"].shape[0]):
+            out = model(encoder_input_ids=cells["encoder_input_ids"][t:t + 1].to(device),
+                        encoder_attention_mask=cells["encoder_attention_mask"][t:t + 1].to(device),
+                        memory=memory, memory_reset=cells["memory_reset"][t:t + 1].to(device),
+                        critical_path_only=True, output_memory_attentions=True)
+            memory = out.memory
+            columns.append(out.writer_attentions[0][0, :, :, 0].float().mean(0).cpu())  # [K]
+    return torch.stack(columns, dim=1)
+
+
+def plot_writer_attention(weights, path: Path, title: str) -> dict[str, float]:
+    """Heatmap slots x segments of the writer's self weight, plus the fraction of retaining slots per segment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = weights.numpy()
+    retain = (w > 0.5).mean(axis=0)
+    K, S = w.shape
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.18 * S + 2), 6.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1.2]})
+    im = ax1.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax1.set_ylabel("memory slot")
+    ax1.set_title(title)
+    fig.colorbar(im, ax=[ax1, ax2], label="writer attention on the slot itself", fraction=0.04, pad=0.02)
+    x = range(S)
+    ax2.plot(x, retain, color="tab:green", marker=".", label="retain (self weight > 0.5)")
+    ax2.plot(x, 1 - retain, color="tab:red", marker=".", label="overwrite")
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel("segment of the document")
+    ax2.set_ylabel("fraction of slots")
+    ax2.legend(loc="center right", fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    after_boot = w[:, 1:] if S > 1 else w
+    return {"writer_self_weight_mean": float(after_boot.mean()),
+            "writer_retain_fraction": float((after_boot > 0.5).mean())}
+
+
+# ================================================================================================ model card
+def template_path(explicit: str | None) -> Path | None:
+    """`--model_card_template`, else `model_card.md` at the repository root (None when not installed from a
+    checkout: the fallback card is used)."""
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise CliError(f"--model_card_template {explicit}: no such file")
+        return p
+    p = Path(__file__).resolve().parents[2] / "model_card.md"
+    return p if p.is_file() else None
+
+
+FALLBACK_CARD = """---
+{{ card_data }}
+---
+# {{model_name}}
+
+A Memformer language model (Wu et al., arXiv 2010.06891) trained with MRBP by `memformer-hf`.
+Load it with `AutoModelForCausalLM.from_pretrained("{{repo_id}}", trust_remote_code=True, revision="<commit>")`.
+
+{{metrics_table}}
+
+{{training_table}}
+"""
+
+CARD_TAGS = ["memformer", "recurrent-memory", "custom_code", "text-generation"]
+
+
+def card_data(datasets: list[str] | None = None):
+    """The card's metadata: MIT, `transformers` with remote code, text generation, perplexity; `datasets`: the Hub
+    datasets it was trained on (None for local files and the embedded corpus)."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(library_name="transformers", license="mit", pipeline_tag="text-generation", tags=CARD_TAGS,
+                         datasets=datasets or None, metrics=["perplexity"])
+
+
+def render_model_card(template: str, values: dict[str, Any], data=None):
+    """`ModelCard.from_template(data, template_str=template, **values)`: `{{ card_data }}` becomes the YAML of
+    `data` (default `card_data()`), every other `{{ key }}` its value. An unknown placeholder is a `CliError` (no
+    silently empty card), as is a template that Jinja cannot parse."""
+    import jinja2
+    import jinja2.meta
+    from huggingface_hub import ModelCard
+
+    data = card_data() if data is None else data
+    try:
+        names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateSyntaxError as e:
+        raise CliError(f"model card template: line {e.lineno}: {e.message}") from None
+    unknown = sorted(names - set(values) - set(data.to_dict()) - {"card_data"})
+    if unknown:
+        raise CliError(f"model card template: unknown placeholder {{{{{unknown[0]}}}}}")
+    card = ModelCard.from_template(data, template_str=template, **values)
+    card.text = card.text.rstrip("\n") + "\n"  # Jinja drops the template's final newline
+    return card
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return "n/a" if x is None else str(x)
+
+
+SPLIT_PREFIXES = (("eval", "validation"), ("test", "test"))
+
+
+def metrics_table(metrics: dict[str, Any], splits=SPLIT_PREFIXES) -> str:
+    rows = ["| split | tokens | perplexity, memory carried | perplexity, memory reset every segment | "
+            "unigram baseline |", "|---|---:|---:|---:|---:|"]
+    for prefix, name in splits:
+        if f"{prefix}_ppl" in metrics:
+            rows.append(f"| {name} | {fmt(metrics.get(f'{prefix}_tokens'))} | **{fmt(metrics[f'{prefix}_ppl'])}** | "
+                        f"{fmt(metrics.get(f'{prefix}_ppl_no_memory'))} | "
+                        f"{fmt(metrics.get(f'{prefix}_unigram_ppl'))} |")
+    return "\n".join(rows)
+
+
+def position_table(metrics: dict[str, Any], splits=SPLIT_PREFIXES) -> str:
+    from ..trainer_memformer import POSITION_BUCKETS
+
+    rows = ["| split | tokens into the document | memory carried | memory reset every segment |", "|---|---|---:|---:|"]
+    for prefix, name in splits:
+        for i, lo in enumerate(POSITION_BUCKETS):
+            bucket = f"{lo}-{POSITION_BUCKETS[i + 1]}" if i + 1 < len(POSITION_BUCKETS) else f"{lo}+"
+            key = f"{prefix}_ppl_pos_{bucket}"
+            if key in metrics:
+                rows.append(f"| {name} | [{bucket.replace('-', ', ')}) | {fmt(metrics[key])} | "
+                            f"{fmt(metrics.get(f'{prefix}_ppl_no_memory_pos_{bucket}'))} |")
+    return "\n".join(rows)
+
+
+def kv_table(items: list[tuple[str, Any]], header=("setting", "value")) -> str:
+    rows = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    rows += [f"| {k} | {fmt(v) if not isinstance(v, str) else v} |" for k, v in items]
+    return "\n".join(rows)
+
+
+def card_values(args, record: dict, settings: list, tokenizer_description: str, n_params: int,
+                n_embed: int) -> dict[str, Any]:
+    """The template's placeholders, from the run's `metrics.json` record."""
+    m = record["metrics"]
+    repo_id = args.hub_model_id or f"your-username/{Path(args.output_dir).name}"
+    versions = record["versions"]
+    ppl, ppl_nm = m.get("eval_ppl"), m.get("eval_ppl_no_memory")
+    summary = (f"validation perplexity **{fmt(ppl)}** with the memory carried through each document vs "
+               f"{fmt(ppl_nm)} with the memory reset at every segment (unigram baseline "
+               f"{fmt(m.get('eval_unigram_ppl'))})")
+    return {
+        "model_name": Path(args.output_dir).name,
+        "trained_how": record["trained_how"],
+        "repo_id": repo_id,
+        "corpus": record["corpus"],
+        "tokenizer": tokenizer_description,
+        "parameters": f"{n_params / 1e6:.2f}M ({(n_params - n_embed) / 1e6:.2f}M without the tied embedding)",
+        "segment_length": record["config"].get("segment_length", ""),
+        "metrics_summary": summary,
+        "metrics_table": metrics_table(m),
+        "position_table": position_table(m),
+        "training_table": kv_table(settings),
+        "writer_summary": (f"after the boot segment, the mean self weight is {m['writer_self_weight_mean']:.2f} and "
+                           f"{100 * m['writer_retain_fraction']:.0f}% of (slot, segment) pairs retain (self weight "
+                           "> 0.5)") if "writer_self_weight_mean" in m else "",
+        "train_time": f"{m.get('train_seconds', 0) / 60:.1f} min on {record['device']}",
+        "command": record["command"],
+        "date": record["date"][:10],
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "sample_prompt": json.dumps(record["sample_prompt"], ensure_ascii=False),
+        "sample": (record["sample"] or "(no sample)").replace("```", "'''"),
+    }

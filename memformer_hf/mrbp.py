@@ -162,16 +162,10 @@ def stream_cells(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     offset, fresh = layout
     cfg = core.config
     L, (b, n), bos = cfg.segment_length, input_ids.shape, cfg.bos_token_id
-    total = offset + n
-    n_chunks = -(-total // L)
-    grid = input_ids.new_full((b, n_chunks * L), bos, dtype=torch.long)
-    grid[:, offset:total] = input_ids
-    if not fresh and offset > 1:
-        grid[:, 1:offset] = cache.segment_ids[:, : offset - 1]
+    grid, decoder_ids = core.aligned_grid(input_ids, cache, offset, fresh)
+    n_chunks = decoder_ids.shape[1]
     labels = shift_labels.new_full((b, n_chunks * L), -100)
-    labels[:, offset:total] = shift_labels
-    decoder_ids = grid.view(b, n_chunks, L).clone()
-    decoder_ids[:, :, 0] = bos
+    labels[:, offset:offset + n] = shift_labels
     encoder_ids = grid.new_full((b, n_chunks, L), bos)
     encoder_ids[:, 1:] = grid[:, 1: (n_chunks - 1) * L + 1].view(b, n_chunks - 1, L)
     encoder_mask = torch.ones_like(encoder_ids, dtype=torch.bool)
@@ -342,7 +336,9 @@ class TrainingCellGraph:
         m = torch.zeros(b, core.config.num_memory_slots, core.config.hidden_size, dtype=core.memory_dtype,
                         device=device, requires_grad=True)
         try:
-            graphed = _graph_state(model)[0].get(model, key, lambda: cls(model, example, m))
+            graphs = _graph_state(model)[0]
+            graphs.drop_if_stale(model)
+            graphed = graphs.get(key, lambda: cls(model, example, m))
         except RuntimeError as e:  # e.g. an op that cannot be captured: train eagerly (and say so once)
             logger.warning_once(f"Training cells run eagerly: capturing them as CUDA graphs failed ({e}).")
             core.use_cuda_graphs = False

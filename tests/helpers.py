@@ -5,6 +5,7 @@ tokenizer, a callback that stops training after a step, and the launchers of mul
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -198,3 +199,18 @@ class Torchrun:
             pytest.fail(f"torchrun did not finish within {timeout:g} s:\n{out[-6000:]}")
         assert self.proc.returncode == 0, out[-6000:]
         return out
+
+
+def assert_config_refused(tmp_path, overrides: dict, field: str, message: str) -> None:
+    """A `MemformerConfig` with `overrides` raises a ValueError matching `message`, built in Python and read from a
+    config.json (the error names `field` there too)."""
+    from memformer_hf import MemformerConfig
+
+    with pytest.raises(ValueError, match=message):
+        tiny_memformer_config(**overrides)
+    tiny_memformer_config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(overrides)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=field):
+        MemformerConfig.from_pretrained(tmp_path)

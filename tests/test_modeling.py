@@ -17,7 +17,15 @@ import pytest
 import torch
 import transformers
 from conftest import _P, reference_encode, reference_initial_memory, reference_stream, reference_writer
-from helpers import BOS, build_tiny_memformer, cache_tensors, left_pad, rand_ids, tiny_memformer_config
+from helpers import (
+    BOS,
+    assert_config_refused,
+    build_tiny_memformer,
+    cache_tensors,
+    left_pad,
+    rand_ids,
+    tiny_memformer_config,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
@@ -677,14 +685,7 @@ def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expe
     """Issue 15 item 5: `segment_length=2**20` was accepted (a 5-token forward then tried to allocate 4 TiB) and
     inf `layer_norm_eps` / `initializer_range` gave NaN logits. The config refuses them naming the field, also when
     read from a config.json; values inside the bounds still build a model with finite logits."""
-    with pytest.raises(ValueError, match=rf"invalid `[\w.]*{field}`=.*expected {expected}"):
-        tiny_memformer_config(**overrides)
-    tiny_memformer_config().save_pretrained(tmp_path)
-    data = json.loads((tmp_path / "config.json").read_text())
-    data.update(overrides)
-    (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=field):
-        MemformerConfig.from_pretrained(tmp_path)
+    assert_config_refused(tmp_path, overrides, field, rf"invalid `[\w.]*{field}`=.*expected {expected}")
     assert tiny_memformer_config(segment_length=65536).segment_length == 65536  # the bound itself is allowed
     model = build_tiny_memformer(attn="sdpa", layer_norm_eps=1e-12, initializer_range=1e-3)
     with torch.no_grad():

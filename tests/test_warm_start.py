@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_memformer_config
+from helpers import assert_config_refused, tiny_memformer_config
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from memformer_hf import MemformerConfig, MemformerForCausalLM
+from memformer_hf import MemformerForCausalLM
 from memformer_hf.conversion_llama import memformer_from_llama, warm_start_parameter_groups
 from memformer_hf.memory import at_least_fp32
 from memformer_hf.modeling_memformer import CACHE_KWARG
@@ -113,14 +113,7 @@ def perturb(module: torch.nn.Linear, seed: int, scale: float = 0.3) -> None:
 ])
 def test_llama_options_are_validated(tmp_path, overrides, field):
     """Each new option is refused with an error naming it, from Python and from a config.json."""
-    with pytest.raises(ValueError, match=rf"invalid `{field}`=.*expected"):
-        tiny_memformer_config(**overrides)
-    tiny_memformer_config().save_pretrained(tmp_path)
-    data = json.loads((tmp_path / "config.json").read_text())
-    data.update(overrides)
-    (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=field):
-        MemformerConfig.from_pretrained(tmp_path)
+    assert_config_refused(tmp_path, overrides, field, rf"invalid `{field}`=.*expected")
 
 
 def test_default_model_keeps_its_checkpoint_keys():

@@ -48,6 +48,7 @@ in any case), final evaluation ~30 s, `--control_finetune` ~30 s: about 3-5 minu
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import hashlib
 import importlib.util
@@ -373,9 +374,21 @@ def parse_args(argv=None):
     m.add_argument("--memory_write_self_bias", type=float, default=None)
     m.add_argument("--memory_write_temperature", type=float, default=0.5)
     m.add_argument("--forget_bias_init_scale", type=float, default=1.0)
+    m.add_argument("--memory_write_self_bias_spread", type=float, default=0.0)
+    m.add_argument("--learnable_temperature", type=int, default=0)
+    m.add_argument("--variant", action="append", default=None, metavar="NAME:key=value,...",
+                   help="a Memformer variant to train and evaluate against the same controls (repeatable); keys: "
+                        "segment_length, slots, encoder_layers, memory_write_*, forget_bias_init_scale, "
+                        "learnable_temperature, train_tokens, batch, window, lr_*, train_no_memory (1: reset the "
+                        "memory at every segment in training too, the trained no-memory ablation)")
     t = p.add_argument_group("training")
-    t.add_argument("--train_tokens", type=int, default=4_000_000)
+    t.add_argument("--train_tokens", type=int, default=4_000_000,
+                   help="per variant; 0: what the first variant trains on in 0.85 x --time_budget_s (a probe measures "
+                        "its speed first), the same for every variant")
     t.add_argument("--time_budget_s", type=float, default=300.0, help="stop training after this long (0: never)")
+    t.add_argument("--deadline_s", type=float, default=0.0, help="skip the variants (and the control fine-tuning) "
+                                                                 "that would start after this many seconds")
+    t.add_argument("--train_no_memory", type=int, default=0)
     t.add_argument("--batch", type=int, default=32, help="parallel streams")
     t.add_argument("--window", type=int, default=4, help="MRBP window T (segments per step)")
     t.add_argument("--lr_new", type=float, default=3e-4, help="cross-attention, readers, writer")
@@ -437,19 +450,199 @@ def pack_for_device(args) -> None:
         log(f"  {f.name}: {f.stat().st_size / 2**20:.1f} MiB")
 
 
+VARIANT_KEYS = {
+    # name: (type, what it sets)
+    "segment_length": int, "encoder_layers": int, "slots": int, "cross_attention_init": str,
+    "memory_write_self_bias": float, "memory_write_self_bias_spread": float, "memory_write_temperature": float,
+    "learnable_temperature": int, "forget_bias_init_scale": float, "train_tokens": int, "batch": int, "window": int,
+    "lr_new": float, "lr_encoder": float, "lr_backbone": float, "train_no_memory": int,
+}
+
+
+def parse_variants(args) -> list[tuple[str, argparse.Namespace]]:
+    """`--variant NAME:key=value,...` (repeatable): Memformer settings trained and evaluated one after the other
+    against the same controls; keys are `VARIANT_KEYS`; none given: one variant, "memformer", from the flags."""
+    specs = args.variant or ["memformer:"]
+    out = []
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        v = argparse.Namespace(**vars(args))
+        for item in filter(None, body.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or key not in VARIANT_KEYS:
+                raise SystemExit(f"--variant {spec!r}: {item!r} is not key=value with a key in {sorted(VARIANT_KEYS)}")
+            setattr(v, key, None if value == "none" else VARIANT_KEYS[key](value))
+        out.append((name or f"variant{len(out)}", v))
+    if len({n for n, _ in out}) != len(out):
+        raise SystemExit("--variant names must differ")
+    return out
+
+
+class NoMemoryTrainer(MemformerTrainer):
+    """The trained no-memory ablation: the memory is reset at every segment in training too (the decoder still
+    cross-attends to the previous segment), so whatever the model gains over the backbone comes without memory."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = {**inputs, "memory_reset": torch.ones_like(inputs["memory_reset"])}
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+@torch.no_grad()
+def slot_retention(model, doc: list[int], max_segments: int) -> torch.Tensor:
+    """Cosine similarity of each slot before and after each segment's write + BMN, memory carried through `doc`:
+    [K, n_segments]. The writer's self weight says what the softmax keeps; this says what survives the
+    normalisation and the forgetting vector too (1: unchanged, ~0: replaced)."""
+    from memformer_hf.data_streams import document_cells
+
+    cfg = model.config
+    doc = doc[: max_segments * cfg.segment_length]
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id
+    cells = document_cells(doc, cfg.segment_length, cfg.bos_token_id, pad, boot=cfg.first_segment_context)
+    device = next(model.parameters()).device
+    model.eval()
+    memory, cols = model.model.initial_memory(1), []
+    for t in range(cells["encoder_input_ids"].shape[0]):
+        out = model(encoder_input_ids=cells["encoder_input_ids"][t:t + 1].to(device),
+                    encoder_attention_mask=cells["encoder_attention_mask"][t:t + 1].to(device),
+                    memory=memory, memory_reset=cells["memory_reset"][t:t + 1].to(device), critical_path_only=True)
+        before = model.model.initial_memory(1) if bool(cells["memory_reset"][t]) else memory
+        cols.append(torch.nn.functional.cosine_similarity(before.float(), out.memory.float(), dim=-1)[0].cpu())
+        memory = out.memory.clone()
+    return torch.stack(cols, dim=1)
+
+
+def build_variant(v, backbone, device: torch.device):
+    """The warm-started Memformer of variant `v` (its memory settings as config overrides)."""
+    torch.manual_seed(v.seed)
+    overrides = dict(memory_write_temperature=v.memory_write_temperature,
+                     forget_bias_init_scale=v.forget_bias_init_scale, learnable_temperature=bool(v.learnable_temperature))
+    if v.memory_write_self_bias is not None:
+        overrides.update(memory_write_self_bias=v.memory_write_self_bias,
+                         memory_write_self_bias_spread=v.memory_write_self_bias_spread)
+    model = memformer_from_llama(backbone, num_memory_slots=v.slots, segment_length=v.segment_length,
+                                 encoder_layers=v.encoder_layers, cross_attention_init=v.cross_attention_init,
+                                 bos_token_id=v.bos_token_id, **overrides)
+    if device.type == "cuda":
+        model.set_attn_implementation("sdpa")
+    return model
+
+
+def build_trainer(model, v, train, output_dir: str, steps: int, callbacks: list) -> MemformerTrainer:
+    cuda = next(model.parameters()).device.type == "cuda"
+    targs = MemformerTrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=v.batch, mrbp_window=v.window, max_steps=steps,
+        learning_rate=v.lr_new, warmup_steps=v.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
+        bf16=cuda, logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
+        per_device_eval_batch_size=v.eval_batch, eval_window=16, seed=v.seed, disable_tqdm=True,
+        use_cpu=not cuda, dataloader_num_workers=0)
+    trainer_cls = NoMemoryTrainer if v.train_no_memory else MemformerTrainer
+    return trainer_cls(model=model, args=targs, train_dataset=train, optimizers=(make_optimizer(model, v), None),
+                       callbacks=callbacks)
+
+
+class StepClock(TrainerCallback):
+    """Wall time at the end of each optimizer step (CUDA-synchronised)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.time())
+
+
+def probe_tokens_per_s(v, backbone, train, device, work: str, steps: int = 8) -> float:
+    """Steady-state training tokens/s of variant `v` (a throwaway copy, `steps` optimizer steps, the first 3
+    untimed): sizes `--train_tokens 0` to the time budget, so that the cosine schedule runs to its end."""
+    model = build_variant(v, backbone, device)
+    clock = StepClock()
+    build_trainer(model, v, train, f"{work}/probe", steps, [clock]).train()
+    per_step = (clock.times[-1] - clock.times[2]) / (len(clock.times) - 3)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return v.batch * v.window * v.segment_length / per_step
+
+
+def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report: dict, out_dir: Path, work: str,
+                check_init: bool) -> None:
+    """Warm-start, evaluate at init (once), train and evaluate one Memformer variant; results into rows/report."""
+    L = v.segment_length
+    res: dict = {"settings": {k: getattr(v, k) for k in VARIANT_KEYS}, "timings": {}}
+    report["variants"][name] = res
+    model = build_variant(v, backbone, device)
+    total, non_emb = param_counts(model)
+    groups = {k: sum(p.numel() for _, p in g) for k, g in warm_start_parameter_groups(model).items()}
+    res["params"] = {"total": total, "non_embedding": non_emb, **groups}
+    log(f"[{name}] Memformer: {total / 1e6:.1f}M parameters ({non_emb / 1e6:.1f}M non-embedding; new "
+        f"{groups['new'] / 1e6:.1f}M, encoder {groups['encoder'] / 1e6:.1f}M, backbone {groups['backbone'] / 1e6:.1f}M)")
+    steps = max(1, v.train_tokens // (v.batch * v.window * L))
+    budget = TimeBudget(v.time_budget_s)
+    trainer = build_trainer(model, v, train, f"{work}/{name}", steps, [budget])
+    tic = time.time()
+    if check_init:
+        trainer.args.eval_no_memory = False
+        init = ppl_row(trainer.evaluation_sums(docs)[""])
+        rows[f"{name}: at init (= segment-local backbone)"] = init
+        local = rows[f"backbone, segment-local (windows of L={L})"]
+        report["init_vs_segment_local_rel_diff"] = abs(init["ppl"] / local["ppl"] - 1)
+        log(f"[{name}] at init: ppl {init['ppl']:.3f} vs segment-local backbone {local['ppl']:.3f} (relative "
+            f"difference {report['init_vs_segment_local_rel_diff']:.2e})")
+    res["writer_init"] = writer_summary(model, docs[0], v, out_dir / f"warm_start_writer_{name}_init.png",
+                                        f"{name}, before training")
+    res["timings"]["init_eval"] = time.time() - tic
+
+    tic = time.time()
+    log(f"[{name}] training: {steps} steps of {v.batch} streams x {v.window} segments x {L} tokens (budget "
+        f"{v.time_budget_s:.0f} s)")
+    result = trainer.train()
+    seconds, done = time.time() - tic, trainer.state.global_step
+    res["training"] = {"steps_planned": steps, "steps": done, "tokens": done * v.batch * v.window * L,
+                       "seconds": seconds, "tokens_per_s": done * v.batch * v.window * L / seconds,
+                       "train_loss": result.training_loss, "stopped_by_time_budget": budget.stopped_at is not None,
+                       "loss_log": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]}
+    res["timings"]["train"] = seconds
+    log(f"[{name}] trained {done}/{steps} steps in {seconds:.0f} s ({res['training']['tokens_per_s']:,.0f} tokens/s)")
+
+    tic = time.time()
+    trainer.args.eval_no_memory = True
+    sums = trainer.evaluation_sums(docs)
+    rows[f"{name}: memory carried"] = ppl_row(sums[""])
+    rows[f"{name}: memory reset every segment"] = ppl_row(sums["_no_memory"])
+    res["writer_trained"] = writer_summary(trainer.model, docs[0], v, out_dir / f"warm_start_writer_{name}.png",
+                                           f"{name}, after training")
+    res["timings"]["final_eval"] = time.time() - tic
+    log(f"[{name}] carried {rows[f'{name}: memory carried']['ppl']:.3f}, reset "
+        f"{rows[f'{name}: memory reset every segment']['ppl']:.3f}")
+    del trainer, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def writer_summary(model, doc: list[int], v, png: Path, title: str) -> dict:
+    """Writer self weight (the paper's Fig. 6 measure; PNG) and the slots' cosine retention through write + BMN."""
+    summary = plot_writer_attention(writer_self_weights(model, doc, v.writer_segments), png,
+                                    f"warm start ({title}): writer attention of each slot on itself")
+    cos = slot_retention(model, doc, v.writer_segments)[:, 1:]  # from the second segment: the first starts at m0
+    summary.update(cosine_mean=float(cos.mean()), cosine_retain_fraction_0_5=float((cos > 0.5).float().mean()),
+                   cosine_retain_fraction_0_9=float((cos > 0.9).float().mean()), png=png.name)
+    return summary
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.pack_for_device:
         pack_for_device(args)
         return {}
+    variants = parse_variants(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
     # the smoke run's numbers mean nothing: they go to a temporary folder unless --output_dir says otherwise
     out_dir = Path(args.output_dir) if args.output_dir else (
         Path(tempfile.mkdtemp(prefix="warm_start_tiny_")) if args.tiny else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = args.work or tempfile.mkdtemp(prefix="warm_start_work_")
-    report: dict = {"args": vars(args), "environment": environment(), "timings": {}}
+    report: dict = {"args": vars(args), "environment": environment(), "timings": {}, "variants": {}}
     tic = time.time()
 
     # ---------------------------------------------------------------------------------------------- backbone, data
@@ -469,172 +662,138 @@ def main(argv=None) -> dict:
         train = train[: args.max_train_docs]
     report["timings"]["load"] = time.time() - tic
     n_eval = sum(len(d) for d in docs)
+    report["source"], report["n_docs"], report["n_tokens"] = source, len(docs), n_eval
     log(f"backbone: {source}; train {len(train)} docs / {sum(map(len, train)):,} tokens; eval {len(docs)} docs / "
         f"{n_eval:,} tokens")
 
     # ---------------------------------------------------------------------------------------------- the control
     tic = time.time()
-    rows = {}
-    L = args.segment_length
+    rows: dict = {}
+    report["rows"] = rows
     for c in [int(x) for x in args.contexts.split(",")]:
         rows[f"backbone, context {c} (strided, stride {c // 2})"] = ppl_row(
             backbone_sums(backbone, docs, c, max(1, c // 2), args.bos_token_id, device, args.backbone_batch_tokens))
         log(f"backbone context {c}: ppl {next(reversed(rows.values()))['ppl']:.3f}")
-    local = ppl_row(backbone_sums(backbone, docs, L, L, args.bos_token_id, device, args.backbone_batch_tokens))
-    rows[f"backbone, segment-local (windows of L={L})"] = local
+    for L in sorted({v.segment_length for _, v in variants}):
+        rows[f"backbone, segment-local (windows of L={L})"] = ppl_row(
+            backbone_sums(backbone, docs, L, L, args.bos_token_id, device, args.backbone_batch_tokens))
     report["timings"]["backbone_eval"] = time.time() - tic
 
-    # ---------------------------------------------------------------------------------------------- warm start
-    torch.manual_seed(args.seed)
-    overrides = dict(memory_write_temperature=args.memory_write_temperature,
-                     forget_bias_init_scale=args.forget_bias_init_scale)
-    if args.memory_write_self_bias is not None:
-        overrides["memory_write_self_bias"] = args.memory_write_self_bias
-    model = memformer_from_llama(backbone, num_memory_slots=args.slots, segment_length=L,
-                                 encoder_layers=args.encoder_layers, cross_attention_init=args.cross_attention_init,
-                                 bos_token_id=args.bos_token_id, **overrides)
-    if cuda:
-        model.set_attn_implementation("sdpa")
-    if not args.control_finetune:
-        del backbone
-    total, non_emb = param_counts(model)
-    groups = {k: sum(p.numel() for _, p in v) for k, v in warm_start_parameter_groups(model).items()}
-    log(f"Memformer: {total / 1e6:.1f}M parameters ({non_emb / 1e6:.1f}M non-embedding; new {groups['new'] / 1e6:.1f}M,"
-        f" encoder {groups['encoder'] / 1e6:.1f}M, backbone {groups['backbone'] / 1e6:.1f}M)")
-    report["params"] = {"total": total, "non_embedding": non_emb, **groups}
-
-    steps = max(1, args.train_tokens // (args.batch * args.window * L))
-    targs = MemformerTrainingArguments(
-        output_dir=work, per_device_train_batch_size=args.batch, mrbp_window=args.window, max_steps=steps,
-        learning_rate=args.lr_new, warmup_steps=args.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
-        bf16=cuda, logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
-        per_device_eval_batch_size=args.eval_batch, eval_window=16, seed=args.seed, disable_tqdm=True,
-        use_cpu=not cuda, dataloader_num_workers=0)
-    budget = TimeBudget(args.time_budget_s)
-    optimizer = make_optimizer(model, args)
-    trainer = MemformerTrainer(model=model, args=targs, train_dataset=train, optimizers=(optimizer, None),
-                               callbacks=[budget])
-
-    # ---------------------------------------------------------------------------------------------- at initialisation
-    tic = time.time()
-    trainer.args.eval_no_memory = False
-    init = ppl_row(trainer.evaluation_sums(docs)[""])
-    rows["Memformer at init (= segment-local backbone)"] = init
-    report["init_vs_segment_local_rel_diff"] = abs(init["ppl"] / local["ppl"] - 1)
-    log(f"Memformer at init: ppl {init['ppl']:.3f} vs segment-local backbone {local['ppl']:.3f} "
-        f"(relative difference {report['init_vs_segment_local_rel_diff']:.2e})")
-    writer_png = {}
-    w0 = writer_self_weights(model, docs[0], args.writer_segments)
-    writer_png["init"] = out_dir / "warm_start_writer_init.png"
-    report["writer_init"] = plot_writer_attention(w0, writer_png["init"], "warm start, before training: writer "
-                                                                          "attention of each slot on itself")
-    report["timings"]["init_eval"] = time.time() - tic
-
-    # ---------------------------------------------------------------------------------------------- training
-    tic = time.time()
-    log(f"training: {steps} steps of {args.batch} streams x {args.window} segments x {L} tokens "
-        f"(budget {args.time_budget_s:.0f} s)")
-    result = trainer.train()
-    seconds = time.time() - tic
-    done = trainer.state.global_step
-    report["training"] = {"steps_planned": steps, "steps": done, "tokens": done * args.batch * args.window * L,
-                          "seconds": seconds, "tokens_per_s": done * args.batch * args.window * L / seconds,
-                          "train_loss": result.training_loss, "stopped_by_time_budget": budget.stopped_at is not None,
-                          "loss_log": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]}
-    report["timings"]["train"] = seconds
-    log(f"trained {done}/{steps} steps in {seconds:.0f} s ({report['training']['tokens_per_s']:,.0f} tokens/s)")
-
-    # ---------------------------------------------------------------------------------------------- after training
-    tic = time.time()
-    trainer.args.eval_no_memory = True
-    sums = trainer.evaluation_sums(docs)
-    rows["Memformer trained, memory carried"] = ppl_row(sums[""])
-    rows["Memformer trained, memory reset every segment"] = ppl_row(sums["_no_memory"])
-    w1 = writer_self_weights(trainer.model, docs[0], args.writer_segments)
-    writer_png["trained"] = out_dir / "warm_start_writer_trained.png"
-    report["writer_trained"] = plot_writer_attention(w1, writer_png["trained"], "warm start, after training: writer "
-                                                                                "attention of each slot on itself")
-    report["timings"]["final_eval"] = time.time() - tic
-
-    # ---------------------------------------------------------------------------------------------- tuned control
-    if args.control_finetune:  # the control trained on as many tokens as the Memformer, at the longest context
+    # ---------------------------------------------------------------------------------------------- the variants
+    if args.train_tokens == 0:  # as many tokens as the first variant trains on in the time budget, for all
+        tic = time.time()
+        first = variants[0][1]
+        rate = probe_tokens_per_s(first, backbone, train, device, work)
+        per_step = first.batch * first.window * first.segment_length
+        tokens = max(per_step, int(rate * args.time_budget_s * 0.85) // per_step * per_step)
+        report["probe"] = {"tokens_per_s": rate, "train_tokens": tokens, "seconds": time.time() - tic}
+        log(f"probe: {rate:,.0f} training tokens/s -> --train_tokens {tokens:,} for every variant that sets none")
+        for _, v in variants:
+            if v.train_tokens == 0:
+                v.train_tokens = tokens
+    if args.control_finetune:  # the control trained on as many tokens as the variants, at the longest context
         tic = time.time()
         longest = max(int(x) for x in args.contexts.split(","))
+        tuned = copy.deepcopy(backbone)
         report["control_training"] = train_backbone(
-            backbone, train, longest, report["training"]["tokens"], args.control_batch, args.lr_control,
+            tuned, train, longest, max(v.train_tokens for _, v in variants), args.control_batch, args.lr_control,
             args.bos_token_id, device, args.seed, f"control fine-tuning (context {longest})")
         for c in [int(x) for x in args.contexts.split(",")]:
             rows[f"backbone fine-tuned, context {c} (strided, stride {c // 2})"] = ppl_row(
-                backbone_sums(backbone, docs, c, max(1, c // 2), args.bos_token_id, device,
-                              args.backbone_batch_tokens))
-        rows["backbone fine-tuned, segment-local (windows of L)"] = ppl_row(
-            backbone_sums(backbone, docs, L, L, args.bos_token_id, device, args.backbone_batch_tokens))
+                backbone_sums(tuned, docs, c, max(1, c // 2), args.bos_token_id, device, args.backbone_batch_tokens))
+            log(f"fine-tuned backbone context {c}: ppl {next(reversed(rows.values()))['ppl']:.3f}")
+        del tuned
         report["timings"]["control_finetune"] = time.time() - tic
-    report["rows"] = rows
-    write_report(report, args, out_dir, len(docs), n_eval, source)
+    for k, (name, v) in enumerate(variants):
+        if args.deadline_s and time.time() - T0 > args.deadline_s:
+            log(f"[{name}] skipped: past --deadline_s {args.deadline_s:.0f}")
+            continue
+        run_variant(name, v, backbone, train, docs, device, rows, report, out_dir, work, check_init=k == 0)
+        write_report(report, args, out_dir)
+
+    write_report(report, args, out_dir)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return report
 
 
-def write_report(report: dict, args, out_dir: Path, n_docs: int, n_tokens: int, source: str) -> None:
-    rows = report["rows"]
-    L = args.segment_length
-    lines = [f"Backbone: {source}. Eval: the {n_docs} test documents with >= {args.min_doc_tokens} tokens, each cut "
-             f"at {args.max_doc_tokens} ({n_tokens:,} tokens); BOS id {args.bos_token_id} before every window / "
-             f"segment. Memformer: L={L}, encoder = first {args.encoder_layers} backbone layers, K={args.slots}, "
-             f"cross-attention init {args.cross_attention_init}, writer tau {args.memory_write_temperature}, self "
-             f"bias {args.memory_write_self_bias}; {report['params']['total'] / 1e6:.1f}M parameters (new "
-             f"{report['params']['new'] / 1e6:.1f}M). Training: MRBP, {args.batch} streams x T={args.window}, lr new "
-             f"{args.lr_new} / encoder {args.lr_encoder} / backbone {args.lr_backbone}, "
-             f"{report['training']['steps']}/{report['training']['steps_planned']} steps, "
-             f"{report['training']['tokens']:,} tokens, {report['training']['seconds']:.0f} s "
-             f"({report['training']['tokens_per_s']:,.0f} tokens/s)"
-             + (" (stopped by the time budget)" if report["training"]["stopped_by_time_budget"] else "") + "."
-             + (f" Control fine-tuned on {report['control_training']['tokens']:,} tokens (lr {args.lr_control}, "
-                f"{report['control_training']['seconds']:.0f} s)." if "control_training" in report else ""), "",
-             "| model | ppl | " + " | ".join(f"pos {b}" for b in BUCKET_NAMES) + " | scored tokens |",
-             "|---|---:|" + "---:|" * len(BUCKET_NAMES) + "---:|"]
+def write_report(report: dict, args, out_dir: Path) -> None:
+    rows, n_docs, n_tokens = report["rows"], report["n_docs"], report["n_tokens"]
+    lines = [f"Backbone: {report['source']}. Eval: the {n_docs} test documents with >= {args.min_doc_tokens} tokens, "
+             f"each cut at {args.max_doc_tokens} ({n_tokens:,} tokens); BOS id {args.bos_token_id} before every "
+             "window / segment. Backbone rows: strided windows of C tokens advancing by C/2, each token scored once "
+             "with C/2..C-1 tokens of context (fewer in a document's first window); segment-local: non-overlapping "
+             "windows of L (what a warm start computes at initialisation).", "",
+             "Variants (each warm-started from the same backbone, trained with MRBP on the train split, then "
+             "evaluated with the memory carried through each document and with it reset at every segment; the "
+             "decoder cross-attends to the previous segment either way):", "",
+             "| variant | settings | parameters (new) | steps | tokens | s | tokens/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in report["variants"].items():
+        if "training" not in r:
+            continue
+        t = r["training"]
+        settings = ", ".join(f"{k}={val}" for k, val in r["settings"].items())
+        lines.append(f"| {name} | {settings} | {r['params']['total'] / 1e6:.1f}M ({r['params']['new'] / 1e6:.1f}M) | "
+                     f"{t['steps']}/{t['steps_planned']}{' (time budget)' if t['stopped_by_time_budget'] else ''} | "
+                     f"{t['tokens']:,} | {t['seconds']:.0f} | {t['tokens_per_s']:,.0f} |")
+    if "control_training" in report:
+        ct = report["control_training"]
+        lines += ["", f"Control fine-tuned on {ct['tokens']:,} tokens (windows of the longest context, lr "
+                      f"{args.lr_control}, {ct['seconds']:.0f} s)."]
+    lines += ["", "| model | ppl | " + " | ".join(f"pos {b}" for b in BUCKET_NAMES) + " | scored tokens |",
+              "|---|---:|" + "---:|" * len(BUCKET_NAMES) + "---:|"]
     for name, r in rows.items():
         cells = " | ".join("–" if math.isnan(r[b]) else f"{r[b]:.2f}" for b in BUCKET_NAMES)
         lines.append(f"| {name} | {r['ppl']:.3f} | {cells} | {r['tokens']:,} |")
     ctx = [int(x) for x in args.contexts.split(",")]
     short, long_ = (rows[f"backbone, context {c} (strided, stride {c // 2})"]["ppl"] for c in (min(ctx), max(ctx)))
-    carried = rows["Memformer trained, memory carried"]["ppl"]
-    reset = rows["Memformer trained, memory reset every segment"]["ppl"]
-    summary = {
-        f"control gain, context {min(ctx)} -> {max(ctx)}": (short - long_) / short,
-        "memory gain (reset every segment -> carried)": (reset - carried) / reset,
-        f"share of the control's {min(ctx)} -> {max(ctx)} gain recovered by the carried Memformer":
-            (short - carried) / (short - long_) if short != long_ else float("nan"),
-        "Memformer at init vs segment-local backbone (relative ppl difference; 0 up to rounding)":
-            report["init_vs_segment_local_rel_diff"],
-    }
-    if 512 in ctx:
-        summary["Memformer carried vs backbone at 512 (ppl ratio)"] = carried / rows[
-            "backbone, context 512 (strided, stride 256)"]["ppl"]
-        tuned = rows.get("backbone fine-tuned, context 512 (strided, stride 256)")
-        if tuned:
-            summary["Memformer carried vs fine-tuned backbone at 512, equal training tokens (ppl ratio)"] = (
-                carried / tuned["ppl"])
+    tuned512 = rows.get("backbone fine-tuned, context 512 (strided, stride 256)")
+    summary: dict = {f"control gain, context {min(ctx)} -> {max(ctx)}": (short - long_) / short}
+    if "init_vs_segment_local_rel_diff" in report:
+        summary["at init vs segment-local backbone (relative ppl difference; 0 up to rounding)"] = report[
+            "init_vs_segment_local_rel_diff"]
+    lines += ["", "| variant | memory gain (reset -> carried) | share of the control's "
+                  f"{min(ctx)} -> {max(ctx)} gain recovered (carried) | carried / backbone 512 | carried / "
+                  "fine-tuned backbone 512 (equal tokens) | writer self weight (mean) | slots retaining (self "
+                  "weight > 0.5) | slot cosine through write + BMN (mean) | slots with cosine > 0.9 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in report["variants"].items():
+        if f"{name}: memory carried" not in rows:
+            continue
+        carried, reset = rows[f"{name}: memory carried"]["ppl"], rows[f"{name}: memory reset every segment"]["ppl"]
+        b512 = rows.get("backbone, context 512 (strided, stride 256)")
+        s = {"memory_gain": (reset - carried) / reset,
+             "share_recovered": (short - carried) / (short - long_) if short != long_ else float("nan"),
+             "vs_backbone_512": carried / b512["ppl"] if b512 else float("nan"),
+             "vs_tuned_512": carried / tuned512["ppl"] if tuned512 else float("nan")}
+        r["summary"] = s
+        w0, w1 = r["writer_init"], r["writer_trained"]
+        lines.append(
+            f"| {name} | {s['memory_gain']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
+            f"{s['vs_tuned_512']:.4f} | {w0['writer_self_weight_mean']:.3f} -> {w1['writer_self_weight_mean']:.3f} | "
+            f"{w0['writer_retain_fraction']:.1%} -> {w1['writer_retain_fraction']:.1%} | {w0['cosine_mean']:.3f} -> "
+            f"{w1['cosine_mean']:.3f} | {w0['cosine_retain_fraction_0_9']:.1%} -> "
+            f"{w1['cosine_retain_fraction_0_9']:.1%} |")
     lines += ["", "| summary | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2%} |" if "ratio" not in k and "difference" not in k else f"| {k} | {v:.4g} |"
-              for k, v in summary.items()]
-    wi, wt = report["writer_init"], report["writer_trained"]
-    lines += ["", f"Writer (first eval document, {args.writer_segments} segments; a slot retains when its attention on "
-                  "itself, column 0 of the writer attention averaged over heads, is > 0.5): mean self weight "
-                  f"{wi['writer_self_weight_mean']:.3f} -> {wt['writer_self_weight_mean']:.3f}, retaining slots "
-                  f"{wi['writer_retain_fraction']:.1%} -> {wt['writer_retain_fraction']:.1%} (before -> after "
-                  "training; warm_start_writer_init.png / warm_start_writer_trained.png).",
-              "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()) + ".",
-              "", "Training loss (step: loss): " + ", ".join(f"{s}: {v:.3f}" for s, v in report["training"]["loss_log"])]
+    lines += [f"| {k} | {val:.2%} |" if "difference" not in k else f"| {k} | {val:.3g} |" for k, val in summary.items()]
     report["summary"] = summary
+    lines += ["", f"Writer columns: first eval document, {args.writer_segments} segments, before -> after training "
+                  "(PNGs warm_start_writer_<variant>[_init].png). Self weight: column 0 of the writer attention, "
+                  "averaged over heads; a slot retains when it is > 0.5 (the paper's Fig. 6 measure). Cosine: each "
+                  "slot before vs after the segment's write and BMN.",
+              "", "Timings (s): " + ", ".join(f"{k} {val:.0f}" for k, val in report["timings"].items()) + "; "
+              + "; ".join(f"{n}: " + ", ".join(f"{k} {val:.0f}" for k, val in r["timings"].items())
+                          for n, r in report["variants"].items()) + "."]
+    for name, r in report["variants"].items():
+        if "training" in r:
+            lines += ["", f"Training loss of {name} (step: loss): "
+                      + ", ".join(f"{s}: {val:.3f}" for s, val in r["training"]["loss_log"])]
     name = "warm_start_tiny" if args.tiny else "warm_start"
     path = write_results(name, "Warm start from a pretrained decoder: does the memory pay on text? (issue 17)",
                          "\n".join(lines), str(out_dir / f"{name}.md"))
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
     log(f"wrote {path}")
-    print("\n".join(lines), flush=True)
+    print("\n".join(lines[-40:]), flush=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ class MemformerConfig(PretrainedConfig):
         memory_write_self_bias: None (the paper) or the initial value of a learnable per-slot bias added to each
             slot's score on itself in the writer; a positive value starts the slots in "retain" (see
             `MemoryWriter`).
+        memory_write_self_bias_spread: with `memory_write_self_bias`, spread the slots' initial biases evenly over
+            [bias - spread/2, bias + spread/2] (0: all equal), so that the slots start with a range of retention
+            times, from overwritten at every segment to kept for many (an option beyond the paper).
         forget_bias_init_scale: expected initial norm of each slot's forgetting vector v_bias (init N(0, s²/d));
             smaller values forget less per segment at the start of training.
         use_forget_bias: add the per-slot forgetting vector before normalisation (BMN); False is the ablation.
@@ -110,6 +113,7 @@ class MemformerConfig(PretrainedConfig):
         learnable_temperature: bool = False,
         writer_out_proj: bool = False,
         memory_write_self_bias: float | None = None,
+        memory_write_self_bias_spread: float = 0.0,
         forget_bias_init_scale: float = 1.0,
         use_forget_bias: bool = True,
         normalize_memory_kv: bool = True,
@@ -153,6 +157,7 @@ class MemformerConfig(PretrainedConfig):
         self.learnable_temperature = learnable_temperature
         self.writer_out_proj = writer_out_proj
         self.memory_write_self_bias = memory_write_self_bias
+        self.memory_write_self_bias_spread = memory_write_self_bias_spread
         self.forget_bias_init_scale = forget_bias_init_scale
         self.use_forget_bias = use_forget_bias
         self.normalize_memory_kv = normalize_memory_kv
@@ -213,6 +218,11 @@ class MemformerConfig(PretrainedConfig):
         bias = self.memory_write_self_bias
         _check(bias is None or (is_num(bias) and math.isfinite(bias)), "memory_write_self_bias", bias,
                "None or a finite number")
+        spread = self.memory_write_self_bias_spread
+        _check(is_num(spread) and math.isfinite(spread) and spread >= 0, "memory_write_self_bias_spread", spread,
+               "a finite number >= 0")
+        _check(spread == 0 or bias is not None, "memory_write_self_bias_spread", spread,
+               "0 unless memory_write_self_bias is set (it spreads the initial self biases around that value)")
         scale = self.forget_bias_init_scale
         _check(is_num(scale) and math.isfinite(scale) and scale > 0, "forget_bias_init_scale", scale,
                "a positive finite number")

@@ -424,7 +424,9 @@ class MemformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.forget_bias, mean=0.0,
                          std=self.config.forget_bias_init_scale * self.config.hidden_size ** -0.5)
             if module.self_bias is not None:
-                init.constant_(module.self_bias, float(self.config.memory_write_self_bias))
+                bias, spread = float(self.config.memory_write_self_bias), float(self.config.memory_write_self_bias_spread)
+                values = torch.linspace(bias - spread / 2, bias + spread / 2, module.self_bias.numel())
+                (init.copy_ if hasattr(init, "copy_") else nn.Parameter.copy_)(module.self_bias, values)
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(self.config.memory_write_temperature))
 

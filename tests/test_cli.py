@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from memformer_hf import cli
+from memformer_hf.cli import report as cli_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king queen lord lady night day sword crown love death heart blood fair foul good sweet thou art my "
@@ -115,6 +116,7 @@ def _check_hub_folder(out: Path) -> dict:
     assert "custom_code" in card and "trust_remote_code=True" in card and "revision=" in card
     assert "{{" not in card and "}}" not in card
     assert f"{metrics['eval_ppl']:,.2f}" in card and f"{metrics['eval_ppl_no_memory']:,.2f}" in card
+    assert cli_report.memory_effect(metrics["eval_ppl"], metrics["eval_ppl_no_memory"]) in card
     assert "training_curve.png" in card and "memory_writer_attention.png" in card and "2010.06891" in card
     return record
 
@@ -525,7 +527,8 @@ def test_model_card_rendering_names_unknown_placeholders():
     Hub dataset when there is one), an unknown placeholder is a one-line error instead of a silently empty value."""
     from memformer_hf.cli.report import FALLBACK_CARD, card_data
 
-    values = {"model_name": "m", "repo_id": "me/m", "metrics_table": "| a |", "training_table": "| b |"}
+    values = {"model_name": "m", "repo_id": "me/m", "metrics_table": "| a |", "memory_effect": "flat.",
+              "training_table": "| b |"}
     card = cli.render_model_card(FALLBACK_CARD, values, card_data(["wikitext"]))
     assert card.data.datasets == ["wikitext"] and card.data.license == "mit"
     assert str(card).startswith("---\ndatasets:\n- wikitext\nlibrary_name: transformers\n") and str(card).endswith(
@@ -566,3 +569,13 @@ def test_train_streaming_and_resume(corpus, tmp_path):
     resumed_state = json.loads((part / "checkpoint-4" / "stream_state-rank0.json").read_text())
     assert resumed_state["position"] == json.loads((full / "checkpoint-4" / "stream_state-rank0.json").read_text()
                                                    )["position"]
+
+
+def test_model_card_states_the_memory_effect_plainly():
+    """The card says whether carrying the memory paid (>= 1% lower perplexity than resetting it) and, if not, why."""
+    paid = cli_report.memory_effect(90.0, 100.0)
+    assert "pays in this run" in paid and "10.0%" in paid
+    flat = cli_report.memory_effect(148.23, 148.16)
+    assert "no measurable effect" in flat and "-0.0%" in flat and "nothing long-range" in flat
+    assert "not measured" in cli_report.memory_effect(148.2, None)
+    assert "not measured" in cli_report.memory_effect(float("nan"), 148.2)

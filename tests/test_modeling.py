@@ -302,6 +302,7 @@ WRITER_VARIANTS = {
     "out_proj": dict(writer_out_proj=True),
     "no_forget_bias": dict(use_forget_bias=False),
     "self_bias": dict(memory_write_self_bias=1.5, forget_bias_init_scale=0.1),
+    "self_bias_spread": dict(memory_write_self_bias=1.5, memory_write_self_bias_spread=3.0, forget_bias_init_scale=0.1),
 }
 
 
@@ -663,6 +664,8 @@ def test_bad_cell_input_raises():
     (dict(segment_length=0), "segment_length"),
     (dict(memory_write_self_bias=float("nan")), "memory_write_self_bias"),
     (dict(forget_bias_init_scale=0.0), "forget_bias_init_scale"),
+    (dict(memory_write_self_bias=1.0, memory_write_self_bias_spread=-1.0), "memory_write_self_bias_spread"),
+    (dict(memory_write_self_bias_spread=2.0), "memory_write_self_bias_spread"),
 ])
 def test_bad_config_raises(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -1025,3 +1028,26 @@ def test_writer_self_bias_and_forget_bias_scale_init():
     vb = writer.forget_bias.detach()
     torch.testing.assert_close(new, (memory + vb) / (memory + vb).norm(dim=-1, keepdim=True), atol=1e-8, rtol=0)
     assert build_tiny_memformer(seed=3).model.writer.self_bias is None  # default: the paper's writer
+
+
+def test_writer_self_bias_spread_gives_a_range_of_retention(tmp_path):
+    """`memory_write_self_bias_spread` starts the slots' self biases evenly over bias ± spread/2, so that with the same
+    segment some slots keep their content and others are overwritten; a reload keeps the trained values."""
+    d, k = 64, 8
+    model = build_tiny_memformer(seed=3, randomize=False, hidden_size=d, num_attention_heads=4, intermediate_size=64,
+                                 memory_write_self_bias=2.0, memory_write_self_bias_spread=40.0, num_memory_slots=k)
+    writer = model.model.writer
+    torch.testing.assert_close(writer.self_bias.detach(), torch.linspace(-18.0, 22.0, k, dtype=torch.float64),
+                               atol=1e-5, rtol=0)  # initialised in float32
+    memory = unit_memory(1, seed=1, k=k, d=d)
+    with torch.no_grad():
+        _, probs = writer(memory, torch.randn(1, 5, d, dtype=torch.float64), None)
+    self_weight = probs[0, :, :, 0].mean(0)  # [K], averaged over heads
+    assert float(self_weight[0]) < 1e-6 and float(self_weight[-1]) > 1 - 1e-6  # overwritten ... retained
+    assert bool((self_weight[1:] >= self_weight[:-1] - 1e-12).all())  # monotone in the bias
+    with torch.no_grad():
+        writer.self_bias.add_(0.5)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
+    assert reloaded.config.memory_write_self_bias_spread == 40.0
+    torch.testing.assert_close(reloaded.model.writer.self_bias, writer.self_bias, atol=0, rtol=0)

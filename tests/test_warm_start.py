@@ -367,13 +367,38 @@ def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
 
     report = warm_start.main(["--tiny", "--tiny_pretrain_steps", "10", "--contexts", "32,64", "--max_doc_tokens",
                               "256", "--min_doc_tokens", "256", "--train_tokens", "2048", "--writer_segments", "4",
+                              "--control_finetune", "--variant", "paper:",
+                              "--variant", "spread:memory_write_self_bias=3,memory_write_self_bias_spread=6",
+                              "--variant", "nomem:train_no_memory=1,slots=4",
                               "--output_dir", str(tmp_path), "--work", str(tmp_path / "work")])
     rows = report["rows"]
     assert report["init_vs_segment_local_rel_diff"] < 1e-6
-    assert rows["Memformer at init (= segment-local backbone)"]["tokens"] == rows[
+    assert rows["paper: at init (= segment-local backbone)"]["tokens"] == rows[
         "backbone, context 32 (strided, stride 16)"]["tokens"] == 512
-    assert report["training"]["steps"] == report["training"]["steps_planned"] == 4
+    assert set(report["variants"]) == {"paper", "spread", "nomem"}
+    for name, res in report["variants"].items():
+        assert res["training"]["steps"] == res["training"]["steps_planned"] == 4
+        assert rows[f"{name}: memory carried"]["tokens"] == 512
+    assert report["variants"]["nomem"]["params"]["new"] < report["variants"]["paper"]["params"]["new"]  # 4 slots
+    # the control is fine-tuned on a copy, on as many tokens as the variants trained on
+    assert report["control_training"]["tokens"] >= 2048 - 8 * 64 and "backbone fine-tuned, context 64 (strided, " \
+        "stride 32)" in rows
     assert all(math.isfinite(r["ppl"]) for r in rows.values())
     text = (tmp_path / "warm_start_tiny.md").read_text()
-    assert "Memformer trained, memory reset every segment" in text and "retaining slots" in text
-    assert (tmp_path / "warm_start_writer_trained.png").is_file()
+    assert "nomem: memory reset every segment" in text and "slots retaining" in text
+    assert (tmp_path / "warm_start_writer_spread.png").is_file()
+    spread = report["variants"]["spread"]["writer_init"]
+    assert spread["writer_retain_fraction"] > 0.2 > report["variants"]["paper"]["writer_init"]["writer_retain_fraction"]
+
+
+def test_benchmark_variants_are_checked(monkeypatch):
+    """`--variant` refuses unknown keys and repeated names with a message that names the problem."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import warm_start
+
+    with pytest.raises(SystemExit, match="not key=value"):
+        warm_start.parse_variants(warm_start.parse_args(["--tiny", "--variant", "a:slotz=3"]))
+    with pytest.raises(SystemExit, match="names must differ"):
+        warm_start.parse_variants(warm_start.parse_args(["--tiny", "--variant", "a:", "--variant", "a:slots=2"]))
+    (name, v), = warm_start.parse_variants(warm_start.parse_args(["--tiny", "--variant", "x:slots=2,lr_new=0.1"]))
+    assert (name, v.slots, v.lr_new, v.segment_length) == ("x", 2, 0.1, 32)

@@ -223,6 +223,8 @@ Load it with `AutoModelForCausalLM.from_pretrained("{{repo_id}}", trust_remote_c
 
 {{metrics_table}}
 
+{{memory_effect}}
+
 {{training_table}}
 """
 
@@ -301,6 +303,28 @@ def kv_table(items: list[tuple[str, Any]], header=("setting", "value")) -> str:
     return "\n".join(rows)
 
 
+MEASURABLE_MEMORY_GAIN = 0.01  # relative perplexity gain of carrying the memory that the card calls measurable
+
+
+def memory_effect(ppl: float | None, ppl_reset: float | None) -> str:
+    """The card's plain statement of what the memory did in this run: the relative perplexity gain of carrying it
+    over resetting it every segment, called measurable from `MEASURABLE_MEMORY_GAIN` on, and if it is not, why."""
+    if ppl is None or ppl_reset is None or not (math.isfinite(ppl) and math.isfinite(ppl_reset)):
+        return "The memory's effect was not measured in this run (no evaluation with the memory reset)."
+    gain = (ppl_reset - ppl) / ppl_reset
+    if gain >= MEASURABLE_MEMORY_GAIN:
+        return (f"**The memory pays in this run:** carrying it through the document lowers validation perplexity by "
+                f"{gain:.1%} relative to resetting it every segment.")
+    return (f"**The memory has no measurable effect in this run** ({gain:+.1%} from carrying it instead of resetting "
+            "it every segment). That is expected at this scale and not a failure of the run: a model this small, "
+            "trained this briefly, gains nothing from context beyond about a hundred tokens (same-size transformers "
+            "with 512 or 2,048 tokens of full attention score no better past position 128 than at 64-128), so there "
+            "is nothing long-range for the memory to carry. Even where long context does pay (a pretrained 135M "
+            "backbone, 17% lower perplexity at 2,048 than at 128 tokens of context), the memory collected at most "
+            "3% over resetting it and at most 0.6% over the same model trained without memory in our runs; the "
+            "measurements are in the `memformer_hf` repository, `benchmarks/results/quality.md`.")
+
+
 def card_values(args, record: dict, settings: list, tokenizer_description: str, n_params: int,
                 n_embed: int) -> dict[str, Any]:
     """The template's placeholders, from the run's `metrics.json` record."""
@@ -320,6 +344,7 @@ def card_values(args, record: dict, settings: list, tokenizer_description: str, 
         "parameters": f"{n_params / 1e6:.2f}M ({(n_params - n_embed) / 1e6:.2f}M without the tied embedding)",
         "segment_length": record["config"].get("segment_length", ""),
         "metrics_summary": summary,
+        "memory_effect": memory_effect(ppl, ppl_nm),
         "metrics_table": metrics_table(m),
         "position_table": position_table(m),
         "training_table": kv_table(settings),

@@ -5,11 +5,14 @@ Measures, on the long documents of a test split, perplexity by position in the d
     by C/2; each token is scored once, with C/2 to C-1 tokens of context once past the document's first C tokens),
   * the backbone restricted to the segment (non-overlapping windows of L, i.e. what the warm-started Memformer
     computes at initialisation; the script checks that it does),
-  * the warm-started Memformer before training, and after `--train_tokens` tokens of MRBP training on the train
-    split with the memory carried through each document vs reset at every segment (the decoder still
-    cross-attends to the previous segment),
-plus the writer's retain share (each slot's attention on itself, column 0 of `output_memory_attentions`) before and
-after training, and writes benchmarks/results/warm_start.md (+ .json, + the writer PNG).
+  * the warm-started Memformer before training, and for each `--variant` (settings of the memory, the segment
+    length, the learning rates, or `train_no_memory=1`: the ablation trained with the memory reset at every segment)
+    after `--train_tokens` tokens of MRBP training on the train split, with the memory carried through each document
+    vs reset at every segment (the decoder still cross-attends to the previous segment),
+  * with `--control_finetune`, the backbone again after fine-tuning a copy on as many tokens,
+plus the writer's retain share (each slot's attention on itself, column 0 of `output_memory_attentions`) and the
+slots' cosine through a write + BMN, before and after training, and writes warm_start.md (+ .json, + writer PNGs)
+to --output_dir (default benchmarks/results).
 
 Mapping and justification: docs/design.md#warm-start (`memformer_hf.conversion_llama.memformer_from_llama`).
 
@@ -38,11 +41,12 @@ every segment and window: `<|endoftext|>` (id 0), the token SmolLM2 saw between 
 Sizes of the default run: Memformer 181.6M parameters (153.3M non-embedding): backbone copy 134.5M (frozen by
 default), encoder copy 14.2M (first 4 layers), new 32.9M (30 cross-attentions 26.5M, 4 readers 5.3M, writer 1.0M);
 L 128, K 64, 32 streams x T 4 = 16,384 tokens per step, 4M training tokens = 244 steps (train split: 408 documents,
-6.76M SmolLM2 tokens); eval: the 70 test documents with >= 4096 tokens cut at 16,384 = 663,820 tokens. Estimated
-on one H200 (bf16; not measured yet): load + dequantize ~20 s, backbone controls ~20 s (4 strided contexts + the
-segment-local one, ~3.3M token positions), Memformer at init ~15 s, training ~1-2.5 min (~0.9 GFLOP per token
-with the backbone frozen, 3.6 PFLOP; the log prints tokens/s after the first steps; `--time_budget_s` 300 stops it
-in any case), final evaluation ~30 s, `--control_finetune` ~30 s: about 3-5 minutes, within 8.
+6.76M SmolLM2 tokens); eval: the 70 test documents with >= 4096 tokens cut at 16,384 = 663,820 tokens. Measured
+on one H200 (bf16, whole model trained with --lr_backbone 3e-5): load + dequantize 14 s, backbone controls 25 s,
+the speed probe 10 s, control fine-tuning + its evaluation 56-73 s, per variant: the init check 18-27 s (first variant
+only), training 60k tokens/s at L=128 and 72-77k at L=256/512, evaluation (carried + reset) + writer analysis
+17-45 s. Three variants of ~90 s training each with the control: 9 minutes (results/quality.md has the commands).
+The machine's start and the two GGUF calls cost 1-3 minutes of device time on top.
 """
 
 from __future__ import annotations

@@ -858,9 +858,11 @@ class MemformerModel(MemformerPreTrainedModel):
         return result
 
     # ------------------------------------------------------------------------------------------ decoding step
-    def _decode_eligible(self, cache: MemformerCache | None, n: int) -> bool:
-        """One new column (no padding), every row started, no autograd: the fixed-shape decoder step."""
+    def _decode_eligible(self, cache: MemformerCache | None, n: int, memory_reset: torch.Tensor | None = None) -> bool:
+        """One new column (no padding), every row started and none reset, no autograd: the fixed-shape decoder step."""
         if n != 1 or cache is None or cache.is_empty or self.training or torch.is_grad_enabled():
+            return False
+        if memory_reset is not None and bool(memory_reset.any()):  # a reset row starts a document: general paths
             return False
         return all(cache.host_state()[0])
 
@@ -1122,7 +1124,7 @@ class MemformerModel(MemformerPreTrainedModel):
         fast = (self.use_fast_paths and input_ids is not None and replay_step is None
                 and not (output_hidden_states or output_memory_states or output_memory_attentions))
         full = fast and (attention_mask is None or bool(mask.all()))
-        if full and use_cache and self._decode_eligible(cache, n):
+        if full and use_cache and self._decode_eligible(cache, n, memory_reset):
             return self._forward_decode(input_ids, cache)
         aligned = self._aligned_offset(input_ids, cache, memory_reset, n) if full else None
         if aligned is not None:

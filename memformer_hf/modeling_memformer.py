@@ -2,7 +2,8 @@
 
 Data flow per segment (docs/design.md#data-flow): H_t = Enc(s_t, M_t) (every encoder layer reads the memory slots),
 M_{t+1} = Write(M_t, H_t) (slot attention on the final encoder output, then Biased Memory Normalization) and the
-causal decoder predicts s_{t+1} while cross-attending to H_t only. The recurrent state lives in `MemformerCache`.
+causal decoder predicts s_{t+1} while cross-attending to H_t only (with the option `decoder_reads_memory`, beyond
+the paper: to [H_t ; N(M_{t+1})], `MemformerModel.cross_context`). The recurrent state lives in `MemformerCache`.
 
 Reading order: building blocks (rotary, attention, FFN, layers; the memory reader, writer and BMN are in
 `memory.py`) → encoder / decoder stacks → `MemformerPreTrainedModel` → `MemformerModel` (the recurrent step

@@ -1,7 +1,10 @@
 """Graphed == eager on CUDA: the fixed-shape steps replayed as CUDA graphs give the same numbers as the same steps
 run eagerly (bf16 weights), for prefill (stream forward), greedy generate() and an MRBP training window.
 
-    python benchmarks/check_graphs.py [--preset v1-lm] [--tokens 8192]
+    python benchmarks/check_graphs.py [--preset v1-lm] [--tokens 8192] [--decoder_reads_memory]
+
+`--decoder_reads_memory`: the same check for a model with that option, whose graphs are switched off by default
+until this check has passed on a GPU (`graphs.GRAPHS_WITH_DECODER_MEMORY`, set to True here).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import torch
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
+from memformer_hf import graphs as graph_module
 from memformer_hf.data_streams import StreamBatches
 from memformer_hf.mrbp import cells_backward, memory_replay_backward
 
@@ -20,9 +24,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="v1-lm")
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--decoder_reads_memory", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
-    cfg = MemformerConfig.from_preset(args.preset, vocab_size=32768, bos_token_id=0, eos_token_id=None, pad_token_id=1)
+    if args.decoder_reads_memory:
+        graph_module.GRAPHS_WITH_DECODER_MEMORY = True
+    cfg = MemformerConfig.from_preset(args.preset, vocab_size=32768, bos_token_id=0, eos_token_id=None, pad_token_id=1,
+                                      decoder_reads_memory=args.decoder_reads_memory)
     model = MemformerForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
     ids = torch.randint(2, cfg.vocab_size, (4, args.tokens), device="cuda")
     ids[:, 0] = 0

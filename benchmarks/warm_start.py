@@ -380,11 +380,15 @@ def parse_args(argv=None):
     m.add_argument("--forget_bias_init_scale", type=float, default=1.0)
     m.add_argument("--memory_write_self_bias_spread", type=float, default=0.0)
     m.add_argument("--learnable_temperature", type=int, default=0)
+    m.add_argument("--decoder_reads_memory", type=int, default=0,
+                   help="1: the decoder's cross-attention also reads the memory (config decoder_reads_memory, beyond "
+                        "the paper)")
     m.add_argument("--variant", action="append", default=None, metavar="NAME:key=value,...",
                    help="a Memformer variant to train and evaluate against the same controls (repeatable); keys: "
                         "segment_length, slots, encoder_layers, memory_write_*, forget_bias_init_scale, "
                         "learnable_temperature, train_tokens, batch, window, lr_*, train_no_memory (1: reset the "
-                        "memory at every segment in training too, the trained no-memory ablation)")
+                        "memory at every segment in training too, the trained no-memory ablation), "
+                        "decoder_reads_memory (1: the decoder cross-attends to the memory too)")
     t = p.add_argument_group("training")
     t.add_argument("--train_tokens", type=int, default=4_000_000,
                    help="per variant; 0: what the first variant trains on in 0.85 x --time_budget_s (a probe measures "
@@ -459,7 +463,7 @@ VARIANT_KEYS = {
     "segment_length": int, "encoder_layers": int, "slots": int, "cross_attention_init": str,
     "memory_write_self_bias": float, "memory_write_self_bias_spread": float, "memory_write_temperature": float,
     "learnable_temperature": int, "forget_bias_init_scale": float, "train_tokens": int, "batch": int, "window": int,
-    "lr_new": float, "lr_encoder": float, "lr_backbone": float, "train_no_memory": int,
+    "lr_new": float, "lr_encoder": float, "lr_backbone": float, "train_no_memory": int, "decoder_reads_memory": int,
 }
 
 
@@ -519,7 +523,8 @@ def build_variant(v, backbone, device: torch.device):
     """The warm-started Memformer of variant `v` (its memory settings as config overrides)."""
     torch.manual_seed(v.seed)
     overrides = dict(memory_write_temperature=v.memory_write_temperature,
-                     forget_bias_init_scale=v.forget_bias_init_scale, learnable_temperature=bool(v.learnable_temperature))
+                     forget_bias_init_scale=v.forget_bias_init_scale, learnable_temperature=bool(v.learnable_temperature),
+                     decoder_reads_memory=bool(v.decoder_reads_memory))
     if v.memory_write_self_bias is not None:
         overrides.update(memory_write_self_bias=v.memory_write_self_bias,
                          memory_write_self_bias_spread=v.memory_write_self_bias_spread)

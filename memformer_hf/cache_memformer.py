@@ -40,14 +40,25 @@ def _same_stamp(t: torch.Tensor | None, stamp: tuple | None) -> bool:
 
 
 def config_fingerprint(config: MemformerConfig) -> str:
-    """A short hash of the config fields that a cached state depends on."""
-    payload = json.dumps({k: getattr(config, k) for k in _FINGERPRINT_FIELDS}, sort_keys=True)
+    """A short hash of the config fields that a cached state depends on (`decoder_reads_memory` only when on, so
+    that the fingerprints of the default configuration, and the states saved with them, are unchanged)."""
+    fields = {k: getattr(config, k) for k in _FINGERPRINT_FIELDS}
+    if getattr(config, "decoder_reads_memory", False):
+        fields["decoder_reads_memory"] = True
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cross_length(config: MemformerConfig) -> int:
+    """Cross-attention keys per row: L (the encoder output), or L + K with `decoder_reads_memory` (and the memory)."""
+    return config.segment_length + (config.num_memory_slots if getattr(config, "decoder_reads_memory", False) else 0)
 
 
 class MemformerCacheLayer(CacheLayerMixin):
     """Decoder layer state: self-attention K/V of the current partial segment and cross-attention K/V of the last
-    complete segment's encoder output. All four are [batch, heads, segment_length, head_dim]."""
+    complete segment's encoder output (and, with `decoder_reads_memory`, of the memory after writing it). All four
+    are [batch, heads, length, head_dim]: length segment_length, or L + K for the cross K/V with
+    `decoder_reads_memory`."""
 
     is_compileable = False
     is_croppable = False
@@ -95,9 +106,10 @@ class MemformerCache(Cache):
     Row-wise fields (first dimension = batch):
 
     - `memory` [B, K, d] (float32, or float64 for a float64 model): the memory the next segment is encoded with.
-    - per decoder layer (`layers[i]`): self K/V of the current partial segment and cross K/V of the last complete
-      segment, each [B, H, L, d_h].
-    - `cross_mask` [B, L] bool: valid cross keys.
+    - per decoder layer (`layers[i]`): self K/V of the current partial segment [B, H, L, d_h] and cross K/V of the
+      last complete segment [B, H, C, d_h], C = L, or L + K with `decoder_reads_memory` (the encoder output, then
+      the memory after writing that segment, docs/design.md#decoder-reads-memory).
+    - `cross_mask` [B, C] bool: valid cross keys (the K memory keys are always valid).
     - `segment_ids` [B, L]: tokens of the current partial segment; `fill` [B]: how many of them there are.
     - `started` [B] bool: the row has consumed its boot segment.
 
@@ -256,17 +268,20 @@ class MemformerCache(Cache):
 
         memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], started [B] (the rows that
         have consumed their boot segment after this forward: a row reset without tokens is not). `decoder_state` = (rows [R], per-layer self (K, V) [R, H, ≤L, d_h], per-layer cross (K, V)
-        [R, H, L, d_h], cross mask [R, L]) for the rows whose decoder advanced; other rows keep theirs. The
+        [R, H, C, d_h], cross mask [R, C]; C = L, or L + K with `decoder_reads_memory`) for the rows whose decoder advanced; other rows keep theirs. The
         self K/V are zero-padded to L positions. Tensors are replaced, not written in place, so autograd history
         (a forward with gradients) is kept."""
         b, L = segment_ids.shape
         if self.is_empty:
             zeros = torch.zeros(b, self.config.num_attention_heads, L, self.config.head_dim, dtype=dtype,
                                 device=memory.device)
-            self.cross_mask = torch.zeros(b, L, dtype=torch.bool, device=memory.device)
+            C = cross_length(self.config)
+            cross = zeros if C == L else torch.zeros(b, self.config.num_attention_heads, C, self.config.head_dim,
+                                                     dtype=dtype, device=memory.device)
+            self.cross_mask = torch.zeros(b, C, dtype=torch.bool, device=memory.device)
             self.started = torch.zeros(b, dtype=torch.bool, device=memory.device)
             for layer in self.layers:
-                layer.set_tensors([zeros, zeros, zeros, zeros])
+                layer.set_tensors([zeros, zeros, cross, cross])
         if decoder_state is not None:
             rows, self_kv, cross_kv, cross_mask = decoder_state
 
@@ -424,12 +439,14 @@ class MemformerCache(Cache):
         if b < 1 or tuple(memory.shape[1:]) != (K, d) or not memory.is_floating_point():
             raise bad("memory", f"a float tensor (batch ≥ 1, num_memory_slots={K}, hidden_size={d})",
                       f"{memory.dtype} {tuple(memory.shape)}")
-        kinds = {"cross_mask": ((b, L), "bool"), "segment_ids": ((b, L), "int"), "fill": ((b,), "int"),
+        C = cross_length(config)
+        kinds = {"cross_mask": ((b, C), "bool"), "segment_ids": ((b, L), "int"), "fill": ((b,), "int"),
                  "started": ((b,), "bool")}
         kv_shape = (b, config.num_attention_heads, L, config.head_dim)
+        cross_shape = (b, config.num_attention_heads, C, config.head_dim)
         for name in tensors:
             if name.startswith("layers."):
-                kinds[name] = (kv_shape, "float")
+                kinds[name] = (cross_shape if name.endswith(("cross_keys", "cross_values")) else kv_shape, "float")
         for name, (shape, kind) in kinds.items():
             t = tensors[name]
             ok_dtype = {"bool": t.dtype == torch.bool, "float": t.is_floating_point(),
@@ -451,4 +468,4 @@ class MemformerCache(Cache):
                       f"ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
-__all__ = ["MemformerCache", "MemformerCacheLayer", "config_fingerprint"]
+__all__ = ["MemformerCache", "MemformerCacheLayer", "config_fingerprint", "cross_length"]

@@ -90,6 +90,17 @@ class MemformerConfig(PretrainedConfig):
             `norm_type="layernorm"` only; `attention_bias` covers self/cross-attention and the memory reader).
         tie_word_embeddings: tie the LM head to the token embedding (default True).
         bptt_horizon: in full-BPTT stream mode, detach the memory every this many segments (None: never).
+        decoder_reads_memory: an option beyond the paper (default False: the paper, where the memory reaches the
+            decoder only through the encoder's memory readers → H → the decoder's cross-attention). True: the
+            decoder's cross-attention for segment t+1 reads [H_t ; N(M_{t+1})] (L + K keys), H_t the encoder output
+            of segment t and M_{t+1} the memory after writing it (the memory the next encoder step reads) through
+            a new norm `model.decoder_memory_norm` (memory slots have unit norm, H does not); memory keys are always
+            valid. As the authors' MemBART, the decoder then reads the memory directly (docs/design.md#decoder-reads-
+            memory). The cache then holds cross K/V and a cross mask of L + K positions. Every path (stream, cache,
+            cell mode, MRBP) computes the same function. CUDA graphs are switched off with this option (its steps
+            and training cells run eagerly, slower on a GPU) until `benchmarks/check_graphs.py
+            --decoder_reads_memory` has been run on one (`graphs.GRAPHS_WITH_DECODER_MEMORY`). With False nothing
+            changes (shapes, checkpoint keys, graphs, speed).
     """
 
     model_type = "memformer"
@@ -127,6 +138,7 @@ class MemformerConfig(PretrainedConfig):
         attention_bias: bool = True,
         bptt_horizon: int | None = None,
         tie_word_embeddings: bool = True,
+        decoder_reads_memory: bool = False,
         norm_type: str = "layernorm",
         mlp_type: str = "gelu_mlp",
         num_key_value_heads: int | None = None,
@@ -171,6 +183,7 @@ class MemformerConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.bptt_horizon = bptt_horizon
         self.tie_word_embeddings = tie_word_embeddings
+        self.decoder_reads_memory = decoder_reads_memory
         self.norm_type = norm_type
         self.mlp_type = mlp_type
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
@@ -249,7 +262,7 @@ class MemformerConfig(PretrainedConfig):
         kv = self.num_key_value_heads
         _check(is_int(kv) and kv >= 1 and self.num_attention_heads % kv == 0, "num_key_value_heads", kv,
                f"None or an integer >= 1 dividing num_attention_heads={self.num_attention_heads}")
-        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "decoder_reads_memory"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("layer_norm_eps", "rms_norm_eps", "initializer_range"):  # inf / nan would give NaN logits
             value = getattr(self, name)

@@ -15,6 +15,7 @@ The mapping, chosen so that the new model starts *exactly* as the backbone restr
 | encoder layer j: `memory_read` (new) | default init, **o_proj = 0**; `memory_read_norm`, `memory_kv_norm` = 1 |
 | `encoder.norm` | the backbone's norm in front of the layer after the last copied one (`input_layernorm`, or the final norm) |
 | `writer` (q/k/v, forgetting vector, optional self bias / temperature) | new, default init from the config |
+| `decoder_memory_norm` (only with `decoder_reads_memory=True`) | new, gain 1; the decoder's cross-attention reads [H ; N(M)], still through its zero o_proj |
 
 A zero output projection makes a block's output exactly zero whatever its inputs, so at initialisation the memory
 and the previous segment do not change the decoder; gradients still reach the zero projections at once (their
@@ -37,7 +38,7 @@ from .modeling_memformer import MemformerForCausalLM
 CROSS_ATTENTION_INITS = ("self_attn", "random")
 # Name fragments of the parameters that a warm start creates (everything else is copied from the backbone).
 NEW_PARAMETER_PATTERNS = (".cross_attn.", ".cross_attn_norm.", ".memory_read.", ".memory_read_norm.",
-                          ".memory_kv_norm.", "model.writer.", "model.encoder.norm.")
+                          ".memory_kv_norm.", "model.writer.", "model.encoder.norm.", "model.decoder_memory_norm.")
 _LLAMA_LIKE = "a LlamaForCausalLM-style model (model.embed_tokens, model.layers[i].{self_attn,mlp,...}, model.norm)"
 
 
@@ -219,7 +220,7 @@ def memformer_from_llama(
 
 def warm_start_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """The parameters of a warm-started `MemformerForCausalLM` by origin: `"new"` (cross-attention, memory readers
-    and their norms, writer, encoder output norm), `"encoder"` (the copied encoder layers) and `"backbone"` (the
+    and their norms, writer, encoder output norm, the decoder's memory norm with `decoder_reads_memory`), `"encoder"` (the copied encoder layers) and `"backbone"` (the
     copied decoder, embeddings and head; a tied head counts once)."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"new": [], "encoder": [], "backbone": []}
     for name, p in model.named_parameters():

@@ -2,7 +2,8 @@
 
 Data flow per segment (docs/design.md#data-flow): H_t = Enc(s_t, M_t) (every encoder layer reads the memory slots),
 M_{t+1} = Write(M_t, H_t) (slot attention on the final encoder output, then Biased Memory Normalization) and the
-causal decoder predicts s_{t+1} while cross-attending to H_t only. The recurrent state lives in `MemformerCache`.
+causal decoder predicts s_{t+1} while cross-attending to H_t only (with the option `decoder_reads_memory`, beyond
+the paper: to [H_t ; N(M_{t+1})], `MemformerModel.cross_context`). The recurrent state lives in `MemformerCache`.
 
 Reading order: building blocks (rotary, attention, FFN, layers; the memory reader, writer and BMN are in
 `memory.py`) → encoder / decoder stacks → `MemformerPreTrainedModel` → `MemformerModel` (the recurrent step
@@ -32,7 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .cache_memformer import MemformerCache
+from .cache_memformer import MemformerCache, cross_length
 from .configuration_memformer import MemformerConfig
 from .graphs import GraphedStep, StepGraphs, graphs_usable
 from .memory import BiasedMemoryNorm, MemoryReader, MemoryWriter, at_least_fp32
@@ -366,7 +367,7 @@ class DecoderPlan:
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None
     rel_index: torch.Tensor | None
     self_mask: torch.Tensor | None  # [N, 1, q, k] bool, or None for plain causal
-    cross_mask: torch.Tensor | None  # [N, 1, 1, L] bool, or None when every cross key is valid
+    cross_mask: torch.Tensor | None  # [N, 1, 1, L (+K)] bool, or None when every cross key is valid
     write_index: torch.Tensor | None  # [N, q] buffer slot of each query's key, or None when all chunks start at 0
 
 
@@ -505,6 +506,8 @@ class MemformerModel(MemformerPreTrainedModel):
         self.encoder = MemformerEncoder(config)
         self.writer = MemoryWriter(config)
         self.decoder = MemformerDecoder(config)
+        # `decoder_reads_memory` (beyond the paper): the norm of the memory slots the decoder cross-attends to
+        self.decoder_memory_norm = make_norm(config) if config.decoder_reads_memory else None
         self.rotary = MemformerRotaryEmbedding(config) if config.position_embedding_type == "rope" else None
         self.gradient_checkpointing = False
         self.post_init()
@@ -568,6 +571,26 @@ class MemformerModel(MemformerPreTrainedModel):
         hidden, reads = self.encoder(inputs_embeds, memory, attn_mask, cos_sin, rel_index)
         new_memory, write_probs = self.writer(memory, hidden, mask)
         return hidden, new_memory, write_probs, reads
+
+    def cross_context(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to when it predicts the segment after the one encoded as `hidden` H [N, L', d]
+        (`mask` [N, L'] valid positions, None: all): H itself (the paper), or with `decoder_reads_memory`
+        [H ; N(M')] [N, L'+K, d] with M' [N, K, d] the memory after writing that segment and the mask extended by
+        K always-valid positions (docs/design.md#decoder-reads-memory)."""
+        norm = self.decoder_memory_norm
+        if norm is None:
+            return hidden, mask
+        slots = norm(memory.to(norm.weight.dtype)).to(hidden.dtype)
+        states = torch.cat([hidden, slots], 1)
+        if mask is None:
+            return states, None
+        return states, torch.cat([mask.bool(), mask.new_ones(mask.shape[0], slots.shape[1], dtype=torch.bool)], 1)
+
+    @property
+    def cross_length(self) -> int:
+        """Cross-attention keys per segment: L, or L + K with `decoder_reads_memory`."""
+        return cross_length(self.config)
 
     def _decoder_plan(self, starts: torch.Tensor, lengths: torch.Tensor, q_len: int, cross_mask, dtype
                       ) -> tuple[DecoderPlan, int]:
@@ -748,6 +771,7 @@ class MemformerModel(MemformerPreTrainedModel):
             boot_mask[:, 0] = True
             boot_hidden, memory, _, _ = self.encode_segment(self.embed_tokens(boot), boot_mask,
                                                             self.initial_memory(b))
+            boot_hidden, boot_mask = self.cross_context(boot_hidden, memory, boot_mask)
             step_index = 1
         else:
             memory = cache.memory.to(self.memory_dtype)
@@ -758,7 +782,10 @@ class MemformerModel(MemformerPreTrainedModel):
             if cfg.bptt_horizon and self.training and step_index > 0 and step_index % cfg.bptt_horizon == 0:
                 memory = memory.detach()
             hidden, memory = self.critical_path_step(segments[:, s], memory, graphs=graphs)
-            hidden_states.append(hidden.clone() if graphs else hidden)
+            if self.decoder_memory_norm is not None:  # [H ; N(M')]: a new tensor (graph buffers are not kept)
+                hidden_states.append(self.cross_context(hidden, memory, None)[0])
+            else:
+                hidden_states.append(hidden.clone() if graphs else hidden)
             step_index += 1
         if n_segments and graphs:
             memory = memory.clone()  # the graph's output buffer is overwritten by its next replay
@@ -776,7 +803,7 @@ class MemformerModel(MemformerPreTrainedModel):
         first_from_cache = chunks[0] == 0 and not fresh
         states = ([boot_hidden[:, None]] if fresh and chunks[0] == 0 else []) + \
                  [hidden_states[c - 1][:, None] for c in chunks if c > 0]
-        states = torch.cat(states, 1) if states else None  # [b, chunks needing a projection, L, d]
+        states = torch.cat(states, 1) if states else None  # [b, chunks needing a projection, L (+K), d]
         cross_kv = []
         for i, layer in enumerate(self.decoder.layers):
             parts_k, parts_v = [], []
@@ -789,9 +816,10 @@ class MemformerModel(MemformerPreTrainedModel):
                 parts_v.append(v.unflatten(0, (b, -1)))
             cross_kv.append((torch.cat(parts_k, 1).flatten(0, 1), torch.cat(parts_v, 1).flatten(0, 1)))
         cross_mask = None
+        width = self.cross_length
         if chunks[0] == 0 and (fresh or not bool(cache.cross_mask.all())):
             first = boot_mask if fresh else cache.cross_mask
-            cross_mask = torch.ones(b, len(chunks), L, dtype=torch.bool, device=device)
+            cross_mask = torch.ones(b, len(chunks), width, dtype=torch.bool, device=device)
             cross_mask[:, 0] = first
             cross_mask = cross_mask.flatten(0, 1)
         hidden, self_kv, cross_kv, _ = self.decode_chunks(dec_in, None, None, cross_kv, cross_mask)
@@ -815,8 +843,8 @@ class MemformerModel(MemformerPreTrainedModel):
             valid = (torch.arange(L, device=device) <= fill)[None, None, :, None]
             last = len(chunks) - 1
             pick = lambda t: t.view(b, len(chunks), *t.shape[1:])[:, last]  # noqa: E731
-            last_mask = (cross_mask.view(b, len(chunks), L)[:, last] if cross_mask is not None
-                         else torch.ones(b, L, dtype=torch.bool, device=device))
+            last_mask = (cross_mask.view(b, len(chunks), width)[:, last] if cross_mask is not None
+                         else torch.ones(b, width, dtype=torch.bool, device=device))
             decoder_state = (torch.arange(b, device=device),
                              [(pick(k) * valid, pick(v) * valid) for k, v in self_kv],
                              [(pick(k), pick(v)) for k, v in cross_kv], last_mask)
@@ -831,9 +859,11 @@ class MemformerModel(MemformerPreTrainedModel):
         return result
 
     # ------------------------------------------------------------------------------------------ decoding step
-    def _decode_eligible(self, cache: MemformerCache | None, n: int) -> bool:
-        """One new column (no padding), every row started, no autograd: the fixed-shape decoder step."""
+    def _decode_eligible(self, cache: MemformerCache | None, n: int, memory_reset: torch.Tensor | None = None) -> bool:
+        """One new column (no padding), every row started and none reset, no autograd: the fixed-shape decoder step."""
         if n != 1 or cache is None or cache.is_empty or self.training or torch.is_grad_enabled():
+            return False
+        if memory_reset is not None and bool(memory_reset.any()):  # a reset row starts a document: general paths
             return False
         return all(cache.host_state()[0])
 
@@ -848,6 +878,7 @@ class MemformerModel(MemformerPreTrainedModel):
             at_boundary = fill == L - 1
             hidden, memory, _, _ = self.encode_segment(self.embed_tokens(cache.segment_ids), None, cache.memory)
             commit = at_boundary[:, None, None]
+            hidden = self.cross_context(hidden, memory, None)[0]
             cache.memory.copy_(torch.where(commit, memory.to(cache.memory.dtype), cache.memory))
             for layer, cache_layer in zip(self.decoder.layers, cache.layers):
                 k, v = layer.project_cross_kv(hidden)
@@ -1041,8 +1072,10 @@ class MemformerModel(MemformerPreTrainedModel):
                 hidden, new_memory = (hidden if critical_path_only else hidden.clone()), new_memory.clone()
         last_hidden = all_hidden = None
         if not critical_path_only:
+            context, context_mask = self.cross_context(hidden, new_memory, enc_mask)
             last_hidden, _, _, all_hidden = self.decode_chunks(
-                self.embed_tokens(dec_ids), None, None, hidden, enc_mask, output_hidden_states=output_hidden_states)
+                self.embed_tokens(dec_ids), None, None, context, context_mask,
+                output_hidden_states=output_hidden_states)
         return MemformerModelOutput(
             last_hidden_state=last_hidden, memory=new_memory, hidden_states=all_hidden,
             writer_attentions=(write_probs,) if output_memory_attentions else None,
@@ -1092,7 +1125,7 @@ class MemformerModel(MemformerPreTrainedModel):
         fast = (self.use_fast_paths and input_ids is not None and replay_step is None
                 and not (output_hidden_states or output_memory_states or output_memory_attentions))
         full = fast and (attention_mask is None or bool(mask.all()))
-        if full and use_cache and self._decode_eligible(cache, n):
+        if full and use_cache and self._decode_eligible(cache, n, memory_reset):
             return self._forward_decode(input_ids, cache)
         aligned = self._aligned_offset(input_ids, cache, memory_reset, n) if full else None
         if aligned is not None:
@@ -1168,7 +1201,7 @@ class MemformerModel(MemformerPreTrainedModel):
             emask = None if bool(valid.all()) else valid
             hidden, new_rows, wp, reads = self.encode_segment(embed(rows, src), emask, mem[rows])
             mem = mem.index_copy(0, rows, new_rows)
-            enc_hidden[k] = (rows, hidden, valid)
+            enc_hidden[k] = (rows, *self.cross_context(hidden, new_rows, valid))
             if output_memory_states:
                 memory_states.append(mem)
             if output_memory_attentions:

@@ -205,6 +205,14 @@ def reference_decode(P: _P, ids: list[int], cross: torch.Tensor) -> torch.Tensor
     return P.ln(y, "decoder.norm") @ P.lm_head.T
 
 
+def reference_cross(P: _P, H: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """What the decoder cross-attends to after encoding H and writing `memory`: H (the paper), or with
+    `decoder_reads_memory` the rows of H followed by the K normalised slots (docs/design.md#decoder-reads-memory)."""
+    if not getattr(P.cfg, "decoder_reads_memory", False):
+        return H
+    return torch.cat([H, P.ln(memory, "decoder_memory_norm")], 0)
+
+
 def reference_stream(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-stream view (docs/design.md#logits-convention) of one unpadded row: logits [n, V] (`logits[i]` predicts
     token i+1) and the final memory [K, d]. In "bos" mode `tokens[0]` must be BOS (the boot segment); in "empty"
@@ -221,6 +229,7 @@ def reference_stream(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tens
     else:
         cross, memory = reference_encode(P, [], memory)
         prev_col, start = None, 0
+    cross = reference_cross(P, cross, memory)
     while True:
         cols = list(range(start, min(start + L, len(tokens))))
         seg = [tokens[c] for c in cols]
@@ -234,4 +243,5 @@ def reference_stream(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tens
         if not full:
             return logits, memory
         cross, memory = reference_encode(P, seg, memory)
+        cross = reference_cross(P, cross, memory)
         prev_col, start = cols[-1], start + L

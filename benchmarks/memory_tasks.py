@@ -95,6 +95,7 @@ def train_memformer(args, task: RecallTask, slots: int, mrbp_window: int, no_mem
                           num_memory_slots=slots, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD,
                           normalize_memory_kv=bool(args.normalize_memory_kv),
                           memory_write_temperature=args.temperature, forget_bias_init_scale=args.forget_scale,
+                          decoder_reads_memory=bool(args.decoder_reads_memory),
                           **({} if args.self_bias == "default" else
                              {"memory_write_self_bias": None if args.self_bias == "none" else float(args.self_bias)}))
     model = MemformerForCausalLM(cfg).to(args.device)
@@ -224,6 +225,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.5, help="memory_write_temperature")
     p.add_argument("--self_bias", default="default", help="memory_write_self_bias: a number, 'none' or 'default'")
     p.add_argument("--forget_scale", type=float, default=1.0, help="forget_bias_init_scale")
+    p.add_argument("--decoder_reads_memory", type=int, default=0, help="1: the decoder also cross-attends to the memory")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--eval_batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)

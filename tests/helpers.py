@@ -106,6 +106,20 @@ def left_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad: int = PAD, garba
     return ids, mask
 
 
+def decode_columns(model, extra: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+    """Continue a cached batch one column of `extra` [B, m] at a time, as `generate()` does (its 2-D mask of past +
+    current columns, `past_key_values=cache`): the logits of every step [B, m, V] and the final cache."""
+    from memformer_hf.modeling_memformer import CACHE_KWARG
+
+    logits = []
+    for t in range(extra.shape[1]):
+        mask = torch.cat([mask, torch.ones(extra.shape[0], 1, dtype=torch.long)], 1)
+        out = model(extra[:, t: t + 1], attention_mask=mask, past_key_values=cache)
+        cache = out[CACHE_KWARG]
+        logits.append(out.logits)
+    return torch.cat(logits, 1), cache
+
+
 def word_tokenizer(n: int):
     """A `PreTrainedTokenizerFast` with `n` tokens `w0 .. w{n-1}` (word level, built offline; w0 pads and is the
     unknown token, w1 is BOS, w2 EOS)."""

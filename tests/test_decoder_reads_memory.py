@@ -13,7 +13,16 @@ import copy
 import pytest
 import torch
 from conftest import _P, reference_stream
-from helpers import BOS, L, assert_config_refused, build_tiny_memformer, left_pad, rand_ids, tiny_memformer_config
+from helpers import (
+    BOS,
+    L,
+    assert_config_refused,
+    build_tiny_memformer,
+    decode_columns,
+    left_pad,
+    rand_ids,
+    tiny_memformer_config,
+)
 from test_fast_paths import assert_same, both
 from test_mrbp import (  # noqa: F401 - _one_thread: the module's autouse fixture (one intra-op thread)
     LAYOUTS,
@@ -111,13 +120,7 @@ def test_padded_mixed_batch_equals_rows_alone_and_decode_step():
     extra = rand_ids(2 * L + 1, batch=3, seed=40, boot=False)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-        cache, steps, am = out[CACHE_KWARG], [], mask
-        for t in range(extra.shape[1]):
-            am = torch.cat([am, torch.ones(3, 1, dtype=torch.long)], 1)
-            o = model(extra[:, t: t + 1], attention_mask=am, past_key_values=cache)
-            cache = o[CACHE_KWARG]
-            steps.append(o.logits)
-        steps = torch.cat(steps, 1)
+        steps, cache = decode_columns(model, extra, mask, out[CACHE_KWARG])
         n = ids.shape[1]
         for i, r in enumerate(rows):
             alone = model(torch.cat([r, extra[i]])[None])

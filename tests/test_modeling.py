@@ -22,6 +22,7 @@ from helpers import (
     assert_config_refused,
     build_tiny_memformer,
     cache_tensors,
+    decode_columns,
     left_pad,
     rand_ids,
     tiny_memformer_config,
@@ -944,13 +945,7 @@ def test_left_padded_batch_equals_rows_alone(boot):
         garbage_ids, _ = left_pad(rows, garbage_seed=41)
         out_g = model(garbage_ids, attention_mask=mask)
         # continue one column at a time with generate()'s 2-D mask of past + current columns
-        cache, step_logits, am = out[CACHE_KWARG], [], mask
-        for t in range(extra.shape[1]):
-            am = torch.cat([am, torch.ones(len(rows), 1, dtype=torch.long)], 1)
-            o = model(extra[:, t: t + 1], attention_mask=am, past_key_values=cache)
-            cache = o[CACHE_KWARG]
-            step_logits.append(o.logits)
-        step_logits = torch.cat(step_logits, 1)
+        step_logits, cache = decode_columns(model, extra, mask, out[CACHE_KWARG])
     n = ids.shape[1]
     for i, r in enumerate(rows):
         with torch.no_grad():

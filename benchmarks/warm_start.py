@@ -68,7 +68,7 @@ import torch
 from common import environment, param_counts, write_results
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from memformer_hf.cli import plot_writer_attention, writer_self_weights
+from memformer_hf.cli.report import memory_write_analysis, plot_writer_attention
 from memformer_hf.conversion_llama import memformer_from_llama, warm_start_parameter_groups
 from memformer_hf.trainer_memformer import (
     BUCKET_NAMES,
@@ -495,30 +495,6 @@ class NoMemoryTrainer(MemformerTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-@torch.no_grad()
-def slot_retention(model, doc: list[int], max_segments: int) -> torch.Tensor:
-    """Cosine similarity of each slot before and after each segment's write + BMN, memory carried through `doc`:
-    [K, n_segments]. The writer's self weight says what the softmax keeps; this says what survives the
-    normalisation and the forgetting vector too (1: unchanged, ~0: replaced)."""
-    from memformer_hf.data_streams import document_cells
-
-    cfg = model.config
-    doc = doc[: max_segments * cfg.segment_length]
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id
-    cells = document_cells(doc, cfg.segment_length, cfg.bos_token_id, pad, boot=cfg.first_segment_context)
-    device = next(model.parameters()).device
-    model.eval()
-    memory, cols = model.model.initial_memory(1), []
-    for t in range(cells["encoder_input_ids"].shape[0]):
-        out = model(encoder_input_ids=cells["encoder_input_ids"][t:t + 1].to(device),
-                    encoder_attention_mask=cells["encoder_attention_mask"][t:t + 1].to(device),
-                    memory=memory, memory_reset=cells["memory_reset"][t:t + 1].to(device), critical_path_only=True)
-        before = model.model.initial_memory(1) if bool(cells["memory_reset"][t]) else memory
-        cols.append(torch.nn.functional.cosine_similarity(before.float(), out.memory.float(), dim=-1)[0].cpu())
-        memory = out.memory.clone()
-    return torch.stack(cols, dim=1)
-
-
 def build_variant(v, backbone, device: torch.device):
     """The warm-started Memformer of variant `v` (its memory settings as config overrides)."""
     torch.manual_seed(v.seed)
@@ -631,9 +607,9 @@ def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report:
 
 def writer_summary(model, doc: list[int], v, png: Path, title: str) -> dict:
     """Writer self weight (the paper's Fig. 6 measure; PNG) and the slots' cosine retention through write + BMN."""
-    summary = plot_writer_attention(writer_self_weights(model, doc, v.writer_segments), png,
-                                    f"warm start ({title}): writer attention of each slot on itself")
-    cos = slot_retention(model, doc, v.writer_segments)[:, 1:]  # from the second segment: the first starts at m0
+    weights, cos = memory_write_analysis(model, doc, v.writer_segments)
+    summary = plot_writer_attention(weights, png, f"warm start ({title}): writer attention of each slot on itself")
+    cos = cos[:, 1:]  # from the second segment: the first starts at m0
     summary.update(cosine_mean=float(cos.mean()), cosine_retain_fraction_0_5=float((cos > 0.5).float().mean()),
                    cosine_retain_fraction_0_9=float((cos > 0.9).float().mean()), png=png.name)
     return summary

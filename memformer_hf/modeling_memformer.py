@@ -427,7 +427,10 @@ class MemformerPreTrainedModel(PreTrainedModel):
             if module.self_bias is not None:
                 bias, spread = float(self.config.memory_write_self_bias), float(self.config.memory_write_self_bias_spread)
                 values = torch.linspace(bias - spread / 2, bias + spread / 2, module.self_bias.numel())
-                (init.copy_ if hasattr(init, "copy_") else nn.Parameter.copy_)(module.self_bias, values)
+                if hasattr(init, "copy_"):  # transformers' helper skips a bias loaded from a checkpoint
+                    init.copy_(module.self_bias, values)
+                else:
+                    module.self_bias.copy_(values)
             if module.log_temperature is not None:
                 init.constant_(module.log_temperature, math.log(self.config.memory_write_temperature))
 

@@ -146,6 +146,13 @@ def writer_self_weights(model, doc: list[int], max_segments: int):
     """Memory-writer attention of each slot on itself (column 0 of `writer_attentions`, averaged over heads) per
     segment of `doc`, with the memory carried: a [K, n_segments] tensor. Near 1: the slot keeps its content;
     near 0: it is overwritten from the segment (paper Fig. 6)."""
+    return memory_write_analysis(model, doc, max_segments)[0]
+
+
+def memory_write_analysis(model, doc: list[int], max_segments: int):
+    """Per slot and segment of `doc` (memory carried), two [K, n_segments] tensors: the writer's self weight
+    (`writer_self_weights`) and the cosine of the slot before and after the segment's write + BMN, which also counts
+    what the normalisation and the forgetting vector change (1: unchanged; before the boot segment: m0)."""
     import torch
 
     from ..data_streams import document_cells
@@ -156,17 +163,20 @@ def writer_self_weights(model, doc: list[int], max_segments: int):
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.bos_token_id
     cells = document_cells(doc, L, cfg.bos_token_id, pad, boot=cfg.first_segment_context)
     device = next(model.parameters()).device
-    memory, columns = None, []
     model.eval()
     with torch.no_grad():
+        m0 = model.model.initial_memory(1)
+        memory, weights, cosines = None, [], []
         for t in range(cells["encoder_input_ids"].shape[0]):
+            reset = cells["memory_reset"][t:t + 1].to(device)
             out = model(encoder_input_ids=cells["encoder_input_ids"][t:t + 1].to(device),
                         encoder_attention_mask=cells["encoder_attention_mask"][t:t + 1].to(device),
-                        memory=memory, memory_reset=cells["memory_reset"][t:t + 1].to(device),
-                        critical_path_only=True, output_memory_attentions=True)
-            memory = out.memory
-            columns.append(out.writer_attentions[0][0, :, :, 0].float().mean(0).cpu())  # [K]
-    return torch.stack(columns, dim=1)
+                        memory=memory, memory_reset=reset, critical_path_only=True, output_memory_attentions=True)
+            before = m0 if memory is None or bool(reset[0]) else memory
+            weights.append(out.writer_attentions[0][0, :, :, 0].float().mean(0).cpu())  # [K]
+            cosines.append(torch.nn.functional.cosine_similarity(before.float(), out.memory.float(), dim=-1)[0].cpu())
+            memory = out.memory.clone()
+    return torch.stack(weights, dim=1), torch.stack(cosines, dim=1)
 
 
 def plot_writer_attention(weights, path: Path, title: str) -> dict[str, float]:

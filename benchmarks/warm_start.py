@@ -609,7 +609,7 @@ def writer_summary(model, doc: list[int], v, png: Path, title: str) -> dict:
     """Writer self weight (the paper's Fig. 6 measure; PNG) and the slots' cosine retention through write + BMN."""
     weights, cos = memory_write_analysis(model, doc, v.writer_segments)
     summary = plot_writer_attention(weights, png, f"warm start ({title}): writer attention of each slot on itself")
-    cos = cos[:, 1:]  # from the second segment: the first starts at m0
+    cos = cos[:, ~cos.isnan().any(0)]  # segments that start from m0 (the boot segment) have no "before"
     summary.update(cosine_mean=float(cos.mean()), cosine_retain_fraction_0_5=float((cos > 0.5).float().mean()),
                    cosine_retain_fraction_0_9=float((cos > 0.9).float().mean()), png=png.name)
     return summary

@@ -152,7 +152,8 @@ def writer_self_weights(model, doc: list[int], max_segments: int):
 def memory_write_analysis(model, doc: list[int], max_segments: int):
     """Per slot and segment of `doc` (memory carried), two [K, n_segments] tensors: the writer's self weight
     (`writer_self_weights`) and the cosine of the slot before and after the segment's write + BMN, which also counts
-    what the normalisation and the forgetting vector change (1: unchanged; before the boot segment: m0)."""
+    what the normalisation and the forgetting vector change (1: unchanged; NaN where the memory starts from m0, the
+    boot segment: only forwards touch the parameters, so that this also runs on FSDP-sharded models)."""
     import torch
 
     from ..data_streams import document_cells
@@ -165,16 +166,17 @@ def memory_write_analysis(model, doc: list[int], max_segments: int):
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        m0 = model.model.initial_memory(1)
         memory, weights, cosines = None, [], []
         for t in range(cells["encoder_input_ids"].shape[0]):
             reset = cells["memory_reset"][t:t + 1].to(device)
             out = model(encoder_input_ids=cells["encoder_input_ids"][t:t + 1].to(device),
                         encoder_attention_mask=cells["encoder_attention_mask"][t:t + 1].to(device),
                         memory=memory, memory_reset=reset, critical_path_only=True, output_memory_attentions=True)
-            before = m0 if memory is None or bool(reset[0]) else memory
             weights.append(out.writer_attentions[0][0, :, :, 0].float().mean(0).cpu())  # [K]
-            cosines.append(torch.nn.functional.cosine_similarity(before.float(), out.memory.float(), dim=-1)[0].cpu())
+            if memory is None or bool(reset[0]):
+                cosines.append(torch.full_like(weights[-1], float("nan")))
+            else:
+                cosines.append(torch.nn.functional.cosine_similarity(memory.float(), out.memory.float(), dim=-1)[0].cpu())
             memory = out.memory.clone()
     return torch.stack(weights, dim=1), torch.stack(cosines, dim=1)
 

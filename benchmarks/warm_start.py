@@ -380,6 +380,8 @@ def parse_args(argv=None):
     m.add_argument("--forget_bias_init_scale", type=float, default=1.0)
     m.add_argument("--memory_write_self_bias_spread", type=float, default=0.0)
     m.add_argument("--learnable_temperature", type=int, default=0)
+    m.add_argument("--memory_write_qk_norm", type=int, default=0,
+                   help="1: the writer scores by cosine / tau (config memory_write_qk_norm, beyond the paper)")
     m.add_argument("--decoder_reads_memory", type=int, default=0,
                    help="1: the decoder's cross-attention also reads the memory (config decoder_reads_memory, beyond "
                         "the paper)")
@@ -462,7 +464,8 @@ VARIANT_KEYS = {
     # name: (type, what it sets)
     "segment_length": int, "encoder_layers": int, "slots": int, "cross_attention_init": str,
     "memory_write_self_bias": float, "memory_write_self_bias_spread": float, "memory_write_temperature": float,
-    "learnable_temperature": int, "forget_bias_init_scale": float, "train_tokens": int, "batch": int, "window": int,
+    "learnable_temperature": int, "memory_write_qk_norm": int, "forget_bias_init_scale": float, "train_tokens": int,
+    "batch": int, "window": int,
     "lr_new": float, "lr_encoder": float, "lr_backbone": float, "train_no_memory": int, "decoder_reads_memory": int,
 }
 
@@ -500,7 +503,8 @@ def build_variant(v, backbone, device: torch.device):
     torch.manual_seed(v.seed)
     overrides = dict(memory_write_temperature=v.memory_write_temperature,
                      forget_bias_init_scale=v.forget_bias_init_scale, learnable_temperature=bool(v.learnable_temperature),
-                     decoder_reads_memory=bool(v.decoder_reads_memory))
+                     decoder_reads_memory=bool(v.decoder_reads_memory),
+                     memory_write_qk_norm=bool(v.memory_write_qk_norm))
     if v.memory_write_self_bias is not None:
         overrides.update(memory_write_self_bias=v.memory_write_self_bias,
                          memory_write_self_bias_spread=v.memory_write_self_bias_spread)

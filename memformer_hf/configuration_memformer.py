@@ -67,6 +67,10 @@ class MemformerConfig(PretrainedConfig):
         memory_write_heads: heads of the memory writer (defaults to `num_attention_heads`).
         memory_write_temperature: writer softmax temperature tau in (0, 1]; tau < 1 sharpens (the paper's choice).
         learnable_temperature: learn log(tau) instead of keeping it fixed.
+        memory_write_qk_norm: score the writer's query against each key by their cosine divided by tau (per head),
+            instead of the scaled dot product q·k / (sqrt(d_w) tau) (an option beyond the paper). The sharpness of
+            the write is then set by tau alone, whatever the scale of the slots (unit norm) and of the encoder states:
+            with the dot product and a standard init the write starts almost uniform over the tokens.
         writer_out_proj: add an output projection to the writer (ablation; the paper has none).
         memory_write_self_bias: None (the paper) or the initial value of a learnable per-slot bias added to each
             slot's score on itself in the writer; a positive value starts the slots in "retain" (see
@@ -122,6 +126,7 @@ class MemformerConfig(PretrainedConfig):
         memory_write_heads: int | None = None,
         memory_write_temperature: float = 0.5,
         learnable_temperature: bool = False,
+        memory_write_qk_norm: bool = False,
         writer_out_proj: bool = False,
         memory_write_self_bias: float | None = None,
         memory_write_self_bias_spread: float = 0.0,
@@ -167,6 +172,7 @@ class MemformerConfig(PretrainedConfig):
         self.memory_write_heads = num_attention_heads if memory_write_heads is None else memory_write_heads
         self.memory_write_temperature = memory_write_temperature
         self.learnable_temperature = learnable_temperature
+        self.memory_write_qk_norm = memory_write_qk_norm
         self.writer_out_proj = writer_out_proj
         self.memory_write_self_bias = memory_write_self_bias
         self.memory_write_self_bias_spread = memory_write_self_bias_spread
@@ -228,6 +234,8 @@ class MemformerConfig(PretrainedConfig):
                f"a divisor of hidden_size={self.hidden_size}")
         tau = self.memory_write_temperature
         _check(is_num(tau) and 0.0 < tau <= 1.0, "memory_write_temperature", tau, "a number in (0, 1]")
+        _check(isinstance(self.memory_write_qk_norm, bool), "memory_write_qk_norm", self.memory_write_qk_norm,
+               "True or False")
         bias = self.memory_write_self_bias
         _check(bias is None or (is_num(bias) and math.isfinite(bias)), "memory_write_self_bias", bias,
                "None or a finite number")

@@ -91,6 +91,7 @@ class MemoryWriter(nn.Module):
         self.self_bias = (nn.Parameter(torch.full((config.num_memory_slots,), float(config.memory_write_self_bias)))
                           if config.memory_write_self_bias is not None else None)
         self.temperature = config.memory_write_temperature
+        self.qk_norm = config.memory_write_qk_norm
         self.norm = BiasedMemoryNorm(config)
         self.dropout = config.attention_dropout
 
@@ -118,7 +119,11 @@ class MemoryWriter(nn.Module):
             k_self = split(self._linear(self.k_proj, memory))
             k_tok, v_tok = split(self._linear(self.k_proj, hidden)), split(self._linear(self.v_proj, hidden))
             tau = self.log_temperature.exp().to(dtype) if self.log_temperature is not None else self.temperature
-            scale = 1.0 / (math.sqrt(self.head_dim) * tau)
+            if self.qk_norm:  # cosine scores: the sharpness is 1/tau whatever the scale of slots and tokens
+                q, k_self, k_tok = (F.normalize(x, dim=-1, eps=1e-6) for x in (q, k_self, k_tok))
+                scale = 1.0 / tau
+            else:
+                scale = 1.0 / (math.sqrt(self.head_dim) * tau)
             self_score = (q * k_self).sum(-1, keepdim=True) * scale  # [N, H, K, 1]
             if self.self_bias is not None:
                 self_score = self_score + self.self_bias.to(dtype)[:, None]

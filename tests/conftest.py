@@ -150,7 +150,12 @@ def reference_writer(P: _P, memory: torch.Tensor, tokens: torch.Tensor, return_p
         for h in range(Hw):
             sl = slice(h * dw, (h + 1) * dw)
             scores = torch.stack([qi[sl] @ ki[sl]] + [qi[sl] @ kt[j, sl] for j in range(tokens.shape[0])])
-            scores = scores / math.sqrt(dw) / tau
+            if cfg.memory_write_qk_norm:  # cosine of the head slices instead of the scaled dot product
+                norms = torch.stack([qi[sl].norm() * ki[sl].norm()] + [qi[sl].norm() * kt[j, sl].norm()
+                                                                       for j in range(tokens.shape[0])])
+                scores = scores / norms / tau
+            else:
+                scores = scores / math.sqrt(dw) / tau
             if cfg.memory_write_self_bias is not None:  # a learned bias on the slot's score on itself only
                 scores = scores + torch.nn.functional.one_hot(torch.tensor(0), len(scores)) * P["writer.self_bias"][i]
             a = torch.softmax(scores, 0)

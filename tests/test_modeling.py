@@ -300,6 +300,8 @@ WRITER_VARIANTS = {
     "heads4_tau0.3": dict(memory_write_heads=4, memory_write_temperature=0.3),
     "tau1": dict(memory_write_temperature=1.0),
     "learnable_tau": dict(learnable_temperature=True),
+    "qk_norm": dict(memory_write_qk_norm=True, memory_write_temperature=0.1),
+    "qk_norm_learnable_tau": dict(memory_write_qk_norm=True, learnable_temperature=True, memory_write_heads=4),
     "out_proj": dict(writer_out_proj=True),
     "no_forget_bias": dict(use_forget_bias=False),
     "self_bias": dict(memory_write_self_bias=1.5, forget_bias_init_scale=0.1),
@@ -667,6 +669,7 @@ def test_bad_cell_input_raises():
     (dict(forget_bias_init_scale=0.0), "forget_bias_init_scale"),
     (dict(memory_write_self_bias=1.0, memory_write_self_bias_spread=-1.0), "memory_write_self_bias_spread"),
     (dict(memory_write_self_bias_spread=2.0), "memory_write_self_bias_spread"),
+    (dict(memory_write_qk_norm=1), "memory_write_qk_norm"),
 ])
 def test_bad_config_raises(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -41,13 +41,16 @@ def main() -> None:
             out = model(ids, use_cache=True)
         seq = model.generate(ids[:, :1000], attention_mask=torch.ones_like(ids[:, :1000]), max_new_tokens=200,
                              do_sample=False, return_dict_in_generate=True, output_logits=True)
-        train = copy.deepcopy(model).float().train()
-        train.model.use_cuda_graphs = graphs
-        with torch.autocast("cuda", torch.bfloat16):
-            loss, _ = memory_replay_backward(train, ids[:, : 4 * cfg.segment_length + 1])
-        grad = torch.cat([q.grad.flatten().float() for q in train.parameters() if q.grad is not None])
+        replays = []
+        for autocast in (True, False):
+            train = copy.deepcopy(model).float().train()
+            train.model.use_cuda_graphs = graphs
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                loss, _ = memory_replay_backward(train, ids[:, : 4 * cfg.segment_length + 1])
+            replays.append((float(loss), torch.cat([q.grad.flatten().float() for q in train.parameters()
+                                                    if q.grad is not None])))
         runs[graphs] = (out.logits.float(), out.past_key_values.memory, seq.sequences, torch.stack(seq.logits).float(),
-                        float(loss), grad)
+                        replays)
     # a training window through cells_backward (the Trainer's step): graphed training cells vs eager cells
     docs = [torch.randint(2, cfg.vocab_size, (3000,)).tolist() for _ in range(64)]
     batch = StreamBatches(docs, segment_length=cfg.segment_length, window=4, batch_size=32, grad_accum=1,
@@ -70,13 +73,14 @@ def main() -> None:
         print(f"cells_backward window T=4 B=32 ({'bf16 autocast' if autocast else 'float32'}): loss {lg_:.6f} vs "
               f"{le_:.6f}; grad rel diff {((gg_ - ge_).norm() / ge_.norm()).item():.3e}; "
               f"max|memory diff| {(mg_ - me_).abs().max().item():.3e}")
-    (lg, mg, sg, gg, lossg, gradg), (le, me, se, ge, losse, grade) = runs[True], runs[False]
+    (lg, mg, sg, gg, replays_g), (le, me, se, ge, replays_e) = runs[True], runs[False]
     print(f"prefill {tuple(ids.shape)}: max|logits graphed - eager| {(lg - le).abs().max().item():.3e} "
           f"(logit std {le.std().item():.3f}); max|memory diff| {(mg - me).abs().max().item():.3e}")
     print(f"generate 4x200 greedy: tokens equal {torch.equal(sg, se)} ({(sg == se).float().mean().item():.1%}); "
           f"max|logits diff| {(gg - ge).abs().max().item():.3e}")
-    print(f"memory_replay_backward T=4 (bf16 autocast): loss {lossg:.6f} vs {losse:.6f}; grad rel diff "
-          f"{((gradg - grade).norm() / grade.norm()).item():.3e}")
+    for (lossg, gradg), (losse, grade), name in zip(replays_g, replays_e, ("bf16 autocast", "float32")):
+        print(f"memory_replay_backward T=4 ({name}): loss {lossg:.6f} vs {losse:.6f}; grad rel diff "
+              f"{((gradg - grade).norm() / grade.norm()).item():.3e}")
 
 
 if __name__ == "__main__":

@@ -101,10 +101,9 @@ class MemformerConfig(PretrainedConfig):
             a new norm `model.decoder_memory_norm` (memory slots have unit norm, H does not); memory keys are always
             valid. As the authors' MemBART, the decoder then reads the memory directly (docs/design.md#decoder-reads-
             memory). The cache then holds cross K/V and a cross mask of L + K positions. Every path (stream, cache,
-            cell mode, MRBP) computes the same function. CUDA graphs are switched off with this option (its steps
-            and training cells run eagerly, slower on a GPU) until `benchmarks/check_graphs.py
-            --decoder_reads_memory` has been run on one (`graphs.GRAPHS_WITH_DECODER_MEMORY`). With False nothing
-            changes (shapes, checkpoint keys, graphs, speed).
+            cell mode, MRBP) computes the same function, with or without CUDA graphs
+            (`benchmarks/check_graphs.py --decoder_reads_memory`). With False nothing changes (shapes, checkpoint
+            keys, speed).
     """
 
     model_type = "memformer"

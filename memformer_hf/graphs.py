@@ -83,24 +83,12 @@ class StepGraphs:
         self._graphs.clear()
 
 
-# `decoder_reads_memory` models run their steps eagerly: their cross K/V are L + K long; the captured steps take their
-# buffer shapes from the cache's tensors, so they should need no change, but that has not been checked on a GPU yet.
-# `benchmarks/check_graphs.py --decoder_reads_memory` sets this to True and compares graphed with eager.
-GRAPHS_WITH_DECODER_MEMORY = False
-
-
-def graphs_allowed_for(config) -> bool:
-    """Whether the model's configuration may run as CUDA graphs (False: `decoder_reads_memory`, unless
-    `GRAPHS_WITH_DECODER_MEMORY`)."""
-    return GRAPHS_WITH_DECODER_MEMORY or not getattr(config, "decoder_reads_memory", False)
-
-
 def graphs_usable(module: torch.nn.Module, device: torch.device) -> bool:
     """CUDA graphs apply without autograd (inference, MRBP's critical-path pass) on a CUDA device, when no dropout is
-    active, `module.use_cuda_graphs` is not switched off and the configuration allows them (`graphs_allowed_for`)."""
+    active and `module.use_cuda_graphs` is not switched off."""
     cfg = module.config
     dropout = module.training and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0)
-    return (device.type == "cuda" and not dropout and not torch.is_grad_enabled() and graphs_allowed_for(cfg)
+    return (device.type == "cuda" and not dropout and not torch.is_grad_enabled()
             and getattr(module, "use_cuda_graphs", True) and not torch.cuda.is_current_stream_capturing()
             and not is_sharded(module))
 
@@ -114,4 +102,4 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-__all__ = ["GRAPHS_WITH_DECODER_MEMORY", "GraphedStep", "StepGraphs", "graphs_allowed_for", "graphs_usable", "is_sharded"]
+__all__ = ["GraphedStep", "StepGraphs", "graphs_usable", "is_sharded"]

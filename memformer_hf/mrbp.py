@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from . import graphs
 from .graphs import is_sharded
 from .modeling_memformer import CACHE_KWARG, _graph_state, shift_labels_from
 
@@ -349,14 +348,13 @@ class TrainingCellGraph:
 
 def graphed_cells_apply(model: torch.nn.Module, cells: dict[str, torch.Tensor]) -> bool:
     """Whether `cells_backward` runs this model's training cells as CUDA graphs: a bare (not DDP/FSDP-wrapped or
-    sharded) Memformer on CUDA, no active dropout, `model.model.use_cuda_graphs` on, a configuration that allows
-    graphs (`graphs.graphs_allowed_for`: not `decoder_reads_memory` for now). Under DDP the Trainer runs the
+    sharded) Memformer on CUDA, no active dropout, `model.model.use_cuda_graphs` on. Under DDP the Trainer runs the
     bare module and averages the gradients itself (`average_gradients`)."""
     from transformers import PreTrainedModel
 
     core = getattr(model, "model", None)
     if (cells["encoder_input_ids"].device.type != "cuda" or not isinstance(model, PreTrainedModel) or core is None
-            or not getattr(core, "use_cuda_graphs", False) or not graphs.graphs_allowed_for(core.config)
+            or not getattr(core, "use_cuda_graphs", False)
             or _dropout_active(model)
             or "decoder_input_ids" not in cells):
         return False

@@ -292,13 +292,3 @@ def test_one_token_call_with_a_reset_starts_a_new_document(on):
         out = model(torch.full((2, 1), BOS), past_key_values=cache, memory_reset=torch.tensor([True, True]))
         torch.testing.assert_close(out.logits, model(torch.full((2, 1), BOS)).logits, atol=1e-12, rtol=0)
 
-
-def test_cuda_graphs_are_off_with_the_option_only():
-    """The option's steps run eagerly (not yet checked graphed on a GPU: benchmarks/check_graphs.py
-    --decoder_reads_memory); the default configuration keeps its graphs."""
-    from memformer_hf import graphs
-
-    on = build_tiny_memformer(**DM)
-    assert not graphs.graphs_allowed_for(on.config) and graphs.graphs_allowed_for(tiny_memformer_config())
-    with torch.no_grad():
-        assert not graphs.graphs_usable(on.model, torch.device("cuda"))

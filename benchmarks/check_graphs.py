@@ -1,14 +1,14 @@
 """Graphed == eager on CUDA: the fixed-shape steps replayed as CUDA graphs give the same numbers as the same steps
 run eagerly (bf16 weights), for prefill (stream forward), greedy generate() and an MRBP training window.
 
-    python benchmarks/check_graphs.py [--preset v1-lm] [--tokens 8192] [--decoder_reads_memory]
+    python benchmarks/check_graphs.py [--preset v1-lm] [--tokens 8192] [--decoder_reads_memory | --cross_attention_rope]
 
 `--decoder_reads_memory`: the same check for a model whose decoder also reads the memory (cross K/V of L + K keys).
 
 Measured on an H200 (2026-11-30): inference bitwise equal and the Trainer's training cells (`cells_backward`) equal
 to 3e-9 in both configurations; `memory_replay_backward` from fresh documents equal to 3e-9 by default and, with
 `--decoder_reads_memory`, to 4.5e-7 relative in float32 and 4.2e-3 in bf16 autocast (the same loss to 1e-6): rounding
-of the precision used, not a different function.
+of the precision used, not a different function. `--cross_attention_rope`: not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def main() -> None:
     p.add_argument("--preset", default="v1-lm")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--decoder_reads_memory", action="store_true")
+    p.add_argument("--cross_attention_rope", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = MemformerConfig.from_preset(args.preset, vocab_size=32768, bos_token_id=0, eos_token_id=None, pad_token_id=1,
-                                      decoder_reads_memory=args.decoder_reads_memory)
+                                      decoder_reads_memory=args.decoder_reads_memory,
+                                      cross_attention_rope=args.cross_attention_rope)
     model = MemformerForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
     ids = torch.randint(2, cfg.vocab_size, (4, args.tokens), device="cuda")
     ids[:, 0] = 0

@@ -380,6 +380,9 @@ def parse_args(argv=None):
     m.add_argument("--forget_bias_init_scale", type=float, default=1.0)
     m.add_argument("--memory_write_self_bias_spread", type=float, default=0.0)
     m.add_argument("--learnable_temperature", type=int, default=0)
+    m.add_argument("--cross_attention_rope", type=int, default=0,
+                   help="1: the decoder's cross-attention sees the previous segment's positions (config "
+                        "cross_attention_rope, beyond the paper)")
     m.add_argument("--memory_write_qk_norm", type=int, default=0,
                    help="1: the writer scores by cosine / tau (config memory_write_qk_norm, beyond the paper)")
     m.add_argument("--decoder_reads_memory", type=int, default=0,
@@ -390,7 +393,8 @@ def parse_args(argv=None):
                         "segment_length, slots, encoder_layers, memory_write_*, forget_bias_init_scale, "
                         "learnable_temperature, train_tokens, batch, window, lr_*, train_no_memory (1: reset the "
                         "memory at every segment in training too, the trained no-memory ablation), "
-                        "decoder_reads_memory (1: the decoder cross-attends to the memory too)")
+                        "decoder_reads_memory (1: the decoder cross-attends to the memory too), "
+                        "cross_attention_rope (1: the cross-attention sees the previous segment's positions)")
     t = p.add_argument_group("training")
     t.add_argument("--train_tokens", type=int, default=4_000_000,
                    help="per variant; 0: what the first variant trains on in 0.85 x --time_budget_s (a probe measures "
@@ -467,6 +471,7 @@ VARIANT_KEYS = {
     "learnable_temperature": int, "memory_write_qk_norm": int, "forget_bias_init_scale": float, "train_tokens": int,
     "batch": int, "window": int,
     "lr_new": float, "lr_encoder": float, "lr_backbone": float, "train_no_memory": int, "decoder_reads_memory": int,
+    "cross_attention_rope": int,
 }
 
 
@@ -504,7 +509,8 @@ def build_variant(v, backbone, device: torch.device):
     overrides = dict(memory_write_temperature=v.memory_write_temperature,
                      forget_bias_init_scale=v.forget_bias_init_scale, learnable_temperature=bool(v.learnable_temperature),
                      decoder_reads_memory=bool(v.decoder_reads_memory),
-                     memory_write_qk_norm=bool(v.memory_write_qk_norm))
+                     memory_write_qk_norm=bool(v.memory_write_qk_norm),
+                     cross_attention_rope=bool(v.cross_attention_rope))
     if v.memory_write_self_bias is not None:
         overrides.update(memory_write_self_bias=v.memory_write_self_bias,
                          memory_write_self_bias_spread=v.memory_write_self_bias_spread)

@@ -40,11 +40,13 @@ def _same_stamp(t: torch.Tensor | None, stamp: tuple | None) -> bool:
 
 
 def config_fingerprint(config: MemformerConfig) -> str:
-    """A short hash of the config fields that a cached state depends on (`decoder_reads_memory` only when on, so
-    that the fingerprints of the default configuration, and the states saved with them, are unchanged)."""
+    """A short hash of the config fields that a cached state depends on (`decoder_reads_memory` and
+    `cross_attention_rope` only when on, so that the fingerprints of the default configuration, and the states saved
+    with them, are unchanged)."""
     fields = {k: getattr(config, k) for k in _FINGERPRINT_FIELDS}
-    if getattr(config, "decoder_reads_memory", False):
-        fields["decoder_reads_memory"] = True
+    for option in ("decoder_reads_memory", "cross_attention_rope"):
+        if getattr(config, option, False):
+            fields[option] = True
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -104,6 +104,13 @@ class MemformerConfig(PretrainedConfig):
             cell mode, MRBP) computes the same function, with or without CUDA graphs
             (`benchmarks/check_graphs.py --decoder_reads_memory`). With False nothing changes (shapes, checkpoint
             keys, speed).
+        cross_attention_rope: an option beyond the paper (default False: the decoder's cross-attention has no
+            positions, so it reads the previous segment as a set). True: the cross-attention rotates its queries at
+            the decoder positions and the keys of H_t at the positions that segment's tokens have relative to the
+            decoder's inputs (token j of the previous segment at j - L + 1; the decoder's input at position p is
+            the token before the p-th target), so every score depends on the true distance, as self-attention over
+            both segments would. Needs `position_embedding_type="rope"`; not with `decoder_reads_memory` (memory
+            slots have no position). No parameter is added.
     """
 
     model_type = "memformer"
@@ -143,6 +150,7 @@ class MemformerConfig(PretrainedConfig):
         bptt_horizon: int | None = None,
         tie_word_embeddings: bool = True,
         decoder_reads_memory: bool = False,
+        cross_attention_rope: bool = False,
         norm_type: str = "layernorm",
         mlp_type: str = "gelu_mlp",
         num_key_value_heads: int | None = None,
@@ -189,6 +197,7 @@ class MemformerConfig(PretrainedConfig):
         self.bptt_horizon = bptt_horizon
         self.tie_word_embeddings = tie_word_embeddings
         self.decoder_reads_memory = decoder_reads_memory
+        self.cross_attention_rope = cross_attention_rope
         self.norm_type = norm_type
         self.mlp_type = mlp_type
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
@@ -269,8 +278,14 @@ class MemformerConfig(PretrainedConfig):
         kv = self.num_key_value_heads
         _check(is_int(kv) and kv >= 1 and self.num_attention_heads % kv == 0, "num_key_value_heads", kv,
                f"None or an integer >= 1 dividing num_attention_heads={self.num_attention_heads}")
-        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "decoder_reads_memory"):
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "decoder_reads_memory",
+                     "cross_attention_rope"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        if self.cross_attention_rope:
+            _check(self.position_embedding_type == "rope", "cross_attention_rope", True,
+                   f"False with position_embedding_type={self.position_embedding_type!r} (it rotates by RoPE)")
+            _check(not self.decoder_reads_memory, "cross_attention_rope", True,
+                   "False with decoder_reads_memory=True (the memory keys have no position)")
         for name in ("layer_norm_eps", "rms_norm_eps", "initializer_range"):  # inf / nan would give NaN logits
             value = getattr(self, name)
             _check(is_num(value) and math.isfinite(value) and value > 0, name, value, "a positive finite number")

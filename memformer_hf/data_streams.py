@@ -733,7 +733,7 @@ class DocumentWindows(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Streamed documents (docs/design.md#streaming)
+# Streamed documents (docs/design.md#streamed-corpora)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

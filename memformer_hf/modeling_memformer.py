@@ -329,6 +329,9 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = MemformerAttention(config, is_self_attention=True)
         self.cross_attn_norm = make_norm(config)
         self.cross_attn = MemformerAttention(config, is_self_attention=False)
+        # `cross_attention_rope`: positions of the previous segment's tokens relative to the decoder inputs
+        self.cross_rotary = MemformerRotaryEmbedding(config) if config.cross_attention_rope else None
+        self.segment_length = config.segment_length
         self.ffn_norm = make_norm(config)
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -349,15 +352,22 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         attn = self.self_attn.attend(x, key, value, plan.self_mask, plan.cos_sin, plan.rel_index,
                                      causal=plan.self_mask is None)
         hidden = hidden + self.dropout(attn)
-        cross = self.cross_attn.attend(self.cross_attn_norm(hidden), cross_key, cross_value, plan.cross_mask)
+        cross = self.cross_attn.attend(self.cross_attn_norm(hidden), cross_key, cross_value, plan.cross_mask,
+                                       plan.cos_sin if self.cross_rotary is not None else None)
         hidden = hidden + self.dropout(cross)
         hidden = hidden + self.dropout(self.ffn(self.ffn_norm(hidden)))
         return hidden, key, value
 
     def project_cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K/V of the encoder output H [N, L, d], computed once per segment outside `forward`
-        (FSDP2 must register it with `register_fsdp_forward_method` so that the layer's shards are gathered)."""
-        return self.cross_attn.project_kv(states)
+        (FSDP2 must register it with `register_fsdp_forward_method` so that the layer's shards are gathered). With
+        `cross_attention_rope` the keys are rotated at j - L + 1 for token j (docs/design.md#cross-attention-rope)."""
+        cos_sin = None
+        if self.cross_rotary is not None:
+            n, length = states.shape[:2]
+            positions = torch.arange(length, device=states.device) - (self.segment_length - 1)
+            cos_sin = self.cross_rotary(positions.expand(n, -1), states.dtype)
+        return self.cross_attn.project_kv(states, cos_sin)
 
 
 @dataclass

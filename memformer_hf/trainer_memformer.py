@@ -13,7 +13,7 @@ real total (`training_plan`). One process never wraps the model in `nn.DataParal
 no launcher it trains on one and logs how to use all (docs/design.md#distributed).
 A corpus larger than memory comes as an `IterableStreamBatches` (or a `datasets.IterableDataset`, wrapped in one):
 its documents are tokenized as they are dealt, training is bounded by `max_steps`, and checkpoints hold its position,
-so a resumed run continues where it stopped (docs/design.md#streaming).
+so a resumed run continues where it stopped (docs/design.md#streamed-corpora).
 
 The trainer is built from named parts:
 
@@ -255,7 +255,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     accumulation, world size, seed and `mrbp_window`. For corpora larger than memory: an `IterableStreamBatches`,
     or a `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) of texts (tokenized on the fly with
     `processing_class`) or of `input_ids`, which is wrapped in one; it has no length, so `max_steps` > 0 is
-    required (docs/design.md#streaming). `eval_dataset`: tokenized documents (same forms as above, in memory). A
+    required (docs/design.md#streamed-corpora). `eval_dataset`: tokenized documents (same forms as above, in memory). A
     `processing_class` tokenizer with more tokens than the model's `vocab_size`, or token ids `>= vocab_size` in the
     data, raise a `ValueError` (`data_streams.check_vocab`).
 

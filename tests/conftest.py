@@ -111,14 +111,20 @@ def _self_attention(P: _P, prefix: str, x: torch.Tensor, causal: bool) -> torch.
 
 def _cross_attention(P: _P, prefix: str, x: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:
     """x [T, d] attends to all rows of mem [S, d] (no positions). S = 0: the sublayer outputs exactly 0
-    (docs/design.md#boot-segment)."""
+    (docs/design.md#boot-segment). With `cross_attention_rope` the queries are rotated at their positions 0..T-1 and
+    row j of mem (token j of the previous segment) at j - L + 1 (docs/design.md#cross-attention-rope)."""
     if mem is None or mem.shape[0] == 0:
         return torch.zeros_like(x)
     T, d = x.shape
     H = P.cfg.num_attention_heads
     dh = d // H
-    q = P.lin(x, prefix + ".q_proj").view(T, H, dh).transpose(0, 1)
-    k = P.lin(mem, prefix + ".k_proj").view(-1, H, dh).transpose(0, 1)
+    q = P.lin(x, prefix + ".q_proj").view(T, H, dh)
+    k = P.lin(mem, prefix + ".k_proj").view(-1, H, dh)
+    if getattr(P.cfg, "cross_attention_rope", False):
+        theta = float(P.cfg.rope_parameters.get("rope_theta", 1e4))
+        q = _rope(q, torch.arange(T), theta)
+        k = _rope(k, torch.arange(mem.shape[0]) - (P.cfg.segment_length - 1), theta)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)
     v = P.lin(mem, prefix + ".v_proj").view(-1, H, dh).transpose(0, 1)
     out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v
     return P.lin(out.transpose(0, 1).reshape(T, d), prefix + ".o_proj")

@@ -1,4 +1,4 @@
-"""Corpora larger than memory (docs/design.md#streaming): `IterableStreamBatches` against the in-memory
+"""Corpora larger than memory (docs/design.md#streamed-corpora): `IterableStreamBatches` against the in-memory
 `StreamBatches`, every document token exactly once per pass and in order within its stream, resuming from any batch,
 bad sources, and `MemformerTrainer` training on a local jsonl loaded with `datasets.load_dataset(..., streaming=True)`
 and resuming from a checkpoint. (The command line with `--streaming true`: `tests/test_cli.py`.)"""

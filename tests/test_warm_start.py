@@ -170,15 +170,16 @@ def test_warm_start_equals_backbone_on_one_segment(kv_heads, tie, cross_init):
     assert ref.abs().max() > 1.0  # sharp: the check compares real logits
 
 
-@pytest.mark.parametrize("decoder_reads_memory", [False, True])
-def test_warm_start_equals_segment_local_backbone_across_segments(decoder_reads_memory):
+@pytest.mark.parametrize("option", [None, "decoder_reads_memory", "cross_attention_rope"])
+def test_warm_start_equals_segment_local_backbone_across_segments(option):
     """Across segments, with reader and cross-attention at zero, every decoder chunk equals the backbone on
     [BOS + that segment's prefix]: through the aligned fast path, the general planner, token-by-token decoding with
     the cache, an input without BOS (implicit boot) and the trainer's cell-mode evaluation (summed NLL). Also with
-    `decoder_reads_memory` (the cross-attention reads [H ; N(M)], still through its zero output projection)."""
+    `decoder_reads_memory` (the cross-attention reads [H ; N(M)]) and `cross_attention_rope` (it sees positions),
+    both still through the cross-attention's zero output projection."""
     llama = tiny_llama()
-    model = warm(llama, decoder_reads_memory=decoder_reads_memory)
-    if decoder_reads_memory:
+    model = warm(llama, **({option: True} if option else {}))
+    if option == "decoder_reads_memory":
         new = {n for n, _ in warm_start_parameter_groups(model)["new"]}
         assert {"model.decoder_memory_norm.weight"} <= new
         assert model.model.decoder_memory_norm is not None
@@ -376,13 +377,15 @@ def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
                               "--control_finetune", "--variant", "paper:",
                               "--variant", "spread:memory_write_self_bias=3,memory_write_self_bias_spread=6",
                               "--variant", "nomem:train_no_memory=1,slots=4",
-                              "--variant", "dm:decoder_reads_memory=1",
+                              "--variant", "dm:decoder_reads_memory=1,cross_attention_rope=0",
+                              "--variant", "crope:cross_attention_rope=1,memory_write_qk_norm=1",
                               "--output_dir", str(tmp_path), "--work", str(tmp_path / "work")])
     rows = report["rows"]
     assert report["init_vs_segment_local_rel_diff"] < 1e-6
     assert rows["paper: at init (= segment-local backbone)"]["tokens"] == rows[
         "backbone, context 32 (strided, stride 16)"]["tokens"] == 512
-    assert set(report["variants"]) == {"paper", "spread", "nomem", "dm"}
+    assert set(report["variants"]) == {"paper", "spread", "nomem", "dm", "crope"}
+    assert report["variants"]["crope"]["settings"]["cross_attention_rope"] == 1
     assert report["variants"]["dm"]["settings"]["decoder_reads_memory"] == 1
     assert report["variants"]["paper"]["settings"]["decoder_reads_memory"] == 0
     for name, res in report["variants"].items():

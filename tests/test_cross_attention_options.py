@@ -1,8 +1,13 @@
-"""`decoder_reads_memory` (beyond the paper, docs/design.md#decoder-reads-memory): the decoder's cross-attention for
-segment t+1 reads [H_t ; N(M_{t+1})]. Every path must compute the same function as the independent reference
-(conftest.py `reference_stream`, which builds that context by hand): the whole-stream forward, token-by-token
-decoding with the cache, chunked prefill, the aligned fast path and the general planner (padding, mixed row states,
-resets), cell mode, MRBP (stream and cell APIs) == BPTT, save → load. With the option off nothing changes.
+"""Options beyond the paper for the decoder's cross-attention:
+
+* `decoder_reads_memory` (docs/design.md#decoder-reads-memory): for segment t+1 it reads [H_t ; N(M_{t+1})];
+* `cross_attention_rope` (docs/design.md#cross-attention-rope): it sees the previous segment's positions (queries
+  rotated at the decoder positions, the keys of H_t at j - L + 1).
+
+With either option every path must compute the same function as the independent reference (conftest.py
+`reference_stream`, which builds the context and rotates by hand): the whole-stream forward, token-by-token decoding
+with the cache, chunked prefill, the aligned fast path and the general planner (padding, mixed row states, resets),
+cell mode, MRBP (stream and cell APIs) == BPTT, save → load. With the options off nothing changes.
 
 Tiny sharp float64 models (docs/design.md#testing)."""
 
@@ -43,6 +48,8 @@ from memformer_hf.modeling_memformer import CACHE_KWARG
 
 K = 3  # num_memory_slots of the tiny config
 DM = dict(decoder_reads_memory=True)
+CR = dict(cross_attention_rope=True)
+OPTIONS = pytest.mark.parametrize("opts", [DM, CR], ids=["decoder_reads_memory", "cross_attention_rope"])
 
 
 def run_chunks(model, ids, sizes, mask=None):
@@ -56,10 +63,11 @@ def run_chunks(model, ids, sizes, mask=None):
 
 
 # ============================================================================================ the function
+@OPTIONS
 @pytest.mark.parametrize("boot", ["bos", "empty"])
-def test_stream_equals_reference_tokenwise_and_chunks(boot):
-    model = build_tiny_memformer(first_segment_context=boot, **DM)
-    assert model.model.decoder_memory_norm is not None
+def test_stream_equals_reference_tokenwise_and_chunks(boot, opts):
+    model = build_tiny_memformer(first_segment_context=boot, **opts)
+    assert (model.model.decoder_memory_norm is not None) == (opts is DM)
     ids = rand_ids(18, seed=1, boot=(boot == "bos"))
     with torch.no_grad():
         full = model(ids, use_cache=True)
@@ -73,22 +81,25 @@ def test_stream_equals_reference_tokenwise_and_chunks(boot):
     torch.testing.assert_close(full.memory[0], ref_memory, atol=1e-12, rtol=0)
     for logits in (tok_logits, ch_logits, general.logits):
         torch.testing.assert_close(logits, full.logits, atol=1e-10, rtol=0)
+    width = L + K if opts is DM else L
     for cache in (tok_cache, ch_cache, full[CACHE_KWARG]):
         torch.testing.assert_close(cache.memory, full.memory, atol=1e-12, rtol=0)
-        assert cache.cross_mask.shape == (1, L + K) and bool(cache.cross_mask[:, L:].all())
+        assert cache.cross_mask.shape == (1, width) and bool(cache.cross_mask[:, L:].all())
         for layer in cache.layers:
-            assert layer.cross_keys.shape[2] == layer.cross_values.shape[2] == L + K
+            assert layer.cross_keys.shape[2] == layer.cross_values.shape[2] == width
             assert layer.keys.shape[2] == L
-    # the option changes the function: the same weights without the memory keys give other logits
+    # the option changes the function: the same weights without it give other logits (with cross_attention_rope
+    # from the second segment on: the first reads the one-token boot segment, whatever its position)
     paper = build_tiny_memformer(first_segment_context=boot)
     paper.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
-        assert (paper(ids).logits - full.logits).abs().max() > 1e-3
+        assert (paper(ids).logits - full.logits)[:, L + 1:].abs().max() > 1e-3
 
 
-def test_sdpa_equals_eager_and_generate_equals_argmax_loop():
-    eager = build_tiny_memformer(attn="eager", **DM)
-    sdpa = build_tiny_memformer(attn="sdpa", **DM)
+@OPTIONS
+def test_sdpa_equals_eager_and_generate_equals_argmax_loop(opts):
+    eager = build_tiny_memformer(attn="eager", **opts)
+    sdpa = build_tiny_memformer(attn="sdpa", **opts)
     ids = rand_ids(11, batch=2, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(sdpa(ids).logits, eager(ids).logits, atol=1e-10, rtol=0)
@@ -99,9 +110,10 @@ def test_sdpa_equals_eager_and_generate_equals_argmax_loop():
     assert torch.equal(gen, seq)
 
 
+@OPTIONS
 @pytest.mark.parametrize("n", [1, 5, 13])
-def test_aligned_equals_general_fresh_continued_and_reset(n):
-    model = build_tiny_memformer(seed=2, **DM)
+def test_aligned_equals_general_fresh_continued_and_reset(n, opts):
+    model = build_tiny_memformer(seed=2, **opts)
     with torch.no_grad():
         assert_same(*both(model, rand_ids(n, batch=3, seed=n), use_cache=True))
         assert_same(*both(model, rand_ids(n, batch=3, seed=n, boot=False), use_cache=True, logits_to_keep=1))
@@ -111,10 +123,12 @@ def test_aligned_equals_general_fresh_continued_and_reset(n):
                           **{CACHE_KWARG: cache}))
 
 
-def test_padded_mixed_batch_equals_rows_alone_and_decode_step():
+@OPTIONS
+def test_padded_mixed_batch_equals_rows_alone_and_decode_step(opts):
     """Left padding (rows at different segment phases: the general planner), then token-by-token decoding (the
-    in-place decoder step) across boundaries and a reset of one row: each row equals the row alone."""
-    model = build_tiny_memformer(seed=3, attn="sdpa", **DM)
+    in-place decoder step, which projects the cross K/V at each boundary) across boundaries and a reset of one row:
+    each row equals the row alone."""
+    model = build_tiny_memformer(seed=3, attn="sdpa", **opts)
     rows = [rand_ids(n, seed=30 + i, boot=i != 1)[0] for i, n in enumerate([13, 9, 6])]
     ids, mask = left_pad(rows)
     extra = rand_ids(2 * L + 1, batch=3, seed=40, boot=False)
@@ -137,9 +151,10 @@ def test_padded_mixed_batch_equals_rows_alone_and_decode_step():
         torch.testing.assert_close(fast.logits[1], model(new[1:2]).logits[0], atol=1e-10, rtol=0)
 
 
-def test_cell_mode_equals_stream():
+@OPTIONS
+def test_cell_mode_equals_stream(opts):
     """A cell (encoder [BOS + segment], decoder over the next segment) equals the stream's logits for that segment."""
-    model = build_tiny_memformer(seed=4, **DM)
+    model = build_tiny_memformer(seed=4, **opts)
     ids = rand_ids(1 + 2 * L, batch=2, seed=4)
     with torch.no_grad():
         stream = model(ids)
@@ -175,35 +190,38 @@ def test_decoder_depends_on_the_memory_directly(on):
 
 
 # ============================================================================================ training
+@OPTIONS
 @pytest.mark.parametrize("T", [2, 5])
-def test_cells_mrbp_equals_bptt_and_independent_loop(T):
-    model = build_model(seed=T, dropout=0.2, **DM)
+def test_cells_mrbp_equals_bptt_and_independent_loop(T, opts):
+    model = build_model(seed=T, dropout=0.2, **opts)
     cells = stream_window(LAYOUTS[T], T, "bos", seed=T)
     memory = carry_memory(model, cells["encoder_input_ids"].shape[0])
     seeds = [1000 + 17 * t for t in range(T)]
     loss_b, mem_b, g_b = run_cells(model, cells, memory, mode="bptt", seeds=seeds)
     loss_m, mem_m, g_m = run_cells(model, cells, memory, mode="mrbp", seeds=seeds)
     loss_r, mem_r, g_r, _ = reference_bptt(model, cells, memory, seeds=seeds)
-    assert_grads_close(g_m, g_b, what=f"dm mrbp vs bptt T={T}")
-    assert_grads_close(g_m, g_r, what=f"dm mrbp vs independent loop T={T}")
-    assert float(g_m["model.decoder_memory_norm.weight"].abs().max()) > 1e-6
+    assert_grads_close(g_m, g_b, what=f"{opts} mrbp vs bptt T={T}")
+    assert_grads_close(g_m, g_r, what=f"{opts} mrbp vs independent loop T={T}")
+    if opts is DM:
+        assert float(g_m["model.decoder_memory_norm.weight"].abs().max()) > 1e-6
     torch.testing.assert_close(loss_m, loss_b, rtol=1e-12, atol=0)
     torch.testing.assert_close(mem_m, mem_b, rtol=1e-12, atol=1e-14)
 
 
+@OPTIONS
 @pytest.mark.parametrize("boot", ["bos", "empty"])
-def test_stream_mrbp_equals_backward_with_padding_cache_and_resets(boot):
+def test_stream_mrbp_equals_backward_with_padding_cache_and_resets(boot, opts):
     gen = torch.Generator().manual_seed(92)
-    model = build_model(seed=92, boot=boot, **DM)
+    model = build_model(seed=92, boot=boot, **opts)
     prev_ids, prev_am = left_pad([[BOS] + rand_doc(6, gen), rand_doc(9, gen), rand_doc(4, gen)])
-    _stream_check(model, prev_ids, prev_am, what=f"dm stream padded {boot}")  # irregular: per-step replay
+    _stream_check(model, prev_ids, prev_am, what=f"{opts} stream padded {boot}")  # irregular: per-step replay
     with torch.no_grad():
         past = model(prev_ids, attention_mask=prev_am, use_cache=True)[CACHE_KWARG]
     ids = torch.tensor([rand_doc(9, gen), [BOS] + rand_doc(8, gen), rand_doc(9, gen)])
     _stream_check(model, ids, torch.ones_like(ids), past=past, memory_reset=torch.tensor([False, True, False]),
-                  what=f"dm stream continued with reset {boot}")
+                  what=f"{opts} stream continued with reset {boot}")
     aligned = rand_ids(10, batch=2, seed=7)  # aligned input: the cell engine
-    _stream_check(model, aligned, torch.ones_like(aligned), what=f"dm stream aligned {boot}")
+    _stream_check(model, aligned, torch.ones_like(aligned), what=f"{opts} stream aligned {boot}")
 
 
 # ============================================================================================ persistence, config
@@ -292,3 +310,51 @@ def test_one_token_call_with_a_reset_starts_a_new_document(on):
         out = model(torch.full((2, 1), BOS), past_key_values=cache, memory_reset=torch.tensor([True, True]))
         torch.testing.assert_close(out.logits, model(torch.full((2, 1), BOS)).logits, atol=1e-12, rtol=0)
 
+
+# ============================================================================================ cross_attention_rope
+def test_scores_depend_on_the_distance_to_the_previous_segment():
+    """The same query at decoder positions 0 and 1 over the same two keys: the outputs differ only with the option
+    (without it the cross-attention reads the previous segment as a set, whatever the query's position)."""
+    for on in (False, True):
+        model = build_tiny_memformer(seed=3, cross_attention_rope=on)
+        layer = model.model.decoder.layers[0]
+        states = torch.randn(1, L, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        key, value = layer.project_cross_kv(states[:, :2])
+        hidden = torch.randn(1, 1, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).expand(1, 2, 16)
+        pos = model.model.rotary(torch.arange(2)[None], torch.float64)
+        with torch.no_grad():
+            out = layer.cross_attn.attend(hidden, key, value, None, pos if on else None)
+        gap = float((out[0, 0] - out[0, 1]).abs().max())
+        assert gap > 1e-6 if on else gap < 1e-14
+
+
+def test_cross_attention_rope_save_load_cache_state_and_fingerprint(tmp_path):
+    model = build_tiny_memformer(seed=6, **CR)
+    ids = rand_ids(11, batch=2, seed=6)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MemformerForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float64).eval()
+    assert loaded.config.cross_attention_rope is True
+    assert set(loaded.state_dict()) == set(build_tiny_memformer().state_dict())  # no new parameter
+    more = rand_ids(6, batch=2, seed=7, boot=False)
+    path = str(tmp_path / "state.safetensors")
+    out[CACHE_KWARG].save_state(path)
+    state = MemformerCache.load_state(path, loaded.config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(more, past_key_values=state).logits,
+                                   model(more, past_key_values=out[CACHE_KWARG]).logits, atol=1e-12, rtol=0)
+    # rotated cross keys are not those of the default configuration: its states are refused
+    default = build_tiny_memformer().config
+    assert config_fingerprint(default) != config_fingerprint(loaded.config)
+    with pytest.raises(ValueError, match="different Memformer configuration"):
+        MemformerCache.load_state(path, default)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(cross_attention_rope="yes"), "True or False"),
+    (dict(cross_attention_rope=True, position_embedding_type="simplified_rpe"), "position_embedding_type"),
+    (dict(cross_attention_rope=True, decoder_reads_memory=True), "decoder_reads_memory"),
+])
+def test_cross_attention_rope_bad_values_are_refused(tmp_path, overrides, message):
+    assert_config_refused(tmp_path, overrides, "cross_attention_rope", message)

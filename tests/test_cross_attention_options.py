@@ -225,15 +225,20 @@ def test_stream_mrbp_equals_backward_with_padding_cache_and_resets(boot, opts):
 
 
 # ============================================================================================ persistence, config
-def test_save_load_roundtrip_and_cache_state(tmp_path):
-    model = build_tiny_memformer(seed=6, **DM)
+@OPTIONS
+def test_save_load_roundtrip_and_cache_state(tmp_path, opts):
+    model = build_tiny_memformer(seed=6, **opts)
     ids = rand_ids(11, batch=2, seed=6)
     with torch.no_grad():
         out = model(ids, use_cache=True)
     model.save_pretrained(tmp_path / "m")
     loaded = MemformerForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float64).eval()
-    assert loaded.config.decoder_reads_memory is True
-    torch.testing.assert_close(loaded.model.decoder_memory_norm.weight, model.model.decoder_memory_norm.weight)
+    for option in opts:
+        assert getattr(loaded.config, option) is True
+    if opts is DM:
+        torch.testing.assert_close(loaded.model.decoder_memory_norm.weight, model.model.decoder_memory_norm.weight)
+    else:  # cross_attention_rope adds no parameter
+        assert set(loaded.state_dict()) == set(build_tiny_memformer().state_dict())
     more = rand_ids(6, batch=2, seed=7, boot=False)
     path = str(tmp_path / "state.safetensors")
     out[CACHE_KWARG].save_state(path)
@@ -242,17 +247,18 @@ def test_save_load_roundtrip_and_cache_state(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, out.logits, atol=1e-12, rtol=0)  # (sdpa vs eager)
         torch.testing.assert_close(loaded(more, past_key_values=state).logits,
                                    model(more, past_key_values=out[CACHE_KWARG]).logits, atol=1e-12, rtol=0)
-    # the state's shape checks follow the option: a cross K/V of L positions is refused, naming the field
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    assert tensors["cross_mask"].shape == (2, L + K)
-    tensors["layers.0.cross_keys"] = tensors["layers.0.cross_keys"][:, :, :L]
-    with pytest.raises(ValueError, match="layers.0.cross_keys"):
-        MemformerCache._validate_state(tensors, loaded.config, "state")
-    # and a state of the default configuration is refused (another fingerprint)
+    # a state of the default configuration is refused (another fingerprint: other cross K/V shapes or rotations)
+    assert config_fingerprint(tiny_memformer_config()) != config_fingerprint(loaded.config)
     with pytest.raises(ValueError, match="different Memformer configuration"):
         MemformerCache.load_state(path, tiny_memformer_config())
+    if opts is DM:  # the state's shape checks follow the option: a cross K/V of L positions is refused
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        assert tensors["cross_mask"].shape == (2, L + K)
+        tensors["layers.0.cross_keys"] = tensors["layers.0.cross_keys"][:, :, :L]
+        with pytest.raises(ValueError, match="layers.0.cross_keys"):
+            MemformerCache._validate_state(tensors, loaded.config, "state")
 
 
 def test_option_off_keeps_keys_shapes_and_fingerprint():
@@ -326,29 +332,6 @@ def test_scores_depend_on_the_distance_to_the_previous_segment():
             out = layer.cross_attn.attend(hidden, key, value, None, pos if on else None)
         gap = float((out[0, 0] - out[0, 1]).abs().max())
         assert gap > 1e-6 if on else gap < 1e-14
-
-
-def test_cross_attention_rope_save_load_cache_state_and_fingerprint(tmp_path):
-    model = build_tiny_memformer(seed=6, **CR)
-    ids = rand_ids(11, batch=2, seed=6)
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-    model.save_pretrained(tmp_path / "m")
-    loaded = MemformerForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float64).eval()
-    assert loaded.config.cross_attention_rope is True
-    assert set(loaded.state_dict()) == set(build_tiny_memformer().state_dict())  # no new parameter
-    more = rand_ids(6, batch=2, seed=7, boot=False)
-    path = str(tmp_path / "state.safetensors")
-    out[CACHE_KWARG].save_state(path)
-    state = MemformerCache.load_state(path, loaded.config)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(more, past_key_values=state).logits,
-                                   model(more, past_key_values=out[CACHE_KWARG]).logits, atol=1e-12, rtol=0)
-    # rotated cross keys are not those of the default configuration: its states are refused
-    default = build_tiny_memformer().config
-    assert config_fingerprint(default) != config_fingerprint(loaded.config)
-    with pytest.raises(ValueError, match="different Memformer configuration"):
-        MemformerCache.load_state(path, default)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -598,6 +598,8 @@ def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report:
                        "train_loss": result.training_loss, "stopped_by_time_budget": budget.stopped_at is not None,
                        "loss_log": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]}
     res["timings"]["train"] = seconds
+    if budget.stopped_at is not None:
+        log(f"[{name}] WARNING: cut by the time budget after {done} of {steps} steps: not comparable at equal tokens")
     log(f"[{name}] trained {done}/{steps} steps in {seconds:.0f} s ({res['training']['tokens_per_s']:,.0f} tokens/s)")
 
     tic = time.time()
@@ -763,12 +765,19 @@ def write_report(report: dict, args, out_dir: Path) -> None:
              "vs_tuned_512": carried / tuned512["ppl"] if tuned512 else float("nan")}
         r["summary"] = s
         w0, w1 = r["writer_init"], r["writer_trained"]
+        cut = " (cut)" if r["training"]["stopped_by_time_budget"] else ""
         lines.append(
-            f"| {name} | {s['memory_gain']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
+            f"| {name}{cut} | {s['memory_gain']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
             f"{s['vs_tuned_512']:.4f} | {w0['writer_self_weight_mean']:.3f} -> {w1['writer_self_weight_mean']:.3f} | "
             f"{w0['writer_retain_fraction']:.1%} -> {w1['writer_retain_fraction']:.1%} | {w0['cosine_mean']:.3f} -> "
             f"{w1['cosine_mean']:.3f} | {w0['cosine_retain_fraction_0_9']:.1%} -> "
             f"{w1['cosine_retain_fraction_0_9']:.1%} |")
+    cut = [f"{n} ({r['training']['steps']}/{r['training']['steps_planned']} steps)"
+           for n, r in report["variants"].items() if r.get("training", {}).get("stopped_by_time_budget")]
+    if cut:
+        lines += ["", f"**Cut by the time budget: {', '.join(cut)}.** These variants trained on fewer tokens than "
+                      "planned, before their learning rate had decayed: they do not compare with the others at equal "
+                      "tokens (raise --time_budget_s)."]
     lines += ["", "| summary | value |", "|---|---:|"]
     lines += [f"| {k} | {val:.2%} |" if "difference" not in k else f"| {k} | {val:.3g} |" for k, val in summary.items()]
     report["summary"] = summary

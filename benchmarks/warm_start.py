@@ -82,6 +82,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BOS = 0  # <|endoftext|>
 T0 = time.time()
+# Memformer config switches a run or a `--variant` can turn on (0/1), with what each does
+SWITCHES = {
+    "learnable_temperature": "learn the writer's temperature",
+    "memory_write_qk_norm": "the writer scores by cosine / tau (beyond the paper)",
+    "decoder_reads_memory": "the decoder's cross-attention also reads the memory (beyond the paper)",
+    "cross_attention_rope": "the decoder's cross-attention sees the previous segment's positions (beyond the paper)",
+}
 
 
 def log(msg: str) -> None:
@@ -379,22 +386,14 @@ def parse_args(argv=None):
     m.add_argument("--memory_write_temperature", type=float, default=0.5)
     m.add_argument("--forget_bias_init_scale", type=float, default=1.0)
     m.add_argument("--memory_write_self_bias_spread", type=float, default=0.0)
-    m.add_argument("--learnable_temperature", type=int, default=0)
-    m.add_argument("--cross_attention_rope", type=int, default=0,
-                   help="1: the decoder's cross-attention sees the previous segment's positions (config "
-                        "cross_attention_rope, beyond the paper)")
-    m.add_argument("--memory_write_qk_norm", type=int, default=0,
-                   help="1: the writer scores by cosine / tau (config memory_write_qk_norm, beyond the paper)")
-    m.add_argument("--decoder_reads_memory", type=int, default=0,
-                   help="1: the decoder's cross-attention also reads the memory (config decoder_reads_memory, beyond "
-                        "the paper)")
+    for option, what in SWITCHES.items():
+        m.add_argument(f"--{option}", type=int, default=0, help=f"1: {what} (config {option})")
     m.add_argument("--variant", action="append", default=None, metavar="NAME:key=value,...",
                    help="a Memformer variant to train and evaluate against the same controls (repeatable); keys: "
                         "segment_length, slots, encoder_layers, memory_write_*, forget_bias_init_scale, "
-                        "learnable_temperature, train_tokens, batch, window, lr_*, train_no_memory (1: reset the "
+                        "train_tokens, batch, window, lr_*, train_no_memory (1: reset the "
                         "memory at every segment in training too, the trained no-memory ablation), "
-                        "decoder_reads_memory (1: the decoder cross-attends to the memory too), "
-                        "cross_attention_rope (1: the cross-attention sees the previous segment's positions)")
+                        + ", ".join(SWITCHES) + " (0/1)")
     t = p.add_argument_group("training")
     t.add_argument("--train_tokens", type=int, default=4_000_000,
                    help="per variant; 0: what the first variant trains on in 0.85 x --time_budget_s (a probe measures "
@@ -468,10 +467,8 @@ VARIANT_KEYS = {
     # name: (type, what it sets)
     "segment_length": int, "encoder_layers": int, "slots": int, "cross_attention_init": str,
     "memory_write_self_bias": float, "memory_write_self_bias_spread": float, "memory_write_temperature": float,
-    "learnable_temperature": int, "memory_write_qk_norm": int, "forget_bias_init_scale": float, "train_tokens": int,
-    "batch": int, "window": int,
-    "lr_new": float, "lr_encoder": float, "lr_backbone": float, "train_no_memory": int, "decoder_reads_memory": int,
-    "cross_attention_rope": int,
+    "forget_bias_init_scale": float, "train_tokens": int, "batch": int, "window": int, "lr_new": float,
+    "lr_encoder": float, "lr_backbone": float, "train_no_memory": int, **dict.fromkeys(SWITCHES, int),
 }
 
 
@@ -507,10 +504,8 @@ def build_variant(v, backbone, device: torch.device):
     """The warm-started Memformer of variant `v` (its memory settings as config overrides)."""
     torch.manual_seed(v.seed)
     overrides = dict(memory_write_temperature=v.memory_write_temperature,
-                     forget_bias_init_scale=v.forget_bias_init_scale, learnable_temperature=bool(v.learnable_temperature),
-                     decoder_reads_memory=bool(v.decoder_reads_memory),
-                     memory_write_qk_norm=bool(v.memory_write_qk_norm),
-                     cross_attention_rope=bool(v.cross_attention_rope))
+                     forget_bias_init_scale=v.forget_bias_init_scale,
+                     **{option: bool(getattr(v, option)) for option in SWITCHES})
     if v.memory_write_self_bias is not None:
         overrides.update(memory_write_self_bias=v.memory_write_self_bias,
                          memory_write_self_bias_spread=v.memory_write_self_bias_spread)
@@ -765,9 +760,9 @@ def write_report(report: dict, args, out_dir: Path) -> None:
              "vs_tuned_512": carried / tuned512["ppl"] if tuned512 else float("nan")}
         r["summary"] = s
         w0, w1 = r["writer_init"], r["writer_trained"]
-        cut = " (cut)" if r["training"]["stopped_by_time_budget"] else ""
+        mark = " (cut)" if r["training"]["stopped_by_time_budget"] else ""
         lines.append(
-            f"| {name}{cut} | {s['memory_gain']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
+            f"| {name}{mark} | {s['memory_gain']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
             f"{s['vs_tuned_512']:.4f} | {w0['writer_self_weight_mean']:.3f} -> {w1['writer_self_weight_mean']:.3f} | "
             f"{w0['writer_retain_fraction']:.1%} -> {w1['writer_retain_fraction']:.1%} | {w0['cosine_mean']:.3f} -> "
             f"{w1['cosine_mean']:.3f} | {w0['cosine_retain_fraction_0_9']:.1%} -> "

@@ -354,8 +354,7 @@ def graphed_cells_apply(model: torch.nn.Module, cells: dict[str, torch.Tensor]) 
 
     core = getattr(model, "model", None)
     if (cells["encoder_input_ids"].device.type != "cuda" or not isinstance(model, PreTrainedModel) or core is None
-            or not getattr(core, "use_cuda_graphs", False)
-            or _dropout_active(model)
+            or not getattr(core, "use_cuda_graphs", False) or _dropout_active(model)
             or "decoder_input_ids" not in cells):
         return False
     return not is_sharded(model)

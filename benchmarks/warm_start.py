@@ -698,7 +698,8 @@ def main(argv=None) -> dict:
         report["timings"]["control_finetune"] = time.time() - tic
     for k, (name, v) in enumerate(variants):
         if args.deadline_s and time.time() - T0 > args.deadline_s:
-            log(f"[{name}] skipped: past --deadline_s {args.deadline_s:.0f}")
+            log(f"[{name}] WARNING: skipped, past --deadline_s {args.deadline_s:.0f}")
+            report.setdefault("skipped", []).append(name)
             continue
         run_variant(name, v, backbone, train, docs, device, rows, report, out_dir, work, check_init=k == 0)
         write_report(report, args, out_dir)
@@ -773,6 +774,9 @@ def write_report(report: dict, args, out_dir: Path) -> None:
         lines += ["", f"**Cut by the time budget: {', '.join(cut)}.** These variants trained on fewer tokens than "
                       "planned, before their learning rate had decayed: they do not compare with the others at equal "
                       "tokens (raise --time_budget_s)."]
+    if report.get("skipped"):
+        lines += ["", f"**Not run (past --deadline_s {args.deadline_s:.0f}): {', '.join(report['skipped'])}.** "
+                      "These variants were given on the command line but started too late to run."]
     lines += ["", "| summary | value |", "|---|---:|"]
     lines += [f"| {k} | {val:.2%} |" if "difference" not in k else f"| {k} | {val:.3g} |" for k, val in summary.items()]
     report["summary"] = summary

@@ -398,7 +398,7 @@ def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
     assert all(math.isfinite(r["ppl"]) for r in rows.values())
     text = (tmp_path / "warm_start_tiny.md").read_text()
     assert "nomem: memory reset every segment" in text and "slots retaining" in text
-    assert "Cut by the time budget" not in text and "(cut)" not in text
+    assert "Cut by the time budget" not in text and "(cut)" not in text and "Not run" not in text
     assert (tmp_path / "warm_start_writer_spread.png").is_file()
     spread = report["variants"]["spread"]["writer_init"]
     assert spread["writer_retain_fraction"] > 0.2 > report["variants"]["paper"]["writer_init"]["writer_retain_fraction"]
@@ -417,20 +417,29 @@ def test_benchmark_variants_are_checked(monkeypatch):
     assert (name, v.slots, v.lr_new, v.segment_length) == ("x", 2, 0.1, 32)
 
 
-def test_benchmark_marks_variants_cut_by_the_time_budget(tmp_path, monkeypatch):
+def test_benchmark_marks_variants_cut_or_skipped_by_the_time_limits(tmp_path, monkeypatch):
     """A variant whose training the time budget stops early is flagged in the report (it is not comparable with the
-    others at equal tokens), not silently listed beside them."""
+    others at equal tokens), not silently listed beside them; one that --deadline_s skips is named as not run."""
     import sys
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     monkeypatch.setattr(sys, "argv", ["warm_start.py", "--tiny"])
     import warm_start
 
+    run_variant = warm_start.run_variant
+
+    def run_then_pass_the_deadline(*args, **kwargs):
+        run_variant(*args, **kwargs)
+        monkeypatch.setattr(warm_start, "T0", 0.0)  # the clock now reads decades past --deadline_s
+
+    monkeypatch.setattr(warm_start, "run_variant", run_then_pass_the_deadline)
     report = warm_start.main(["--tiny", "--tiny_pretrain_steps", "2", "--contexts", "32,64", "--max_doc_tokens", "128",
                               "--min_doc_tokens", "128", "--train_tokens", "4096", "--time_budget_s", "1e-6",
-                              "--writer_segments", "2", "--variant", "short:", "--output_dir", str(tmp_path),
-                              "--work", str(tmp_path / "work")])
+                              "--deadline_s", "1e6", "--writer_segments", "2", "--variant", "short:",
+                              "--variant", "late:", "--output_dir", str(tmp_path), "--work", str(tmp_path / "work")])
     training = report["variants"]["short"]["training"]
     assert training["stopped_by_time_budget"] and training["steps"] < training["steps_planned"]
+    assert report["skipped"] == ["late"] and "late" not in report["variants"]
     text = (tmp_path / "warm_start_tiny.md").read_text()
     assert "| short (cut) |" in text and "Cut by the time budget: short (" in text
+    assert "Not run (past --deadline_s 1000000): late." in text

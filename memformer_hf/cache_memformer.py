@@ -113,6 +113,8 @@ class MemformerCache(Cache):
       the memory after writing that segment, docs/design.md#decoder-reads-memory).
     - `cross_mask` [B, C] bool: valid cross keys (the K memory keys are always valid).
     - `segment_ids` [B, L]: tokens of the current partial segment; `fill` [B]: how many of them there are.
+    - `segment_embeds` [B, L, d] or None: the partial segment's input embeddings while some of its tokens came as
+      `inputs_embeds` (their ids are unknown; `segment_ids` holds 0 there). Not part of a saved state.
     - `started` [B] bool: the row has consumed its boot segment.
 
     `consumed` counts input columns (pad columns included) fed since creation; it is what `get_seq_length()` returns,
@@ -135,6 +137,7 @@ class MemformerCache(Cache):
         self.memory: torch.Tensor | None = None
         self.cross_mask: torch.Tensor | None = None
         self.segment_ids: torch.Tensor | None = None
+        self.segment_embeds: torch.Tensor | None = None  # see the class docstring
         self.fill: torch.Tensor | None = None
         self.started: torch.Tensor | None = None
         self.consumed = 0
@@ -184,7 +187,9 @@ class MemformerCache(Cache):
 
     def _map_rows(self, fn) -> None:
         trusted = self.is_trusted
+        embeds = None if self.segment_embeds is None else fn(self.segment_embeds)
         self._set_all_tensors([None if t is None else fn(t) for t in self._all_tensors()])
+        self.segment_embeds = embeds
         if trusted:  # a row permutation / repetition / detach of a checked state is still checked
             self._mark_trusted()
 
@@ -225,8 +230,11 @@ class MemformerCache(Cache):
                                   or (want_dtype is not None and t.dtype != want_dtype)):
                 t = t.to(device=device, dtype=want_dtype)
             out.append(t)
+        embeds = self.segment_embeds
         if any(a is not b for a, b in zip(out, tensors)):
             self._set_all_tensors(out)  # a cast can overflow (float32 → fp16): checked again on use
+        if embeds is not None:
+            self.segment_embeds = embeds.to(device=device, dtype=dtype)
 
     def check_compatible(self, config: MemformerConfig, batch_size: int, dtype: torch.dtype | None = None,
                          device: torch.device | str | None = None) -> None:
@@ -253,6 +261,7 @@ class MemformerCache(Cache):
         """Store a complete new state from outside the model (e.g. a custom decoder); checked on its next use."""
         self.memory, self.cross_mask, self.segment_ids, self.fill, self.started = (
             memory, cross_mask, segment_ids, fill, started)
+        self.segment_embeds = None
         for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
             layer.set_tensors([k, v, ck, cv])
         self._trusted = None
@@ -264,8 +273,8 @@ class MemformerCache(Cache):
         return self._host
 
     def write(self, *, memory: torch.Tensor, segment_ids: torch.Tensor, fill: torch.Tensor, started: torch.Tensor,
-              decoder_state: tuple | None, dtype: torch.dtype, host: tuple[list[bool], list[int]] | None = None
-              ) -> None:
+              decoder_state: tuple | None, dtype: torch.dtype, host: tuple[list[bool], list[int]] | None = None,
+              segment_embeds: torch.Tensor | None = None) -> None:
         """Commit what one forward produced (the model calls this; nothing else writes the state).
 
         memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], started [B] (the rows that
@@ -298,6 +307,7 @@ class MemformerCache(Cache):
                                    layer.cross_values.index_copy(0, rows, cv.to(dtype))])
             self.cross_mask = self.cross_mask.index_copy(0, rows, cross_mask)
         self.memory, self.segment_ids, self.fill = memory, segment_ids, fill
+        self.segment_embeds = segment_embeds  # [B, L, d] while a partial segment holds `inputs_embeds` tokens
         self.started = started
         self._host, self._written_in_place = host, False
         self._mark_trusted()  # the model's own state: no NaN/inf check (and no host sync) on the next forward
@@ -306,6 +316,7 @@ class MemformerCache(Cache):
         """An independent copy (to branch a stream); tensors are cloned without their autograd history."""
         new = MemformerCache(self.config)
         new._set_all_tensors([None if t is None else t.detach().clone() for t in self._all_tensors()])
+        new.segment_embeds = None if self.segment_embeds is None else self.segment_embeds.detach().clone()
         new.consumed = self.consumed
         if self.is_trusted:
             new._mark_trusted()
@@ -349,6 +360,7 @@ class MemformerCache(Cache):
 
     def reset(self) -> None:
         self._set_all_tensors([None] * len(self._all_tensors()))
+        self.segment_embeds = None
         self.consumed = 0
 
     def reset_rows(self, rows: torch.Tensor) -> None:
@@ -385,6 +397,10 @@ class MemformerCache(Cache):
 
         if self.memory is None:
             raise ValueError("Cannot save an empty MemformerCache (it has not consumed any token).")
+        if self.segment_embeds is not None:
+            raise ValueError("Cannot save this MemformerCache: its partial segment holds tokens given as "
+                             "`inputs_embeds`, whose ids are unknown. Save it at a segment boundary, or feed "
+                             "`input_ids`.")
         names = self._names(len(self.layers))
         tensors = {n: t.detach().contiguous().cpu() for n, t in zip(names, self._all_tensors())}
         save_file(tensors, path, metadata={"consumed": str(self.consumed), "fingerprint": self.fingerprint,

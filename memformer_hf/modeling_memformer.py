@@ -736,6 +736,8 @@ class MemformerModel(MemformerPreTrainedModel):
             started = [False] * input_ids.shape[0]
             fills = [0] * input_ids.shape[0]
         else:
+            if cache.segment_embeds is not None:  # the partial segment holds `inputs_embeds` tokens: general path
+                return None
             started, fills = cache.host_state()
             if memory_reset is not None:
                 reset = memory_reset.tolist()
@@ -877,6 +879,8 @@ class MemformerModel(MemformerPreTrainedModel):
         if n != 1 or cache is None or cache.is_empty or self.training or torch.is_grad_enabled():
             return False
         if memory_reset is not None and bool(memory_reset.any()):  # a reset row starts a document: general paths
+            return False
+        if cache.segment_embeds is not None:  # the partial segment holds `inputs_embeds` tokens: general path
             return False
         return all(cache.host_state()[0])
 
@@ -1152,12 +1156,12 @@ class MemformerModel(MemformerPreTrainedModel):
                 started &= ~memory_reset
             fill = cache.fill
             carried = cache.memory.to(mem_dtype)
-            seg_ids = cache.segment_ids
+            seg_ids, seg_embeds = cache.segment_ids, cache.segment_embeds
         else:
             started = torch.zeros(b, dtype=torch.bool, device=device)
             fill = torch.zeros(b, dtype=torch.long, device=device)
             carried = None
-            seg_ids = None
+            seg_ids = seg_embeds = None
         if inputs_embeds is not None and have_state and bool((started & (fill > 0)).any()):
             raise ValueError("`inputs_embeds` cannot continue a cache holding a partial segment; pass `input_ids`.")
 
@@ -1165,21 +1169,25 @@ class MemformerModel(MemformerPreTrainedModel):
         plan = plan_stream(cfg, None if input_ids is None else input_ids.cpu(), mask.cpu(), started_host,
                            fill.tolist(), n)
 
-        # ---- token sources: [cached partial segment | new columns | BOS]
+        # ---- token sources: [cached partial segment | new columns | BOS], as ids where all of them are known,
+        # else as embeddings (new columns given as `inputs_embeds`, or a cached partial segment that holds some)
         bos = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=device)
-        if inputs_embeds is None:
+        source = emb_source = None
+        if input_ids is not None:
             cached = seg_ids if seg_ids is not None else torch.zeros(b, L, dtype=torch.long, device=device)
             source = torch.cat([cached, input_ids.long(), bos], dim=1)
+        if input_ids is None or seg_embeds is not None:
+            cached_emb = (seg_embeds if seg_embeds is not None else self.embed_tokens(seg_ids) if seg_ids is not None
+                          else self.embed_tokens.weight.new_zeros(b, L, d))
+            new_emb = inputs_embeds if input_ids is None else self.embed_tokens(input_ids)
+            emb_source = torch.cat([cached_emb.to(new_emb.dtype), new_emb, self.embed_tokens(bos)], dim=1)
 
+        if emb_source is None:
             def embed(rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
                 return self.embed_tokens(source[rows[:, None], src])
         else:
-            cached_emb = (self.embed_tokens(seg_ids) if seg_ids is not None
-                          else inputs_embeds.new_zeros(b, L, d))
-            source = torch.cat([cached_emb, inputs_embeds, self.embed_tokens(bos)], dim=1)
-
             def embed(rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-                return source[rows[:, None], src]
+                return emb_source[rows[:, None], src]
 
         def pad_sources(lists: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
             src = torch.full((len(lists), width), L + n, dtype=torch.long)
@@ -1318,10 +1326,10 @@ class MemformerModel(MemformerPreTrainedModel):
             # the cache keeps, per row, the state of its last chunk
             if use_cache and replay_step is None:
                 self._update_cache(cache, plan, started_host, needed, last_chunk_of_row, chs, self_kv, cross_kv, cross_mask,
-                                   mem, source if inputs_embeds is None else None, b, device)
+                                   mem, source, emb_source, b, device)
         elif use_cache and replay_step is None:
             self._update_cache(cache, plan, started_host, [], last_chunk_of_row, [], [], [], None, mem,
-                               source if inputs_embeds is None else None, b, device)
+                               source, emb_source, b, device)
         if use_cache and replay_step is None:
             cache.consumed += n
         if hidden_out is None:
@@ -1337,9 +1345,12 @@ class MemformerModel(MemformerPreTrainedModel):
 
     def _update_cache(self, cache: MemformerCache, plan: StreamPlan, started: list[bool], needed: list[int],
                       last_chunk_of_row: dict[int, int], chs: list, self_kv, cross_kv, cross_mask,
-                      memory: torch.Tensor, source: torch.Tensor | None, b: int, device) -> None:
+                      memory: torch.Tensor, source: torch.Tensor | None, emb_source: torch.Tensor | None, b: int,
+                      device) -> None:
         """Hand the cache each row's new state: its last decoder chunk's self/cross K/V, its partial segment, memory
-        and flags (the cache writes them, `MemformerCache.write`)."""
+        and flags (the cache writes them, `MemformerCache.write`). `source` / `emb_source`: the call's token sources
+        as ids (None when the new columns came as `inputs_embeds`) / as embeddings (None when every token is known
+        by its id). The partial segment is kept as embeddings while any of its tokens is known only that way."""
         L = self.config.segment_length
         position = {j: p for p, j in enumerate(needed)}
         upd_rows, upd_pos = [], []
@@ -1355,13 +1366,24 @@ class MemformerModel(MemformerPreTrainedModel):
             decoder_state = (rows, [(k[pos], v[pos]) for k, v in self_kv], [(k[pos], v[pos]) for k, v in cross_kv],
                              cross_mask[pos])
         seg = torch.zeros(b, L, dtype=torch.long, device=device)
+        seg_emb, ids_unknown = None, False
+        if emb_source is not None:
+            seg_emb = emb_source.new_zeros(b, L, emb_source.shape[-1])
         for r, s in enumerate(plan.final_segment):
-            if s and source is not None:
-                seg[r, : len(s)] = source[r, torch.tensor(s, device=device)]
+            if not s:
+                continue
+            index = torch.tensor(s, device=device)
+            if source is not None:
+                seg[r, : len(s)] = source[r, index]
+            if seg_emb is not None:
+                seg_emb[r, : len(s)] = emb_source[r, index]
+                # a token's id is unknown if it came as `inputs_embeds` now, or from a cached embeddings-only segment
+                ids_unknown |= source is None or min(s) < L
         now_started = [s or bt for s, bt in zip(started, plan.booted)]  # `started`: after this call's resets
         cache.write(memory=memory, segment_ids=seg, fill=torch.tensor(plan.final_fill, dtype=torch.long, device=device),
                     started=torch.tensor(now_started, dtype=torch.bool, device=device), decoder_state=decoder_state,
-                    dtype=self.embed_tokens.weight.dtype, host=(now_started, list(plan.final_fill)))
+                    dtype=self.embed_tokens.weight.dtype, host=(now_started, list(plan.final_fill)),
+                    segment_embeds=seg_emb if ids_unknown else None)
 
 
 def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

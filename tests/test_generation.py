@@ -599,3 +599,50 @@ def test_generate_with_filled_cache_and_only_new_ids_explains(model):
     cont = gen(model, full, past_key_values=cache, max_new_tokens=5)
     scratch = gen(model, full, max_new_tokens=5, use_cache=False)
     torch.testing.assert_close(cont.sequences, scratch.sequences, atol=0, rtol=0)
+
+
+# ============================================================================== prompts given as embeddings
+@pytest.mark.parametrize("split", [3, 5, 8], ids=["inside_first_segment", "across_a_boundary", "at_a_boundary"])
+def test_inputs_embeds_prompt_continued_with_ids_equals_ids(model, split):
+    """A prompt given as `inputs_embeds` and continued with `input_ids` through the cache scores exactly as the whole
+    sequence given as ids. The cached partial segment of an embeddings prompt has no ids: it used to be re-encoded as
+    token 0 at the next segment boundary (silently wrong logits, e.g. in `generate(inputs_embeds=...)`)."""
+    ids = rand_ids(17, batch=2, seed=60, boot=False)  # no BOS: the boot is implicit for ids and embeddings alike
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits
+        first = model(inputs_embeds=emb(ids[:, :split]))
+        cache = first[CACHE_KWARG]
+        assert (cache.segment_embeds is not None) == (split % L != 0)  # kept only while a partial segment needs it
+        assert (cache.segment_embeds is None) == (split % L == 0)
+        # the next 2 columns one at a time (the decoding path), then the rest at once
+        parts = [first.logits]
+        for j in (split, split + 1):
+            parts.append(model(ids[:, j: j + 1], past_key_values=cache).logits)
+        parts.append(model(ids[:, split + 2:], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-10, rtol=0)
+    assert cache.segment_embeds is None  # past the embeddings' last segment: ids only again (fast paths)
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
+    """`generate(inputs_embeds=...)` (a prompt that ends inside a segment) gives the logits of `generate(input_ids)`
+    at every step, greedy and with beams; while the prompt's partial segment holds embeddings the cache cannot be
+    saved (its ids are unknown) and says so."""
+    ids = rand_ids(9, batch=2, seed=61, boot=False)
+    embeds = model.get_input_embeddings()(ids).detach()
+    for kw in (dict(), dict(num_beams=2, num_return_sequences=2, output_scores=True)):
+        a = gen(model, ids, max_new_tokens=11, **kw)
+        with torch.no_grad():
+            b = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=11,
+                               return_dict_in_generate=True, output_logits=True, do_sample=False, **kw)
+        torch.testing.assert_close(a.sequences[:, ids.shape[1]:], b.sequences, atol=0, rtol=0)
+        for x, y in zip(a.logits, b.logits):
+            assert_logits_close(x, y)
+    with torch.no_grad():
+        cache = model(inputs_embeds=embeds[:, :6])[CACHE_KWARG]
+    with pytest.raises(ValueError, match="partial segment holds tokens given as `inputs_embeds`"):
+        cache.save_state("unused.safetensors")
+    branch = copy.deepcopy(cache)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, 6:], past_key_values=branch).logits,
+                                   model(ids[:, 6:], past_key_values=cache).logits, atol=0, rtol=0)

@@ -700,9 +700,12 @@ class MemformerModel(MemformerPreTrainedModel):
             hidden, k, v = layer(hidden, past_k, past_v, ck, cv, plan)
             self_kv.append((k, v))
             cross_kv.append((ck, cv))
-            if output_hidden_states:
+            if output_hidden_states and i < len(self.decoder.layers) - 1:
                 hidden = record(hidden)
-        return self.decoder.norm(hidden), self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
+        hidden = self.decoder.norm(hidden)
+        if output_hidden_states:  # the last entry is the normalised output, as in transformers' decoders
+            hidden = record(hidden)
+        return hidden, self_kv, cross_kv, (tuple(all_hidden) if output_hidden_states else None)
 
     # ------------------------------------------------------------------------------------------ the recurrent step
     def critical_path_step(self, segment_embeds: torch.Tensor, memory: torch.Tensor,
@@ -1015,6 +1018,13 @@ class MemformerModel(MemformerPreTrainedModel):
         """
         kw_cache = kwargs.pop("cache", None)
         past_key_values = past_key_values if past_key_values is not None else kw_cache
+        if kwargs.get("output_attentions"):
+            raise ValueError("Memformer does not return attention weights (`output_attentions=True`): its decoder "
+                             "attends over segment-local chunks, so there is no [sequence, sequence] map. "
+                             "`output_memory_attentions=True` returns the memory writer's and readers' maps.")
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("Memformer does not take `position_ids`: positions restart in every segment and follow "
+                             "from the stream itself (the cache and `attention_mask`).")
         memory_reset = _as_row_flags(memory_reset, "memory_reset")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (output_hidden_states if output_hidden_states is not None

@@ -594,6 +594,11 @@ def _bad_input_cases():
                            r"inputs_embeds"),
         "reset_shape": (dict(input_ids=torch.tensor([[1, 5]]), memory_reset=torch.tensor([True, False])),
                         r"memory_reset"),
+        # arguments a Llama takes that mean nothing here: refused, not silently ignored
+        "output_attentions": (dict(input_ids=torch.tensor([[1, 5]]), output_attentions=True),
+                              r"does not return attention weights.*output_memory_attentions"),
+        "position_ids": (dict(input_ids=torch.tensor([[1, 5]]), position_ids=torch.tensor([[0, 1]])),
+                         r"does not take `position_ids`"),
     }
 
 
@@ -603,6 +608,38 @@ def test_bad_stream_input_raises(case):
     kwargs, pattern = _bad_input_cases()[case]
     with pytest.raises(ValueError, match=pattern):
         model(**kwargs)
+
+
+def test_generate_with_output_attentions_explains():
+    """`generate(output_attentions=True)` used to fail inside transformers with an AttributeError."""
+    model = build_tiny_memformer(attn="sdpa")
+    with pytest.raises(ValueError, match=r"does not return attention weights"):
+        model.generate(rand_ids(5), max_new_tokens=2, return_dict_in_generate=True, output_attentions=True)
+
+
+@pytest.mark.parametrize("mode", ["stream", "stream_padded", "cell"])
+def test_last_hidden_state_entry_is_the_normalised_output(mode):
+    """As in transformers' decoders, `hidden_states[-1]` is the final (normalised) decoder output, so the LM head
+    applied to it gives the logits; the other entries are the embeddings and each earlier layer's output."""
+    model = build_tiny_memformer(attn="sdpa")
+    with torch.no_grad():
+        if mode == "cell":
+            enc = rand_ids(L, batch=2, seed=3, boot=False)
+            dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+            out = model(encoder_input_ids=enc, decoder_input_ids=dec, output_hidden_states=True)
+        else:
+            ids = rand_ids(11, batch=2, seed=4)
+            mask = torch.ones_like(ids)
+            if mode == "stream_padded":
+                mask[1, :3] = 0
+            out = model(ids, attention_mask=mask, output_hidden_states=True)
+            out.logits[mask == 0] = 0  # pad columns have no state
+    assert len(out.hidden_states) == model.config.decoder_layers + 1
+    logits = model.lm_head(out.hidden_states[-1])
+    if mode == "stream_padded":
+        logits[mask == 0] = 0
+    torch.testing.assert_close(logits, out.logits, atol=1e-12, rtol=0)
+    assert not torch.allclose(model.lm_head(out.hidden_states[-2]), out.logits)
 
 
 def test_1d_input_ids_raise_value_error_base_model():

@@ -565,6 +565,8 @@ def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report:
     total, non_emb = param_counts(model)
     groups = {k: sum(p.numel() for _, p in g) for k, g in warm_start_parameter_groups(model).items()}
     res["params"] = {"total": total, "non_embedding": non_emb, **groups}
+    res["model_config"] = {k: getattr(model.config, k) for k in (*SWITCHES, "segment_length", "num_memory_slots",
+                                                                 "encoder_layers", "memory_write_temperature")}
     log(f"[{name}] Memformer: {total / 1e6:.1f}M parameters ({non_emb / 1e6:.1f}M non-embedding; new "
         f"{groups['new'] / 1e6:.1f}M, encoder {groups['encoder'] / 1e6:.1f}M, backbone {groups['backbone'] / 1e6:.1f}M)")
     steps = max(1, v.train_tokens // (v.batch * v.window * L))

@@ -44,7 +44,7 @@ from test_mrbp import (  # noqa: F401 - _one_thread: the module's autouse fixtur
 
 from memformer_hf import MemformerCache, MemformerForCausalLM
 from memformer_hf.cache_memformer import config_fingerprint
-from memformer_hf.modeling_memformer import CACHE_KWARG
+from memformer_hf.modeling_memformer import CACHE_KWARG, DecoderPlan
 
 K = 3  # num_memory_slots of the tiny config
 DM = dict(decoder_reads_memory=True)
@@ -319,8 +319,9 @@ def test_one_token_call_with_a_reset_starts_a_new_document(on):
 
 # ============================================================================================ cross_attention_rope
 def test_scores_depend_on_the_distance_to_the_previous_segment():
-    """The same query at decoder positions 0 and 1 over the same two keys: the outputs differ only with the option
-    (without it the cross-attention reads the previous segment as a set, whatever the query's position)."""
+    """With the option a decoder layer hands its cross-attention the queries' positions, and the same query at
+    decoder positions 0 and 1 then reads the same keys differently; without it the cross-attention gets no positions
+    (it reads the previous segment as a set, whatever the query's position)."""
     for on in (False, True):
         model = build_tiny_memformer(seed=3, cross_attention_rope=on)
         layer = model.model.decoder.layers[0]
@@ -328,10 +329,19 @@ def test_scores_depend_on_the_distance_to_the_previous_segment():
         key, value = layer.project_cross_kv(states[:, :2])
         hidden = torch.randn(1, 1, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).expand(1, 2, 16)
         pos = model.model.rotary(torch.arange(2)[None], torch.float64)
+        attend, seen = layer.cross_attn.attend, []
+
+        def spy(*args, _attend=attend, _seen=seen, **kwargs):
+            _seen.append(args[4] if len(args) > 4 else kwargs.get("cos_sin"))
+            return _attend(*args, **kwargs)
+
+        layer.cross_attn.attend = spy
         with torch.no_grad():
-            out = layer.cross_attn.attend(hidden, key, value, None, pos if on else None)
-        gap = float((out[0, 0] - out[0, 1]).abs().max())
-        assert gap > 1e-6 if on else gap < 1e-14
+            layer(hidden, None, None, key, value, DecoderPlan(pos, None, None, None, None))
+            assert len(seen) == 1 and (seen[0] is pos if on else seen[0] is None)
+            if on:
+                out = attend(hidden, key, value, None, pos)
+                assert float((out[0, 0] - out[0, 1]).abs().max()) > 1e-6
 
 
 @pytest.mark.parametrize("overrides,message", [

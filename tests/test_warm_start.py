@@ -349,13 +349,16 @@ def test_readme_warm_start_snippet_runs():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "memformer_from_llama(" in b]
     assert len(blocks) == 1
-    code = re.sub(r"^llama = AutoModelForCausalLM\.from_pretrained\(.*\)$", "llama = tiny_llama(num_hidden_layers=5)", blocks[0],
-                  count=1, flags=re.M)
+    # no pad id: its embedding row would be zero, and with BOS = 0 the boot segment (and every cross-attention
+    # output) would then vanish whatever the new blocks hold, so the check below could not fail
+    code = re.sub(r"^llama = AutoModelForCausalLM\.from_pretrained\(.*\)$",
+                  "llama = tiny_llama(num_hidden_layers=5, pad_token_id=None)", blocks[0], count=1, flags=re.M)
     assert code != blocks[0]
     ns = {"tiny_llama": tiny_llama}
     exec(compile(code, "README: warm start", "exec"), ns)
     model, llama = ns["model"].eval(), ns["llama"]
     assert model.config.segment_length == 128 and model.config.bos_token_id == 0
+    assert llama.model.embed_tokens.weight[0].abs().sum() > 0
     ids = ids_with_bos(20, seed=7)
     ids[:, 0] = 0
     with torch.no_grad():
@@ -382,8 +385,16 @@ def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
                               "--output_dir", str(tmp_path), "--work", str(tmp_path / "work")])
     rows = report["rows"]
     assert report["init_vs_segment_local_rel_diff"] < 1e-6
+    init, local = rows["paper: at init (= segment-local backbone)"], rows["backbone, segment-local (windows of L=32)"]
+    assert abs(init["ppl"] / local["ppl"] - 1) < 1e-6 and init["tokens"] == local["tokens"]
     assert rows["paper: at init (= segment-local backbone)"]["tokens"] == rows[
         "backbone, context 32 (strided, stride 16)"]["tokens"] == 512
+    # the switches reach the model that trained, not only the parsed settings
+    built = {name: res["model_config"] for name, res in report["variants"].items()}
+    assert built["dm"]["decoder_reads_memory"] is True and built["dm"]["cross_attention_rope"] is False
+    assert built["crope"]["cross_attention_rope"] is True and built["crope"]["memory_write_qk_norm"] is True
+    assert not any(built["paper"][k] for k in warm_start.SWITCHES)
+    assert report["variants"]["dm"]["params"]["new"] > report["variants"]["paper"]["params"]["new"]
     assert set(report["variants"]) == {"paper", "spread", "nomem", "dm", "crope"}
     assert report["variants"]["crope"]["settings"]["cross_attention_rope"] == 1
     assert report["variants"]["dm"]["settings"]["decoder_reads_memory"] == 1

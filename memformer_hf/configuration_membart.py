@@ -167,6 +167,9 @@ class MemBartConfig(PreTrainedConfig):
         self.eos_token_id = eos_token_id
         self.decoder_start_token_id = decoder_start_token_id
         self.tie_word_embeddings = tie_word_embeddings
+        for alias, name in self.attribute_map.items():  # `hidden_size` etc.: checked here, not set after the checks
+            if alias in kwargs:
+                setattr(self, name, kwargs.pop(alias))
         self._validate()
         super().__init__(is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.is_encoder_decoder = True if is_encoder_decoder is None else is_encoder_decoder

@@ -16,6 +16,10 @@ MLP_TYPES = ("gelu_mlp", "swiglu")
 # Upper bound on `segment_length`: every segment is encoded at full length L (self-attention is L x L per head), so
 # a huge L makes even a 5-token forward allocate terabytes.
 MAX_SEGMENT_LENGTH = 65536
+# The fields that take True or False (checked by `validate_memformer`).
+BOOLEAN_FIELDS = ("learnable_temperature", "memory_write_qk_norm", "writer_out_proj", "use_forget_bias",
+                  "normalize_memory_kv", "attention_bias", "tie_word_embeddings", "decoder_reads_memory",
+                  "cross_attention_rope", "mlp_bias", "use_cache")
 
 # Size presets (docs/design.md#presets). Values are keyword arguments of `MemformerConfig`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -208,8 +212,30 @@ class MemformerConfig(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.use_cache = use_cache
         kwargs.setdefault("is_encoder_decoder", False)
-        self.validate_memformer()  # before the base class, whose own checks give less specific errors
+        # the other names of `attribute_map` (`num_hidden_layers`, `n_positions`): the base class would set them after
+        # the checks; they take precedence over the field, as they would there
+        given_as: dict[str, str] = {}
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                setattr(self, name, kwargs.pop(alias))
+                given_as[name] = alias
+        try:
+            self.validate_memformer()  # before the base class, whose own checks give less specific errors
+        except ValueError as e:
+            names = [f"`{alias}` is another name for `{name}`" for name, alias in given_as.items()
+                     if f"`{name}`" in str(e)]
+            if not names:
+                raise
+            raise ValueError(f"{str(e).rstrip('.')} ({'; '.join(names)}).") from None
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`PretrainedConfig.from_dict`, whose keyword overrides (`from_pretrained(path, decoder_layers=...)`) are set
+        after `__init__`, then `validate_memformer` on the result."""
+        out = super().from_dict(config_dict, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).validate_memformer()
+        return out
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MemformerConfig:
@@ -242,8 +268,6 @@ class MemformerConfig(PretrainedConfig):
                f"a divisor of hidden_size={self.hidden_size}")
         tau = self.memory_write_temperature
         _check(is_num(tau) and 0.0 < tau <= 1.0, "memory_write_temperature", tau, "a number in (0, 1]")
-        _check(isinstance(self.memory_write_qk_norm, bool), "memory_write_qk_norm", self.memory_write_qk_norm,
-               "True or False")
         bias = self.memory_write_self_bias
         _check(bias is None or (is_num(bias) and math.isfinite(bias)), "memory_write_self_bias", bias,
                "None or a finite number")
@@ -278,8 +302,7 @@ class MemformerConfig(PretrainedConfig):
         kv = self.num_key_value_heads
         _check(is_int(kv) and kv >= 1 and self.num_attention_heads % kv == 0, "num_key_value_heads", kv,
                f"None or an integer >= 1 dividing num_attention_heads={self.num_attention_heads}")
-        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "decoder_reads_memory",
-                     "cross_attention_rope"):
+        for name in BOOLEAN_FIELDS:  # "false" (a string) would count as True
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         if self.cross_attention_rope:
             _check(self.position_embedding_type == "rope", "cross_attention_rope", True,
@@ -305,4 +328,4 @@ class MemformerConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-__all__ = ["MAX_SEGMENT_LENGTH", "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]
+__all__ = ["BOOLEAN_FIELDS", "MAX_SEGMENT_LENGTH", "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]

@@ -371,7 +371,7 @@ def document_cells(
     -100 on pads) and ``memory_reset`` ``[n_cells]`` (True only on the boot cell). ``n_cells = ceil(len(doc) / L)``.
     """
     _check_ids(segment_length, bos_token_id, pad_token_id, boot)
-    flat = torch.as_tensor(doc_ids, dtype=torch.long).reshape(-1)
+    flat = _token_ids(doc_ids, "document_cells: the document")
     if flat.numel() == 0:
         raise ValueError("document_cells: empty document has no cells")
     n = _n_cells(flat.numel(), segment_length)
@@ -384,18 +384,40 @@ def document_cells(
     return cells
 
 
+def _token_ids(ids: Any, where: str) -> torch.Tensor:
+    """One document's token ids as a flat long tensor. Raise a ``ValueError`` starting with ``where`` when they are
+    not integers (float, complex or bool values, strings): a cast to long would silently truncate 5.7 to 5. Integer
+    tensors, NumPy arrays and Python ints are accepted."""
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{where} is a {type(ids).__name__}, not token ids (tokenize the text first)")
+    try:
+        t = ids if torch.is_tensor(ids) else torch.as_tensor(ids)  # keeps the dtype of NumPy arrays, infers lists'
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{where} is not a sequence of integer token ids ({type(ids).__name__}: {e})") from None
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        flat = t.reshape(-1)
+        fractional = flat[flat != flat.trunc()] if t.is_floating_point() else flat[:0]
+        value = (fractional if fractional.numel() else flat)[0].item()
+        value = round(value, 6) if isinstance(value, float) else value
+        raise ValueError(f"{where} holds {str(t.dtype).removeprefix('torch.')} values such as {value}; token ids "
+                         "must be integers")
+    return t.to(torch.long).reshape(-1)
+
+
 def _compact_documents(
     documents: Sequence[Sequence[int] | torch.Tensor], what: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate documents into one flat int tensor plus ``[n_docs + 1]`` offsets; warn about empty documents."""
-    lengths = [len(d) for d in documents]
+    """Concatenate documents into one flat int tensor plus ``[n_docs + 1]`` offsets; warn about empty documents.
+    Documents whose ids are not integers are refused (:func:`_token_ids`)."""
+    docs = [_token_ids(d, f"{what}: document {i}") for i, d in enumerate(documents)]
+    lengths = [d.numel() for d in docs]
     n_empty = sum(1 for n in lengths if n == 0)
     if n_empty:
         warnings.warn(f"{what}: skipping {n_empty} empty document(s) of {len(lengths)}", stacklevel=3)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
     if lengths:
         offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-    parts = [torch.as_tensor(d, dtype=torch.long).reshape(-1) for d in documents if len(d)]
+    parts = [d for d in docs if d.numel()]
     flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     if flat.numel() and (int(flat.min()) < 0):
         raise ValueError(f"{what}: negative token ids")
@@ -895,7 +917,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
                 for index, content in pending]
 
     def _checked(self, ids: Any, pass_index: int, index: int) -> torch.Tensor:
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        ids = _token_ids(ids, f"document {index} of pass {pass_index}")
         if ids.numel():
             low, top = int(ids.min()), int(ids.max())
             if low < 0:

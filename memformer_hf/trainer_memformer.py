@@ -51,7 +51,7 @@ from transformers.trainer_utils import denumpify_detensorize, get_last_checkpoin
 from transformers.utils import logging
 
 from .checkpointing import AtomicCheckpointMixin
-from .data_streams import IterableStreamBatches, StreamBatches, check_vocab, collate_single
+from .data_streams import IterableStreamBatches, StreamBatches, _token_ids, check_vocab, collate_single
 from .mrbp import LOSS_WEIGHTINGS, MODES, average_gradients, cell_batch, cells_backward, graphed_cells_apply
 
 logger = logging.get_logger(__name__)
@@ -764,16 +764,17 @@ def _check_streaming_args(ds: IterableStreamBatches, args: TrainingArguments) ->
 
 
 def _as_documents(data: Any, name: str) -> list[list[int]]:
-    """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column."""
+    """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column; ids that
+    are not integers (e.g. 5.7, which `int` would truncate) are a `ValueError` naming the document."""
     if hasattr(data, "column_names"):
         if "input_ids" not in data.column_names:
             raise ValueError(f"{name}: a datasets.Dataset needs an `input_ids` column of tokenized documents; "
                              f"it has {data.column_names}.")
-        return [list(x) for x in data["input_ids"]]
-    if isinstance(data, (list, tuple)) and (not data or isinstance(data[0], (list, tuple, torch.Tensor))):
-        return [list(map(int, d)) for d in data]
-    raise ValueError(f"{name}: expected tokenized documents (a list of token-id lists or a datasets.Dataset with "
-                     f"`input_ids`), got {type(data).__name__}.")
+        data = data["input_ids"]
+    elif not (isinstance(data, (list, tuple)) and (not data or isinstance(data[0], (list, tuple, torch.Tensor)))):
+        raise ValueError(f"{name}: expected tokenized documents (a list of token-id lists or a datasets.Dataset with "
+                         f"`input_ids`), got {type(data).__name__}.")
+    return [_token_ids(d, f"{name}: document {i}").tolist() for i, d in enumerate(data)]
 
 
 __all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",

@@ -229,10 +229,10 @@ def test_generate_and_eval_commands(trained, capsys, monkeypatch):
     assert second > first + 3  # continued from the saved memory, not from scratch
 
     assert cli.main(["eval", "--model", str(out), "--test_file", "test.jsonl", "--max_eval_tokens", "256",
-                     "--output_json", "eval.json"]) == 0
+                     "--output_json", "new/dir/eval.json"]) == 0  # missing folders are created
     captured = capsys.readouterr()
     assert "memory carried" in captured.out and "memory reset every segment" in captured.out
-    metrics = json.loads((work / "eval.json").read_text())
+    metrics = json.loads((work / "new" / "dir" / "eval.json").read_text())
     assert {"test_ppl", "test_ppl_no_memory", "test_ppl_pos_0-64", "test_tokens"} <= set(metrics)
     assert metrics["test_tokens"] == 2 * 256
 
@@ -310,6 +310,30 @@ def test_bad_arguments_give_one_line(argv, message, corpus, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("memformer-hf: error: "), err
     assert message in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--output_json", "a_file/m.json"], "--output_json a_file/m.json: a_file is not a directory"),
+    (["eval", "--output_json", "a_file/new/m.json"], "--output_json a_file/new/m.json: a_file is not a directory"),
+    (["eval", "--output_json", "a_folder"], "--output_json a_folder: is a directory; pass a file path such as "
+                                            "a_folder/metrics.json"),
+    (["train", "--output_dir", "a_file"], "--output_dir a_file: exists and is not a directory"),
+    (["train", "--output_dir", "a_file/run"], "--output_dir a_file/run: a_file is not a directory"),
+])
+def test_unwritable_output_paths_fail_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    """An output path under a regular file, or of the wrong kind, is one line and exit code 2 before the data or the
+    model is loaded (it was a FileNotFoundError / NotADirectoryError traceback after the whole evaluation, or the
+    Trainer's FileExistsError after the data and the tokenizer); `--model RUN` does not even exist here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_folder").mkdir()
+    _write_jsonl(tmp_path / "t.jsonl", 2, 3, seed=0)
+    data = (["--model", "RUN", "--split", "validation", "--validation_file", "t.jsonl"] if argv[0] == "eval" else
+            ["--preset", "tiny", "--train_file", "t.jsonl", "--validation_file", "t.jsonl", "--max_steps", "1"])
+    assert cli.main([*argv, *data]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"memformer-hf: error: {message}\n" and captured.out == "", captured
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "t.jsonl"]  # nothing created
 
 
 def test_bad_arguments_for_a_trained_model(trained, capsys, monkeypatch):
@@ -520,6 +544,18 @@ def test_config_overrides_are_parsed_by_update_from_string():
                                          config_overrides="use_forget_bias=false,decoder_layers=3"), Tok())
     assert (config.hidden_size, config.num_attention_heads, config.memory_write_heads, config.decoder_layers,
             config.use_forget_bias, config.vocab_size) == (128, 8, 8, 3, False, 384)
+
+    # every boolean field takes true / false (the config refuses anything but a bool: "false" would be truthy)
+    from memformer_hf.configuration_memformer import BOOLEAN_FIELDS
+
+    for text, value in (("false", False), ("True", True)):
+        got = parse_config_overrides(",".join(f"{name}={text}" for name in BOOLEAN_FIELDS))
+        assert got == dict.fromkeys(BOOLEAN_FIELDS, value) and {type(v) for v in got.values()} == {bool}
+    config = build_config(ModelArguments(preset="tiny", config_overrides="normalize_memory_kv=false,"
+                                         "writer_out_proj=true,num_hidden_layers=3"), Tok())
+    assert (config.normalize_memory_kv, config.writer_out_proj, config.decoder_layers) == (False, True, 3)
+    with pytest.raises(cli.CliError, match=r"invalid `decoder_layers`=0.*`num_hidden_layers` is another name"):
+        build_config(ModelArguments(preset="tiny", config_overrides="num_hidden_layers=0"), Tok())
 
 
 def test_model_card_rendering_names_unknown_placeholders():

@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -309,6 +310,37 @@ def test_invalid_arguments():
         )
     with pytest.raises(ValueError, match="boot"):
         StreamBatches([[5]], segment_length=2, window=1, batch_size=1, bos_token_id=1, pad_token_id=0, boot="x")
+
+
+@pytest.mark.parametrize("bad,dtype,value", [
+    ([0, 5.7, 9.9, 127.99], "float32", "5.7"),
+    (torch.tensor([3.0, 4.0]), "float32", "3.0"),
+    (np.array([3, 4.5]), "float64", "4.5"),
+    (torch.tensor([True, False]), "bool", "True"),
+    (np.array([1 + 2j]), "complex128", r"\(1\+2j\)"),
+])
+def test_non_integer_token_ids_are_refused(bad, dtype, value):
+    """Float, bool and complex ids name the document instead of being cast to long (5.7 used to become 5)."""
+    kw = dict(segment_length=2, bos_token_id=BOS, pad_token_id=PAD)
+    message = rf"document 1 holds {dtype} values such as {value}; token ids must be integers"
+    with pytest.raises(ValueError, match=rf"StreamBatches: {message}"):
+        StreamBatches([[5, 6], bad], window=1, batch_size=1, **kw)
+    with pytest.raises(ValueError, match=rf"DocumentWindows: {message}"):
+        DocumentWindows([[5, 6], bad], window=1, **kw)
+    with pytest.raises(ValueError, match=rf"document_cells: the document holds {dtype} values"):
+        document_cells(bad, 2, BOS, PAD)
+    with pytest.raises(ValueError, match=r"StreamBatches: document 0 is a str, not token ids"):
+        StreamBatches(["5 6"], window=1, batch_size=1, **kw)
+
+
+def test_integer_token_ids_of_any_integer_type_are_accepted():
+    kw = dict(segment_length=2, window=1, batch_size=1, bos_token_id=BOS, pad_token_id=PAD, shuffle=False)
+    ref = StreamBatches([[5, 6, 7], [8, 9]], **kw)
+    for docs in ([np.array([5, 6, 7], dtype=np.int16), np.array([8, 9], dtype=np.uint8)],
+                 [torch.tensor([5, 6, 7], dtype=torch.int32), (8, 9)]):
+        ds = StreamBatches(docs, **kw)
+        assert ds._doc_flat.tolist() == [5, 6, 7, 8, 9] and len(ds) == len(ref)
+        assert all(torch.equal(ds[i][k], ref[i][k]) for i in range(len(ds)) for k in KEYS)
 
 
 def test_more_streams_than_documents():

@@ -300,6 +300,9 @@ def test_config_validation_and_original_config():
         ({"activation_function": "nope"}, "activation_function"),
         ({"pad_token_id": 10**6}, "pad_token_id"),
         ({"normalize_before": True}, "normalize_before"),
+        ({"hidden_size": 0}, "d_model"),  # the names of `attribute_map` are checked too
+        ({"num_attention_heads": 5}, "encoder_attention_heads"),
+        ({"use_cache": "false"}, "use_cache"),
     ]:
         with pytest.raises(ValueError, match=field):
             MemBartConfig(**bad)

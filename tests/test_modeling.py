@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM, MemformerModel
+from memformer_hf.configuration_memformer import BOOLEAN_FIELDS
 from memformer_hf.modeling_memformer import CACHE_KWARG
 
 L = 4  # segment_length of the tiny config
@@ -734,6 +735,37 @@ def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expe
     model = build_tiny_memformer(attn="sdpa", layer_norm_eps=1e-12, initializer_range=1e-3)
     with torch.no_grad():
         assert torch.isfinite(model(rand_ids(7, batch=2)).logits).all()
+
+
+@pytest.mark.parametrize("overrides,field,expected", [
+    (dict(num_hidden_layers=0), "decoder_layers", "an integer >= 1"),
+    (dict(num_hidden_layers=-2), "decoder_layers", "an integer >= 1"),
+    (dict(n_positions=10 ** 6), "segment_length", "at most 65536"),
+    (dict(n_positions=0), "segment_length", "an integer >= 1"),
+])
+def test_config_aliases_are_validated(tmp_path, overrides, field, expected):
+    """The other names of `attribute_map` (`num_hidden_layers`, `n_positions`) were set by the base class after the
+    checks: 0 decoder layers was accepted, `n_positions=10**6` tried to allocate terabytes at the first forward. They
+    are checked like the fields, in Python and from a hand-edited config.json; valid values still take effect."""
+    alias = next(iter(overrides))
+    assert_config_refused(tmp_path, overrides, field,
+                          rf"invalid `{field}`=.*expected {expected}.*`{alias}` is another name for `{field}`")
+    cfg = tiny_memformer_config(num_hidden_layers=3, n_positions=16)
+    assert (cfg.decoder_layers, cfg.num_hidden_layers, cfg.segment_length, cfg.n_positions) == (3, 3, 16, 16)
+    cfg.save_pretrained(tmp_path)
+    again = MemformerConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == cfg.to_dict() and "num_hidden_layers" not in json.loads(
+        (tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"invalid `decoder_layers`=0"):  # from_pretrained's overrides are set late
+        MemformerConfig.from_pretrained(tmp_path, num_hidden_layers=0)
+
+
+@pytest.mark.parametrize("field", BOOLEAN_FIELDS)
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_boolean_config_fields_refuse_other_types(tmp_path, field, value):
+    """`normalize_memory_kv="false"` (a string, so truthy) used to build a model with the option on."""
+    assert_config_refused(tmp_path, {field: value}, field, rf"invalid `{field}`={value!r}; expected True or False")
+    assert getattr(tiny_memformer_config(**{field: False}), field) is False
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])

@@ -191,6 +191,11 @@ def test_bad_sources_raise_naming_the_problem():
                                    **kw), 1)
     with pytest.raises(ValueError, match="document 2 of pass 0 holds token id 60 but the model's vocab_size is 50"):
         take(IterableStreamBatches([[3] * 9, [4] * 9, [60]], vocab_size=50, **kw), 5)
+    with pytest.raises(ValueError, match="document 1 of pass 0 holds float32 values such as 4.5; token ids must be "
+                                         "integers"):
+        take(IterableStreamBatches([[3] * 9, [4.5, 5], [6]], **kw), 5)
+    with pytest.raises(ValueError, match="document 0 of pass 0 holds float64 values such as 3.5"):
+        take(IterableStreamBatches([{"input_ids": torch.tensor([3.5, 4.0], dtype=torch.float64)}], **kw), 1)
     with pytest.raises(ValueError, match="pass 0 gave rank 1 no tokens .*at least 2 non-empty"):
         take(IterableStreamBatches([[3, 4, 5], []], world_size=2, rank=1, **kw), 1)
     loader = torch.utils.data.DataLoader(IterableStreamBatches([[3, 4]], **kw), batch_size=None, num_workers=1)

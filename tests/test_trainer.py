@@ -928,6 +928,27 @@ def test_datasets_dataset_input(tmp_path):
                          train_dataset=datasets.Dataset.from_dict({"text": ["a", "b"]}))
 
 
+
+def test_non_integer_token_ids_are_refused(tmp_path):
+    """Float token ids (train, eval, a `datasets.Dataset` column, `evaluate_documents`) are a ValueError naming the
+    document; they used to be truncated (5.7 -> 5) and trained on."""
+    datasets = pytest.importorskip("datasets")
+    docs = make_docs(2, 3, 3, 22)
+    bad = [*docs[:2], [0, 5.7, 9.9, 20.99]]
+    message = "document 2 holds float32 values such as 5.7; token ids must be integers"
+    with pytest.raises(ValueError, match=f"train_dataset: {message}"):
+        MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=bad)
+    with pytest.raises(ValueError, match=f"eval_dataset: {message}"):
+        MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=docs, eval_dataset=bad)
+    # Arrow gives the whole column one type: every document is float, the first one is named
+    with pytest.raises(ValueError, match=r"train_dataset: document 0 holds float32 values such as \d+\.0; token ids"):
+        MemformerTrainer(model=make_model(0), args=targs(tmp_path),
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": bad}))
+    tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=docs)
+    with pytest.raises(ValueError, match="holds float32 values such as 5.7"):
+        tr.evaluate_documents(bad)
+
+
 # ============================================================================================== 9. DDP
 DDP_DOCS = dict(seed=7, n=10, lo=3, hi=22)
 # SGD: Adam's normalisation would turn the rounding noise of all-reduce order on near-zero gradients into ±lr

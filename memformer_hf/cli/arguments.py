@@ -18,6 +18,7 @@ import argparse
 import json
 import logging as pylogging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,27 @@ def split_paths(value: str, flag: str) -> list[str]:
         if not Path(p).expanduser().exists():
             raise CliError(f"--{flag} {p}: no such file or directory")
     return paths
+
+
+
+def check_output_path(flag: str, value: str | None, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder (`directory`) that exists as
+    something else, a file path that is a folder, or either under a regular file. Missing folders are fine: they are
+    created when writing (as the Trainer does for --output_dir)."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if directory and path.exists() and not path.is_dir():
+        raise CliError(f"--{flag} {value}: exists and is not a directory")
+    if not directory and path.is_dir():
+        raise CliError(f"--{flag} {value}: is a directory; pass a file path such as {Path(value, 'metrics.json')}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:  # the nearest folder that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"--{flag} {value}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--{flag} {value}: cannot write into {existing} (permission denied)")
 
 
 # ================================================================================================ checks

@@ -15,7 +15,7 @@ from transformers.utils import logging
 from ..trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 from . import corpus as corpus_io
 from . import report as reports
-from .arguments import CliError, DataArguments, EvalArguments, check_data_args, check_positive, parse
+from .arguments import CliError, DataArguments, EvalArguments, check_data_args, check_output_path, check_positive, parse
 
 logger = logging.get_logger(__name__)
 
@@ -28,6 +28,7 @@ def cmd_eval(argv: list[str]) -> int:
     check_data_args(data)
     check_positive("per_device_eval_batch_size", ev.per_device_eval_batch_size)
     check_positive("eval_window", ev.eval_window)
+    check_output_path("output_json", ev.output_json)  # before the evaluation, not after it
     model, tokenizer = corpus_io.load_model_folder(ev.model, ev.use_cpu)
     corpus, description = corpus_io.load_corpus(data, splits=(ev.split,))
     if ev.split not in corpus:
@@ -55,5 +56,7 @@ def cmd_eval(argv: list[str]) -> int:
     print()
     print(reports.position_table(metrics, splits), flush=True)
     if ev.output_json:
-        Path(ev.output_json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        path = Path(ev.output_json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return 0

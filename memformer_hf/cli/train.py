@@ -37,6 +37,7 @@ from .arguments import (
     build_config,
     check_data_args,
     check_model_args,
+    check_output_path,
     check_positive,
     check_training_args,
     flag_given,
@@ -211,6 +212,7 @@ def cmd_train(argv: list[str]) -> int:
     check_training_args(args)
     check_model_args(model_args)
     check_data_args(data, args)
+    check_output_path("output_dir", args.output_dir, directory=True)
     check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)
     check_positive("heatmap_segments", report.heatmap_segments)
     template = reports.template_path(report.model_card_template)

@@ -236,7 +236,6 @@ def split_paths(value: str, flag: str) -> list[str]:
     return paths
 
 
-
 def check_output_path(flag: str, value: str | None, directory: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder (`directory`) that exists as
     something else, a file path that is a folder, or either under a regular file. Missing folders are fine: they are

@@ -404,6 +404,35 @@ def _token_ids(ids: Any, where: str) -> torch.Tensor:
     return t.to(torch.long).reshape(-1)
 
 
+def document_ids(ids: Any, where: str, attention_mask: Any = None, labels: Any = None,
+                 bos_token_id: int | None = None) -> torch.Tensor:
+    """One tokenized document as the trainer reads it: the ids where ``attention_mask`` is 1 (padding of a padded
+    dataset is dropped, never trained on), without a leading ``bos_token_id`` (every document starts from its own boot
+    segment, as the model's stream mode does with a leading BOS). ``labels``, if given, must equal the ids at those
+    positions: every token of a document is a target, so per-token label masks (-100) cannot be honoured and are a
+    ``ValueError`` naming the document instead of being ignored."""
+    t = _token_ids(ids, where)
+    if attention_mask is not None:
+        mask = _token_ids(attention_mask, f"{where}: its attention_mask")
+        if mask.shape != t.shape or bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{where}: its attention_mask must be 0/1 values, one per token ({t.numel()}); got "
+                             f"{mask.numel()} values in [{int(mask.min()) if mask.numel() else 0}, "
+                             f"{int(mask.max()) if mask.numel() else 0}]")
+        keep = mask.bool()
+    else:
+        keep = torch.ones_like(t, dtype=torch.bool)
+    if labels is not None:
+        lab = _token_ids(labels, f"{where}: its labels")
+        if lab.shape != t.shape or not torch.equal(lab[keep], t[keep]):
+            raise ValueError(f"{where}: its `labels` differ from its `input_ids` (e.g. -100 on some tokens). The "
+                             "trainer reads contiguous documents and every token is a target; drop the `labels` "
+                             "column, and mark padding with `attention_mask`.")
+    t = t[keep]
+    if bos_token_id is not None and t.numel() and int(t[0]) == bos_token_id:
+        t = t[1:]
+    return t
+
+
 def _compact_documents(
     documents: Sequence[Sequence[int] | torch.Tensor], what: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -861,7 +890,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
             return record
         if isinstance(record, dict):
             if "input_ids" in record:
-                return record["input_ids"]
+                return document_ids(record["input_ids"], where, record.get("attention_mask"), record.get("labels"))
             if self.text_column not in record:
                 raise ValueError(f"{where} has no column {self.text_column!r} (nor 'input_ids'); available columns: "
                                  f"{sorted(record)}")
@@ -917,7 +946,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
                 for index, content in pending]
 
     def _checked(self, ids: Any, pass_index: int, index: int) -> torch.Tensor:
-        ids = _token_ids(ids, f"document {index} of pass {pass_index}")
+        ids = document_ids(ids, f"document {index} of pass {pass_index}", bos_token_id=self.bos_token_id)
         if ids.numel():
             low, top = int(ids.min()), int(ids.max())
             if low < 0:

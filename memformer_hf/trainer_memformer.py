@@ -51,7 +51,7 @@ from transformers.trainer_utils import denumpify_detensorize, get_last_checkpoin
 from transformers.utils import logging
 
 from .checkpointing import AtomicCheckpointMixin
-from .data_streams import IterableStreamBatches, StreamBatches, _token_ids, check_vocab, collate_single
+from .data_streams import IterableStreamBatches, StreamBatches, check_vocab, collate_single, document_ids
 from .mrbp import LOSS_WEIGHTINGS, MODES, average_gradients, cell_batch, cells_backward, graphed_cells_apply
 
 logger = logging.get_logger(__name__)
@@ -281,10 +281,12 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             _check_streaming_args(train_dataset, args)
             train_dataset.vocab_size = min(vocab, train_dataset.vocab_size or vocab)  # checked as documents are read
         elif train_dataset is not None and not isinstance(train_dataset, StreamBatches):
-            train_dataset = self._pack(_as_documents(train_dataset, "train_dataset"), args)
+            documents = _as_documents(train_dataset, "train_dataset", model.config.bos_token_id)
+            train_dataset = self._pack(documents, args)
         if isinstance(train_dataset, StreamBatches):
             check_vocab(vocab, documents=train_dataset, what="train_dataset")
-        self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
+        self._eval_documents = (None if eval_dataset is None
+                                else _as_documents(eval_dataset, "eval_dataset", model.config.bos_token_id))
         if self._eval_documents is not None:
             check_vocab(vocab, documents=self._eval_documents, what="eval_dataset")
         _one_gpu_per_process(args)
@@ -549,7 +551,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         position in the document; plus what `compute_metrics` returns for the sums (`MemformerEvalPrediction`).
         The metrics are logged (`self.log`: the `report_to` loggers and the callbacks' `on_log`) and passed to the
         callbacks' `on_evaluate`, as the Trainer's `evaluate` does."""
-        documents = self._eval_documents if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
+        documents = (self._eval_documents if eval_dataset is None
+                     else _as_documents(eval_dataset, "eval_dataset", self._model_config.bos_token_id))
         if documents is None:
             raise ValueError("MemformerTrainer.evaluate needs eval documents (eval_dataset).")
         sums = self.evaluation_sums(documents)
@@ -763,18 +766,30 @@ def _check_streaming_args(ds: IterableStreamBatches, args: TrainingArguments) ->
                          "(endless, bounded by max_steps).")
 
 
-def _as_documents(data: Any, name: str) -> list[list[int]]:
-    """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column; ids that
-    are not integers (e.g. 5.7, which `int` would truncate) are a `ValueError` naming the document."""
+def _as_documents(data: Any, name: str, bos_token_id: int | None) -> list[list[int]]:
+    """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column (and
+    optionally `attention_mask`, whose padding is dropped, and `labels`, which must equal the ids), each without a
+    leading BOS (`data_streams.document_ids`); ids that are not integers (e.g. 5.7, which `int` would truncate) are
+    a `ValueError` naming the document."""
+    masks = labels = None
     if hasattr(data, "column_names"):
         if "input_ids" not in data.column_names:
             raise ValueError(f"{name}: a datasets.Dataset needs an `input_ids` column of tokenized documents; "
                              f"it has {data.column_names}.")
+        masks = data["attention_mask"] if "attention_mask" in data.column_names else None
+        labels = data["labels"] if "labels" in data.column_names else None
         data = data["input_ids"]
     elif not (isinstance(data, (list, tuple)) and (not data or isinstance(data[0], (list, tuple, torch.Tensor)))):
         raise ValueError(f"{name}: expected tokenized documents (a list of token-id lists or a datasets.Dataset with "
                          f"`input_ids`), got {type(data).__name__}.")
-    return [_token_ids(d, f"{name}: document {i}").tolist() for i, d in enumerate(data)]
+    docs = [document_ids(d, f"{name}: document {i}", None if masks is None else masks[i],
+                         None if labels is None else labels[i]) for i, d in enumerate(data)]
+    with_bos = [i for i, d in enumerate(docs) if bos_token_id is not None and d.numel() and int(d[0]) == bos_token_id]
+    if with_bos:
+        logger.info(f"{name}: {len(with_bos)} document(s) begin with BOS (id {bos_token_id}); it is dropped, as every "
+                    "document starts from its own boot segment (as in the model's stream mode).")
+    drop = set(with_bos)
+    return [(d[1:] if i in drop else d).tolist() for i, d in enumerate(docs)]
 
 
 __all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",

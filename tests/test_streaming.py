@@ -180,6 +180,20 @@ def test_another_layout_restarts_at_the_earliest_document_in_flight():
     assert first["memory_reset"][0, 0] and first["shift_labels"][0, 0] == docs[state["resume_from"][1]][0]
 
 
+def test_streamed_records_drop_padding_and_a_leading_bos():
+    """Streamed records are read as the map-style trainer reads documents: padding (`attention_mask` 0) and a
+    leading BOS are dropped, `labels` must equal the ids (masks that hide real tokens are refused)."""
+    rng = random.Random(5)
+    docs = [[rng.randrange(3, 50) for _ in range(rng.randrange(3, 20))] for _ in range(6)]
+    records = [{"input_ids": [BOS] + d + [PAD, PAD], "attention_mask": [1] * (len(d) + 1) + [0, 0],
+                "labels": [BOS] + d + [-100, -100]} for d in docs]
+    kw = layout(2, 1, 2, passes=1)
+    assert_same_batches(list(IterableStreamBatches(records, **kw)), list(IterableStreamBatches(docs, **kw)))
+    records[3]["labels"][2] = -100
+    with pytest.raises(ValueError, match=r"document 3 of pass 0: its `labels` differ from its `input_ids`"):
+        list(IterableStreamBatches(records, **kw))
+
+
 def test_bad_sources_raise_naming_the_problem():
     kw = layout(2, 1, 2)
     with pytest.raises(ValueError, match="one-shot iterator"):

@@ -724,6 +724,32 @@ def test_evaluate_equals_stream_forward_per_document(tmp_path, eval_batch, eval_
     assert any("eval_loss" in h for h in tr.state.log_history)
 
 
+def test_padding_labels_and_a_leading_bos_are_read_as_the_model_reads_them(tmp_path):
+    """A padded dataset (`attention_mask`, `labels` with -100 on the pads) trains and evaluates on its real tokens
+    only, never on the pads; `labels` that mask real tokens cannot be honoured (every token is a target) and are
+    refused naming the document; a leading BOS is the document's boot, as in the model's stream mode, not a target."""
+    datasets = pytest.importorskip("datasets")
+    docs = make_docs(5, 4, 5, 30)
+    width = max(map(len, docs)) + 3
+    padded = {"input_ids": [d + [PAD] * (width - len(d)) for d in docs],
+              "attention_mask": [[1] * len(d) + [0] * (width - len(d)) for d in docs],
+              "labels": [d + [-100] * (width - len(d)) for d in docs]}
+    plain = MemformerTrainer(model=make_model(0), train_dataset=docs, args=targs(tmp_path / "a"))
+    read = MemformerTrainer(model=make_model(0), train_dataset=datasets.Dataset.from_dict(padded),
+                            args=targs(tmp_path / "b"))
+    assert torch.equal(read.train_dataset._doc_flat, plain.train_dataset._doc_flat)
+    reference = plain.evaluate(docs)
+    for other in (datasets.Dataset.from_dict(padded), [[BOS] + d for d in docs]):
+        metrics = plain.evaluate(other)
+        assert metrics["eval_tokens"] == reference["eval_tokens"] == sum(map(len, docs))
+        assert metrics["eval_loss"] == reference["eval_loss"]
+    masked = {**padded, "labels": [list(x) for x in padded["labels"]]}
+    masked["labels"][1][2] = -100
+    with pytest.raises(ValueError, match=r"train_dataset: document 1: its `labels` differ from its `input_ids`"):
+        MemformerTrainer(model=make_model(0), train_dataset=datasets.Dataset.from_dict(masked),
+                         args=targs(tmp_path / "c"))
+
+
 class RecordEvaluation(TrainerCallback):
     """What callbacks (and so the `report_to` loggers, which are callbacks) see of evaluations."""
 

@@ -158,17 +158,20 @@ def normalize_keys(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict
 def check_state_dict(
     state_dict: dict[str, torch.Tensor], config: MemBartConfig
 ) -> tuple[list[str], list[str], list[str]]:
-    """Compare against a model built from ``config`` (on the meta device): (missing, unexpected, shape mismatches)."""
+    """Compare against a model built from ``config`` (on the meta device): (missing, unexpected, mismatches of shape
+    or of kind: a floating-point tensor of the model stored as integers or booleans in the checkpoint)."""
     with torch.device("meta"):
         reference = MemBartForConditionalGeneration(config)
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items() if k not in TIED_KEYS}
+    expected = {k: v for k, v in reference.state_dict().items() if k not in TIED_KEYS}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs config {expected[k]}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != expected[k]
-    ]
+    mismatched = []
+    for k in sorted(set(expected) & set(state_dict)):
+        got, want = state_dict[k], expected[k]
+        if tuple(got.shape) != tuple(want.shape):
+            mismatched.append(f"{k}: checkpoint {tuple(got.shape)} vs config {tuple(want.shape)}")
+        elif want.is_floating_point() and not got.is_floating_point():
+            mismatched.append(f"{k}: checkpoint dtype {got.dtype} vs a floating-point parameter")
     return missing, unexpected, mismatched
 
 
@@ -203,7 +206,8 @@ def convert(
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         print(f"{title} keys ({len(items)}): {items if items else 'none'}")
     if mismatched:
-        raise ConversionError(f"{len(mismatched)} tensors do not match the config's shapes, e.g. {mismatched[0]}")
+        raise ConversionError(f"{len(mismatched)} tensors do not match the config's shapes or dtypes, e.g. "
+                              f"{mismatched[0]}")
     if (missing or unexpected) and not allow_partial:
         raise ConversionError(
             f"partial checkpoint: {len(missing)} missing and {len(unexpected)} unexpected keys "

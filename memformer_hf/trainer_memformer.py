@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,9 @@ class MemformerTrainingArguments(TrainingArguments):
             raise ValueError(f"mrbp_loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.mrbp_loss_weighting!r}.")
         if self.eval_window < 1:
             raise ValueError(f"eval_window must be >= 1, got {self.eval_window}.")
+        if self.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor} is not supported by MemformerTrainer: "
+                             "its MRBP cells compute the plain token cross-entropy; leave it at 0.")
         if self.torch_compile:
             raise ValueError("torch_compile is not supported by MemformerTrainer: on a GPU the MRBP cells already run "
                              "as captured CUDA graphs, and a compiled model re-traces every cell (3.9x slower when "
@@ -305,6 +309,13 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
         params = {**stream_layout(self._model_config, args), "seed": args.data_seed or args.seed, **overrides}
+        streams = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        n_docs = sum(1 for d in documents if d)
+        if 0 < n_docs < streams:
+            warnings.warn(f"train_dataset: {n_docs} document(s) for {streams} parallel streams (per_device_train_batch_"
+                          f"size x gradient_accumulation_steps x processes): {streams - n_docs} streams hold only "
+                          "padding, and their forward and backward passes are wasted; lower the batch size or the "
+                          "gradient accumulation.", stacklevel=3)
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
         # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)
@@ -545,6 +556,13 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             yield
 
     # ------------------------------------------------------------------------------------------------ evaluation
+    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
+        """Not supported: per-example predictions do not fit a model that reads whole documents as streams."""
+        raise NotImplementedError(
+            "MemformerTrainer.predict is not supported: the model reads whole documents as streams. Use "
+            "`trainer.evaluate(documents)` for perplexity (by position, memory carried), and `model(input_ids)` or "
+            "`model.generate` for logits and text.")
+
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Perplexity with the memory carried through whole documents (and, optionally, reset every segment), by

@@ -336,6 +336,26 @@ def test_unwritable_output_paths_fail_before_any_work(argv, message, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "t.jsonl"]  # nothing created
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--do_train", "false", "--do_eval"], "--do_train does nothing here: `memformer-hf train` always trains; for "
+                                           "evaluation only, run `memformer-hf eval --model DIR`"),
+    (["--save_steps", "2"], "--save_steps has no effect unless --save_strategy steps (here --save_strategy is 'no')"),
+    (["--eval_strategy", "epoch", "--eval_steps", "2"], "--eval_steps has no effect unless --eval_strategy steps"),
+    (["--label_smoothing_factor", "0.1"], "label_smoothing_factor=0.1 is not supported by MemformerTrainer"),
+])
+def test_training_flags_that_would_do_nothing_are_refused(flags, message, tmp_path, capsys, monkeypatch):
+    """Flags a user would expect to act, which this command would silently ignore (a run trained anyway, no
+    checkpoint written, no label smoothing applied): one line and exit code 2 before any work."""
+    monkeypatch.chdir(tmp_path)
+    _write_jsonl(tmp_path / "t.jsonl", 2, 3, seed=0)
+    argv = ["train", "--preset", "tiny", "--train_file", "t.jsonl", "--validation_file", "t.jsonl", "--max_steps", "1",
+            "--output_dir", "run", *flags]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"memformer-hf: error: {message}") and captured.err.count("\n") == 1, captured
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_arguments_for_a_trained_model(trained, capsys, monkeypatch):
     out, _ = trained
     monkeypatch.chdir(out.parent)

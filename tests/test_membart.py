@@ -222,6 +222,15 @@ def test_converter_refuses_bad_inputs(tmp_path, original_weights, capsys):
     err = capsys.readouterr().err.strip()
     assert "do not match the config's shapes" in err and "model.encoder.memory_bias" in err
 
+    # a floating-point parameter stored as integers of the right shape: one line, not a traceback from loading
+    as_ints = dict(original_weights)
+    as_ints["model.encoder.memory_bias"] = as_ints["model.encoder.memory_bias"].round().long()
+    torch.save(as_ints, tmp_path / "ints.bin")
+    assert _convert(tmp_path / "ints.bin", tmp_path / "out_ints") == 1
+    err = capsys.readouterr().err.strip()
+    assert "model.encoder.memory_bias: checkpoint dtype torch.int64 vs a floating-point parameter" in err, err
+    assert "\n" not in err and not (tmp_path / "out_ints").exists()
+
     # with --allow_partial the missing tensor is initialised (finite) instead
     assert _convert(tmp_path / "partial.bin", tmp_path / "out_allowed", "--allow_partial") == 0
     model = MemBartForConditionalGeneration.from_pretrained(tmp_path / "out_allowed")

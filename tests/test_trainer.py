@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -748,6 +749,19 @@ def test_padding_labels_and_a_leading_bos_are_read_as_the_model_reads_them(tmp_p
     with pytest.raises(ValueError, match=r"train_dataset: document 1: its `labels` differ from its `input_ids`"):
         MemformerTrainer(model=make_model(0), train_dataset=datasets.Dataset.from_dict(masked),
                          args=targs(tmp_path / "c"))
+
+
+def test_fewer_documents_than_streams_warns_and_predict_explains(tmp_path):
+    """Streams without a document only hold padding (their forward and backward passes are wasted): a warning says
+    so and how to avoid it. `predict` (per-example outputs) says what to use instead of failing inside transformers."""
+    docs = make_docs(7, 3, 5, 30)
+    with pytest.warns(UserWarning, match=r"3 document\(s\) for 4 parallel streams .*1 streams hold only padding"):
+        tr = MemformerTrainer(model=make_model(0), train_dataset=docs, args=targs(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MemformerTrainer(model=make_model(0), train_dataset=docs + make_docs(8, 1, 5, 30), args=targs(tmp_path))
+    with pytest.raises(NotImplementedError, match=r"predict is not supported.*trainer.evaluate\(documents\)"):
+        tr.predict(docs)
 
 
 class RecordEvaluation(TrainerCallback):

@@ -209,6 +209,14 @@ def cmd_train(argv: list[str]) -> int:
         "train a Memformer language model with MRBP and write a Hub-ready folder")
     if flag_given(argv, "num_train_epochs") and not flag_given(argv, "max_steps"):
         args.max_steps = -1  # an explicit epoch count replaces the default step budget
+    for name in ("do_train", "do_eval", "do_predict"):  # TrainingArguments fields the Trainer itself never reads
+        if flag_given(argv, name):
+            raise CliError(f"--{name} does nothing here: `{PROG} train` always trains; for evaluation only, run "
+                           f"`{PROG} eval --model DIR`")
+    for name, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
+        if flag_given(argv, name) and getattr(getattr(args, strategy), "value", getattr(args, strategy)) != "steps":
+            raise CliError(f"--{name} has no effect unless --{strategy} steps (here --{strategy} is "
+                           f"{getattr(getattr(args, strategy), 'value', getattr(args, strategy))!r})")
     check_training_args(args)
     check_model_args(model_args)
     check_data_args(data, args)

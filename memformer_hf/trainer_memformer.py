@@ -297,6 +297,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
                          **kwargs)
         self._carry: torch.Tensor | None = None
+        self._rng_restore: str | None = None  # a streamed resume's deferred random state (`_load_rng_state`)
         if isinstance(train_dataset, STREAM_DATASETS):
             self._check_stream_layout(train_dataset)
         if isinstance(train_dataset, StreamBatches):
@@ -385,7 +386,25 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             skip = 0 if self.args.ignore_data_skip else left * self.args.gradient_accumulation_steps
         if resume_from_checkpoint is not None and isinstance(self.train_dataset, IterableStreamBatches):
             epochs_trained, skip = 0, 0  # the stream position was restored with the carries (`train`)
+            self._rng_restore = "defer"  # see `_load_rng_state`
         return epochs_trained, skip
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """The Trainer's, except on resuming a streamed run: there it would restore the random state before the
+        epoch's data iterator is created, whose creation draws from the CPU generator, unlike the uninterrupted run
+        (whose iterator was created long before the checkpoint). The state is then restored at the first batch
+        fetch instead (`get_batch_samples`), so dropout continues exactly."""
+        if self._rng_restore == "defer":
+            self._rng_restore = checkpoint
+            return
+        super()._load_rng_state(checkpoint)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        pending = self._rng_restore
+        if pending is not None and pending != "defer":
+            self._rng_restore = None
+            super()._load_rng_state(pending)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def _run_epoch(self, *args: Any, **kwargs: Any):
         """As the Trainer's, over this epoch's own number of batches."""

@@ -234,19 +234,22 @@ def args(out: Path, **kw) -> MemformerTrainingArguments:
     return MemformerTrainingArguments(**{**base, **kw})
 
 
-def test_trainer_streams_a_jsonl_and_resumes(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+def test_trainer_streams_a_jsonl_and_resumes(tmp_path, dropout):
     """`load_dataset("json", streaming=True)` of texts, tokenized on the fly with the `processing_class`: training
     runs `max_steps` optimizer steps over endless passes; a run stopped after step 3 and resumed from its checkpoint
     by a fresh trainer and model gives the losses and parameters of the uninterrupted run (the stream position and
-    the carried memory are restored, no batch is replayed)."""
+    the carried memory are restored, no batch is replayed), with dropout too (the random state is restored after
+    the epoch's data iterator is created, whose creation draws from it, as in the uninterrupted run)."""
     data = write_jsonl(tmp_path / "train.jsonl", 5, seed=0)  # short: the 6 steps run through several passes
 
     def stream():
         return datasets.load_dataset("json", data_files=str(data), split="train", streaming=True)
 
     def trainer(out, seed=0, **kw):
-        return MemformerTrainer(model=build_tiny_memformer(seed, dtype=torch.float32, train=True), args=args(out),
-                                train_dataset=stream(), processing_class=word_tokenizer(50), **kw)
+        model = build_tiny_memformer(seed, dtype=torch.float32, train=True, hidden_dropout=dropout)
+        return MemformerTrainer(model=model, args=args(out), train_dataset=stream(), processing_class=word_tokenizer(50),
+                                **kw)
 
     full = trainer(tmp_path / "full")
     assert isinstance(full.train_dataset, IterableStreamBatches) and full.training_plan() == (1, 6)

@@ -394,6 +394,8 @@ def _token_ids(ids: Any, where: str) -> torch.Tensor:
         t = ids if torch.is_tensor(ids) else torch.as_tensor(ids)  # keeps the dtype of NumPy arrays, infers lists'
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise ValueError(f"{where} is not a sequence of integer token ids ({type(ids).__name__}: {e})") from None
+    if t.dim() > 1 and any(n != 1 for n in t.shape[:-1]):
+        raise ValueError(f"{where} has shape {tuple(t.shape)}; a document is one flat sequence of token ids")
     if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         flat = t.reshape(-1)
         fractional = flat[flat != flat.trunc()] if t.is_floating_point() else flat[:0]

@@ -816,7 +816,8 @@ def _as_documents(data: Any, name: str, bos_token_id: int | None) -> list[list[i
         masks = data["attention_mask"] if "attention_mask" in data.column_names else None
         labels = data["labels"] if "labels" in data.column_names else None
         data = data["input_ids"]
-    elif not (isinstance(data, (list, tuple)) and (not data or isinstance(data[0], (list, tuple, torch.Tensor)))):
+    elif not (isinstance(data, (list, tuple))
+              and (not data or isinstance(data[0], (list, tuple, torch.Tensor, np.ndarray)))):
         raise ValueError(f"{name}: expected tokenized documents (a list of token-id lists or a datasets.Dataset with "
                          f"`input_ids`), got {type(data).__name__}.")
     docs = [document_ids(d, f"{name}: document {i}", None if masks is None else masks[i],

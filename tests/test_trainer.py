@@ -27,6 +27,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -987,6 +988,11 @@ def test_non_integer_token_ids_are_refused(tmp_path):
     tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=docs)
     with pytest.raises(ValueError, match="holds float32 values such as 5.7"):
         tr.evaluate_documents(bad)
+    # documents nested one level too deep were flattened into one; NumPy arrays are documents like lists
+    with pytest.raises(ValueError, match=r"train_dataset: document 1 has shape \(2, 2\); a document is one flat"):
+        MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=[docs[0], [[3, 4], [5, 6]]])
+    as_arrays = MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=[np.array(d) for d in docs])
+    assert torch.equal(as_arrays.train_dataset._doc_flat, tr.train_dataset._doc_flat)
 
 
 # ============================================================================================== 9. DDP

@@ -389,6 +389,19 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             self._rng_restore = "defer"  # see `_load_rng_state`
         return epochs_trained, skip
 
+    def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
+        """`include_num_input_tokens_seen`: the batches are windows of cells, not `input_ids`; count the document
+        tokens they hold (`non_padding`: each token once, as the targets it is; `all`: every decoder position,
+        padding included)."""
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        if self.args.include_num_input_tokens_seen == "non_padding":
+            tokens = inputs["shift_labels"].ne(-100).sum()
+        else:
+            tokens = torch.tensor(inputs["decoder_input_ids"].numel())
+        tokens = tokens.to(device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
     def _load_rng_state(self, checkpoint: str | None) -> None:
         """The Trainer's, except on resuming a streamed run: there it would restore the random state before the
         epoch's data iterator is created, whose creation draws from the CPU generator, unlike the uninterrupted run

@@ -752,6 +752,20 @@ def test_padding_labels_and_a_leading_bos_are_read_as_the_model_reads_them(tmp_p
                          args=targs(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("mode", ["non_padding", "all"])
+def test_num_input_tokens_seen_counts_the_documents_tokens(tmp_path, mode):
+    """`include_num_input_tokens_seen` counted 0 (the batches have no `input_ids`): one epoch sees every document
+    token once (`non_padding`), or every decoder position of every window, padding included (`all`)."""
+    docs = make_docs(9, 6, 5, 40)
+    tr = MemformerTrainer(model=make_model(0), train_dataset=docs,
+                          args=targs(tmp_path, include_num_input_tokens_seen=mode))
+    tr.train()
+    batches = [tr.train_dataset[i] for i in range(len(tr.train_dataset))]
+    expected = (sum(map(len, docs)) if mode == "non_padding" else sum(b["decoder_input_ids"].numel() for b in batches))
+    assert tr.state.num_input_tokens_seen == expected > 0
+    assert mode == "non_padding" or expected > sum(map(len, docs))
+
+
 def test_fewer_documents_than_streams_warns_and_predict_explains(tmp_path):
     """Streams without a document only hold padding (their forward and backward passes are wasted): a warning says
     so and how to avoid it. `predict` (per-example outputs) says what to use instead of failing inside transformers."""

@@ -314,7 +314,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         n_docs = sum(1 for d in documents if d)
         if 0 < n_docs < streams:
             warnings.warn(f"train_dataset: {n_docs} document(s) for {streams} parallel streams (per_device_train_batch_"
-                          f"size x gradient_accumulation_steps x processes): {streams - n_docs} streams hold only "
+                          f"size x gradient_accumulation_steps x processes): {streams - n_docs} stream(s) hold only "
                           "padding, and their forward and backward passes are wasted; lower the batch size or the "
                           "gradient accumulation.", stacklevel=3)
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch

@@ -770,7 +770,7 @@ def test_fewer_documents_than_streams_warns_and_predict_explains(tmp_path):
     """Streams without a document only hold padding (their forward and backward passes are wasted): a warning says
     so and how to avoid it. `predict` (per-example outputs) says what to use instead of failing inside transformers."""
     docs = make_docs(7, 3, 5, 30)
-    with pytest.warns(UserWarning, match=r"3 document\(s\) for 4 parallel streams .*1 streams hold only padding"):
+    with pytest.warns(UserWarning, match=r"3 document\(s\) for 4 parallel streams .*1 stream\(s\) hold only padding"):
         tr = MemformerTrainer(model=make_model(0), train_dataset=docs, args=targs(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -176,6 +176,14 @@ class MemBartConfig(PreTrainedConfig):
         if not self.is_encoder_decoder:
             raise ValueError("MemBartConfig: `is_encoder_decoder` must be True")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`PretrainedConfig.from_dict`, whose keyword overrides (`from_pretrained(path, d_model=...)`) are set after
+        `__init__`, then `_validate` on the result."""
+        out = super().from_dict(config_dict, **kwargs)
+        (out[0] if isinstance(out, tuple) else out)._validate()
+        return out
+
     def _validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
         for name, minimum in (

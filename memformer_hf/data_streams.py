@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -436,11 +437,11 @@ def document_ids(ids: Any, where: str, attention_mask: Any = None, labels: Any =
 
 
 def _compact_documents(
-    documents: Sequence[Sequence[int] | torch.Tensor], what: str
+    documents: Sequence[Sequence[int] | torch.Tensor], what: str, bos_token_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate documents into one flat int tensor plus ``[n_docs + 1]`` offsets; warn about empty documents.
-    Documents whose ids are not integers are refused (:func:`_token_ids`)."""
-    docs = [_token_ids(d, f"{what}: document {i}") for i, d in enumerate(documents)]
+    Documents whose ids are not integers are refused; a leading ``bos_token_id`` is dropped (:func:`document_ids`)."""
+    docs = [document_ids(d, f"{what}: document {i}", bos_token_id=bos_token_id) for i, d in enumerate(documents)]
     lengths = [d.numel() for d in docs]
     n_empty = sum(1 for n in lengths if n == 0)
     if n_empty:
@@ -571,7 +572,8 @@ class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
         self.seed = seed
         self.shuffle = shuffle
 
-        self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches")
+        self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches",
+                                                               bos_token_id if boot == "bos" else None)
         lengths = self._doc_offsets[1:] - self._doc_offsets[:-1]
         self._doc_cells = [_n_cells(int(n), segment_length) for n in lengths.tolist()]
         self._nonempty = [i for i, c in enumerate(self._doc_cells) if c > 0]
@@ -737,7 +739,7 @@ class DocumentWindows(torch.utils.data.Dataset):
         self.pad_token_id = pad_token_id
         self.boot = boot
         self.long_documents = long_documents
-        self._flat, offsets = _compact_documents(documents, "DocumentWindows")
+        self._flat, offsets = _compact_documents(documents, "DocumentWindows", bos_token_id if boot == "bos" else None)
         chunk = segment_length * window
         starts: list[int] = []
         ends: list[int] = []
@@ -900,7 +902,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
             if not isinstance(text, str):
                 raise ValueError(f"{where}: column {self.text_column!r} is {type(text).__name__}, expected str")
             return text
-        if torch.is_tensor(record) or isinstance(record, (list, tuple)):
+        if torch.is_tensor(record) or isinstance(record, (list, tuple, np.ndarray)):
             return record
         raise ValueError(f"{where} is a {type(record).__name__}; expected a text, token ids or a mapping")
 
@@ -948,7 +950,8 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
                 for index, content in pending]
 
     def _checked(self, ids: Any, pass_index: int, index: int) -> torch.Tensor:
-        ids = document_ids(ids, f"document {index} of pass {pass_index}", bos_token_id=self.bos_token_id)
+        ids = document_ids(ids, f"document {index} of pass {pass_index}",
+                           bos_token_id=self.bos_token_id if self.boot == "bos" else None)
         if ids.numel():
             low, top = int(ids.min()), int(ids.max())
             if low < 0:

@@ -285,12 +285,18 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             _check_streaming_args(train_dataset, args)
             train_dataset.vocab_size = min(vocab, train_dataset.vocab_size or vocab)  # checked as documents are read
         elif train_dataset is not None and not isinstance(train_dataset, StreamBatches):
-            documents = _as_documents(train_dataset, "train_dataset", model.config.bos_token_id)
+            documents = _as_documents(train_dataset, "train_dataset")
+            streams = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            n_docs = sum(1 for d in documents if len(d))
+            if 0 < n_docs < streams:
+                warnings.warn(f"train_dataset: {n_docs} document(s) for {streams} parallel streams (per_device_train_"
+                              f"batch_size x gradient_accumulation_steps x processes): {streams - n_docs} stream(s) "
+                              "hold only padding, and their forward and backward passes are wasted; lower the batch "
+                              "size or the gradient accumulation.", stacklevel=2)
             train_dataset = self._pack(documents, args)
         if isinstance(train_dataset, StreamBatches):
             check_vocab(vocab, documents=train_dataset, what="train_dataset")
-        self._eval_documents = (None if eval_dataset is None
-                                else _as_documents(eval_dataset, "eval_dataset", model.config.bos_token_id))
+        self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
         if self._eval_documents is not None:
             check_vocab(vocab, documents=self._eval_documents, what="eval_dataset")
         _one_gpu_per_process(args)
@@ -310,13 +316,6 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
         params = {**stream_layout(self._model_config, args), "seed": args.data_seed or args.seed, **overrides}
-        streams = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        n_docs = sum(1 for d in documents if d)
-        if 0 < n_docs < streams:
-            warnings.warn(f"train_dataset: {n_docs} document(s) for {streams} parallel streams (per_device_train_batch_"
-                          f"size x gradient_accumulation_steps x processes): {streams - n_docs} stream(s) hold only "
-                          "padding, and their forward and backward passes are wasted; lower the batch size or the "
-                          "gradient accumulation.", stacklevel=3)
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
         # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)
@@ -601,8 +600,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         position in the document; plus what `compute_metrics` returns for the sums (`MemformerEvalPrediction`).
         The metrics are logged (`self.log`: the `report_to` loggers and the callbacks' `on_log`) and passed to the
         callbacks' `on_evaluate`, as the Trainer's `evaluate` does."""
-        documents = (self._eval_documents if eval_dataset is None
-                     else _as_documents(eval_dataset, "eval_dataset", self._model_config.bos_token_id))
+        documents = self._eval_documents if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
         if documents is None:
             raise ValueError("MemformerTrainer.evaluate needs eval documents (eval_dataset).")
         sums = self.evaluation_sums(documents)
@@ -700,6 +698,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         if resume_from_checkpoint:
             check_checkpoint(str(resume_from_checkpoint))
         self._carried_memory = None  # laid out anew on the training streams
+        self._rng_restore = None  # (a previous run's deferred random state is never applied to this one)
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
             self.carried_memory.load(resume_from_checkpoint, device=self.args.device,
                                      layout_matches=lambda s: self.train_dataset.compatible_with(s, ignore=("epoch",)))
@@ -816,11 +815,11 @@ def _check_streaming_args(ds: IterableStreamBatches, args: TrainingArguments) ->
                          "(endless, bounded by max_steps).")
 
 
-def _as_documents(data: Any, name: str, bos_token_id: int | None) -> list[list[int]]:
+def _as_documents(data: Any, name: str) -> list[list[int]]:
     """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column (and
-    optionally `attention_mask`, whose padding is dropped, and `labels`, which must equal the ids), each without a
-    leading BOS (`data_streams.document_ids`); ids that are not integers (e.g. 5.7, which `int` would truncate) are
-    a `ValueError` naming the document."""
+    optionally `attention_mask`, whose padding is dropped, and `labels`, which must equal the ids;
+    `data_streams.document_ids`); ids that are not integers (e.g. 5.7, which `int` would truncate) are a `ValueError`
+    naming the document. (A leading BOS is dropped where the documents are packed, `data_streams.StreamBatches`.)"""
     masks = labels = None
     if hasattr(data, "column_names"):
         if "input_ids" not in data.column_names:
@@ -833,14 +832,8 @@ def _as_documents(data: Any, name: str, bos_token_id: int | None) -> list[list[i
               and (not data or isinstance(data[0], (list, tuple, torch.Tensor, np.ndarray)))):
         raise ValueError(f"{name}: expected tokenized documents (a list of token-id lists or a datasets.Dataset with "
                          f"`input_ids`), got {type(data).__name__}.")
-    docs = [document_ids(d, f"{name}: document {i}", None if masks is None else masks[i],
-                         None if labels is None else labels[i]) for i, d in enumerate(data)]
-    with_bos = [i for i, d in enumerate(docs) if bos_token_id is not None and d.numel() and int(d[0]) == bos_token_id]
-    if with_bos:
-        logger.info(f"{name}: {len(with_bos)} document(s) begin with BOS (id {bos_token_id}); it is dropped, as every "
-                    "document starts from its own boot segment (as in the model's stream mode).")
-    drop = set(with_bos)
-    return [(d[1:] if i in drop else d).tolist() for i, d in enumerate(docs)]
+    return [document_ids(d, f"{name}: document {i}", None if masks is None else masks[i],
+                         None if labels is None else labels[i]).tolist() for i, d in enumerate(data)]
 
 
 __all__ = ["MemformerTrainer", "MemformerTrainingArguments", "CarriedMemory", "PerplexitySums",

@@ -336,6 +336,22 @@ def test_unwritable_output_paths_fail_before_any_work(argv, message, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "t.jsonl"]  # nothing created
 
 
+def test_an_existing_output_dir_is_checked_itself_not_its_parent(tmp_path, monkeypatch):
+    """An existing `--output_dir` is writable or not by itself: its parent may be read-only (e.g. $HOME under /).
+    (Root can write anywhere, so permissions are simulated.)"""
+    from memformer_hf.cli import arguments
+
+    out = tmp_path / "run"
+    out.mkdir()
+    asked = []
+    monkeypatch.setattr(arguments.os, "access", lambda path, mode: asked.append(Path(path)) or Path(path) == out)
+    arguments.check_output_path("output_dir", str(out), directory=True)
+    assert asked == [out]
+    monkeypatch.setattr(arguments.os, "access", lambda path, mode: False)
+    with pytest.raises(arguments.CliError, match=f"--output_dir {out}: cannot write into {out}"):
+        arguments.check_output_path("output_dir", str(out), directory=True)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--do_train", "false", "--do_eval"], "--do_train does nothing here: `memformer-hf train` always trains; for "
                                            "evaluation only, run `memformer-hf eval --model DIR`"),

@@ -315,3 +315,12 @@ def test_config_validation_and_original_config():
     ]:
         with pytest.raises(ValueError, match=field):
             MemBartConfig(**bad)
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path):
+    """`from_pretrained(path, key=value)` sets the overrides after `__init__`: they are checked all the same."""
+    MemBartConfig(**json.loads((FIXTURE / "config.json").read_text())).save_pretrained(tmp_path)
+    for bad, field in [({"d_model": 0}, "d_model"), ({"hidden_size": 0}, "d_model"), ({"use_cache": "no"}, "use_cache")]:
+        with pytest.raises(ValueError, match=field):
+            MemBartConfig.from_pretrained(tmp_path, **bad)
+    assert MemBartConfig.from_pretrained(tmp_path, dropout=0.2).dropout == 0.2

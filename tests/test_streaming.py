@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import BOS, PAD, L, StopAt, build_tiny_memformer, word_tokenizer
@@ -188,7 +189,13 @@ def test_streamed_records_drop_padding_and_a_leading_bos():
     records = [{"input_ids": [BOS] + d + [PAD, PAD], "attention_mask": [1] * (len(d) + 1) + [0, 0],
                 "labels": [BOS] + d + [-100, -100]} for d in docs]
     kw = layout(2, 1, 2, passes=1)
-    assert_same_batches(list(IterableStreamBatches(records, **kw)), list(IterableStreamBatches(docs, **kw)))
+    reference = list(IterableStreamBatches(docs, **kw))
+    assert_same_batches(list(IterableStreamBatches(records, **kw)), reference)
+    assert_same_batches(list(IterableStreamBatches([np.array(d) for d in docs], **kw)), reference)
+    # the map-style packer drops a leading BOS too (it is the document's boot, as in the model's stream mode)
+    with_bos = StreamBatches([[BOS] + d for d in docs], **layout(2, 1, 2), shuffle=False)
+    plain = StreamBatches(docs, **layout(2, 1, 2), shuffle=False)
+    assert_same_batches([with_bos[i] for i in range(len(with_bos))], [plain[i] for i in range(len(plain))])
     records[3]["labels"][2] = -100
     with pytest.raises(ValueError, match=r"document 3 of pass 0: its `labels` differ from its `input_ids`"):
         list(IterableStreamBatches(records, **kw))

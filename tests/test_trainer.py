@@ -745,6 +745,14 @@ def test_padding_labels_and_a_leading_bos_are_read_as_the_model_reads_them(tmp_p
         metrics = plain.evaluate(other)
         assert metrics["eval_tokens"] == reference["eval_tokens"] == sum(map(len, docs))
         assert metrics["eval_loss"] == reference["eval_loss"]
+    # every entry point reads a leading BOS the same way, and tensors / NumPy arrays as lists (evaluating fewer
+    # documents than the training streams is no reason for a warning)
+    sums = plain.evaluate_documents(docs)["eval_loss"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for other in ([[BOS] + d for d in docs], [torch.tensor(d) for d in docs], [np.array(d) for d in docs]):
+            assert plain.evaluate_documents(other)["eval_loss"] == sums
+        plain.evaluate(docs[:1])
     masked = {**padded, "labels": [list(x) for x in padded["labels"]]}
     masked["labels"][1][2] = -100
     with pytest.raises(ValueError, match=r"train_dataset: document 1: its `labels` differ from its `input_ids`"):

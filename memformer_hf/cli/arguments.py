@@ -247,13 +247,15 @@ def check_output_path(flag: str, value: str | None, directory: bool = False) -> 
         raise CliError(f"--{flag} {value}: exists and is not a directory")
     if not directory and path.is_dir():
         raise CliError(f"--{flag} {value}: is a directory; pass a file path such as {Path(value, 'metrics.json')}")
-    existing = path.parent
+    existing = path if directory and path.is_dir() else path.parent  # where the files will be created
     while not existing.exists() and existing != existing.parent:  # the nearest folder that exists
         existing = existing.parent
     if not existing.is_dir():
         raise CliError(f"--{flag} {value}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CliError(f"--{flag} {value}: cannot write into {existing} (permission denied)")
+    if not directory and path.is_file() and not os.access(path, os.W_OK):
+        raise CliError(f"--{flag} {value}: the file exists and cannot be overwritten (permission denied)")
 
 
 # ================================================================================================ checks

@@ -1172,8 +1172,6 @@ class MemformerModel(MemformerPreTrainedModel):
             fill = torch.zeros(b, dtype=torch.long, device=device)
             carried = None
             seg_ids = seg_embeds = None
-        if inputs_embeds is not None and have_state and bool((started & (fill > 0)).any()):
-            raise ValueError("`inputs_embeds` cannot continue a cache holding a partial segment; pass `input_ids`.")
 
         started_host = started.tolist()
         plan = plan_stream(cfg, None if input_ids is None else input_ids.cpu(), mask.cpu(), started_host,

@@ -624,6 +624,21 @@ def test_inputs_embeds_prompt_continued_with_ids_equals_ids(model, split):
     assert cache.segment_embeds is None  # past the embeddings' last segment: ids only again (fast paths)
 
 
+def test_embeddings_in_chunks_then_ids_equal_ids(model):
+    """A prompt fed as `inputs_embeds` in several chunks (each may continue a partial segment, held as ids or as
+    embeddings), then ids, scores as the whole sequence given as ids."""
+    ids = rand_ids(23, batch=2, seed=62, boot=False)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits
+        first = model(ids[:, :3])  # a partial segment held as ids
+        cache, parts = first[CACHE_KWARG], [first.logits]
+        for a, b in ((3, 6), (6, 13), (13, 14)):
+            parts.append(model(inputs_embeds=emb(ids[:, a:b]), past_key_values=cache).logits)
+        parts.append(model(ids[:, 14:], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-10, rtol=0)
+
+
 def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
     """`generate(inputs_embeds=...)` (a prompt that ends inside a segment) gives the logits of `generate(input_ids)`
     at every step, greedy and with beams; while the prompt's partial segment holds embeddings the cache cannot be

@@ -641,6 +641,13 @@ def test_train_streaming_and_resume(corpus, tmp_path):
     resumed_state = json.loads((part / "checkpoint-4" / "stream_state-rank0.json").read_text())
     assert resumed_state["position"] == json.loads((full / "checkpoint-4" / "stream_state-rank0.json").read_text()
                                                    )["position"]
+    # metrics.json's train_loss is the mean step loss of the run's own steps (the Trainer's own divides the resumed
+    # run's loss sum by all 4 steps)
+    losses = dict(record["step_losses"])
+    full_loss = record["metrics"]["train_loss"]
+    part_loss = json.loads((part / "metrics.json").read_text())["metrics"]["train_loss"]
+    assert full_loss == pytest.approx(sum(losses.values()) / 4, rel=1e-3)
+    assert part_loss == pytest.approx((losses[3] + losses[4]) / 2, rel=1e-3)
 
 
 def test_model_card_states_the_memory_effect_plainly():

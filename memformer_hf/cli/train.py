@@ -320,7 +320,7 @@ def cmd_train(argv: list[str]) -> int:
                 f"mode={args.training_mode}, device={args.device}")
     _rule("train")
     t_train = time.time()
-    resumed_at = 0  # the checkpoint's step: the Trainer's train_loss divides this run's loss sum by every step
+    resumed_at = 0  # the checkpoint's step (see train_loss below)
     if args.resume_from_checkpoint:
         state_file = Path(args.resume_from_checkpoint).expanduser() / "trainer_state.json"
         resumed_at = int(json.loads(state_file.read_text()).get("global_step", 0)) if state_file.is_file() else 0
@@ -341,8 +341,10 @@ def cmd_train(argv: list[str]) -> int:
     t_eval = time.time()
     metrics: dict[str, Any] = {k: v for k, v in train_result.metrics.items()}
     steps_run = trainer.state.global_step - resumed_at
-    if resumed_at and steps_run > 0 and "train_loss" in metrics:  # this run's mean step loss, not diluted by the
-        metrics["train_loss"] *= trainer.state.global_step / steps_run  # steps before the checkpoint
+    # this run's mean step loss: transformers up to 5.17 divides the resumed run's loss sum by every step since step 0
+    # (later versions, which record `_initial_global_step`, divide by the run's own steps already)
+    if resumed_at and steps_run > 0 and "train_loss" in metrics and not hasattr(trainer, "_initial_global_step"):
+        metrics["train_loss"] *= trainer.state.global_step / steps_run
     metrics.update(trainer.evaluate_documents(docs["validation"], metric_key_prefix="eval"))
     metrics["eval_unigram_ppl"] = corpus_io.unigram_ppl(unigram_docs, docs["validation"], config.vocab_size)
     if "test" in docs:

@@ -436,6 +436,12 @@ def document_ids(ids: Any, where: str, attention_mask: Any = None, labels: Any =
     return t
 
 
+def _boot_bos(bos_token_id: int, boot: str) -> int | None:
+    """The id a document's leading token is dropped for (:func:`document_ids`): BOS when the boot segment is a BOS
+    (a leading BOS is then the document's boot, as in the model's stream mode); none with an empty boot."""
+    return bos_token_id if boot == "bos" else None
+
+
 def _compact_documents(
     documents: Sequence[Sequence[int] | torch.Tensor], what: str, bos_token_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,8 +578,7 @@ class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
         self.seed = seed
         self.shuffle = shuffle
 
-        self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches",
-                                                               bos_token_id if boot == "bos" else None)
+        self._doc_flat, self._doc_offsets = _compact_documents(documents, "StreamBatches", _boot_bos(bos_token_id, boot))
         lengths = self._doc_offsets[1:] - self._doc_offsets[:-1]
         self._doc_cells = [_n_cells(int(n), segment_length) for n in lengths.tolist()]
         self._nonempty = [i for i, c in enumerate(self._doc_cells) if c > 0]
@@ -739,7 +744,7 @@ class DocumentWindows(torch.utils.data.Dataset):
         self.pad_token_id = pad_token_id
         self.boot = boot
         self.long_documents = long_documents
-        self._flat, offsets = _compact_documents(documents, "DocumentWindows", bos_token_id if boot == "bos" else None)
+        self._flat, offsets = _compact_documents(documents, "DocumentWindows", _boot_bos(bos_token_id, boot))
         chunk = segment_length * window
         starts: list[int] = []
         ends: list[int] = []
@@ -951,7 +956,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
 
     def _checked(self, ids: Any, pass_index: int, index: int) -> torch.Tensor:
         ids = document_ids(ids, f"document {index} of pass {pass_index}",
-                           bos_token_id=self.bos_token_id if self.boot == "bos" else None)
+                           bos_token_id=_boot_bos(self.bos_token_id, self.boot))
         if ids.numel():
             low, top = int(ids.min()), int(ids.max())
             if low < 0:

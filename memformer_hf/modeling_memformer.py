@@ -363,10 +363,9 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         (FSDP2 must register it with `register_fsdp_forward_method` so that the layer's shards are gathered). With
         `cross_attention_rope` the keys are rotated at j - L + 1 for token j (docs/design.md#cross-attention-rope)."""
         cos_sin = None
-        if self.cross_rotary is not None:
-            n, length = states.shape[:2]
-            positions = torch.arange(length, device=states.device) - (self.segment_length - 1)
-            cos_sin = self.cross_rotary(positions.expand(n, -1), states.dtype)
+        if self.cross_rotary is not None:  # the same positions in every row: one table, broadcast over the rows
+            positions = torch.arange(states.shape[1], device=states.device) - (self.segment_length - 1)
+            cos_sin = self.cross_rotary(positions[None], states.dtype)
         return self.cross_attn.project_kv(states, cos_sin)
 
 

@@ -214,9 +214,9 @@ def cmd_train(argv: list[str]) -> int:
             raise CliError(f"--{name} does nothing here: `{PROG} train` always trains; for evaluation only, run "
                            f"`{PROG} eval --model DIR`")
     for name, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
-        if flag_given(argv, name) and getattr(getattr(args, strategy), "value", getattr(args, strategy)) != "steps":
-            raise CliError(f"--{name} has no effect unless --{strategy} steps (here --{strategy} is "
-                           f"{getattr(getattr(args, strategy), 'value', getattr(args, strategy))!r})")
+        chosen = getattr(getattr(args, strategy), "value", getattr(args, strategy))
+        if flag_given(argv, name) and chosen != "steps":
+            raise CliError(f"--{name} has no effect unless --{strategy} steps (here --{strategy} is {chosen!r})")
     check_training_args(args)
     check_model_args(model_args)
     check_data_args(data, args)

@@ -230,6 +230,18 @@ class MemformerConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`PretrainedConfig.get_config_dict`, refusing a checkpoint without config.json (transformers 5 reads it as
+        the default configuration, which would silently replace every setting the weights do not pin down)."""
+        subfolder = kwargs.get("subfolder") or ""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            where = f"{pretrained_model_name_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+            raise OSError(f"{where} has no config.json: a MemformerConfig cannot be guessed from the weights; restore "
+                          f"the checkpoint's config.json or pass `config=` explicitly.")
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """`PretrainedConfig.from_dict`, whose keyword overrides (`from_pretrained(path, decoder_layers=...)`) are set
         after `__init__`, then `validate_memformer` on the result."""

@@ -804,6 +804,26 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(loaded.dtype))
 
 
+def test_folder_without_config_is_refused_naming_it(tmp_path):
+    """transformers 5 reads a folder without config.json as the default configuration: `MemformerConfig.from_pretrained`
+    returned a 512-wide default config, and `from_pretrained` of the model failed with an unrelated size-mismatch
+    error (or, where the shapes happen to agree, loaded with every other setting silently at its default). Both now
+    raise an `OSError` naming the missing config.json; an explicit `config=` still loads the weights exactly."""
+    model = build_tiny_memformer(attn="sdpa", segment_length=5, memory_write_temperature=0.25)
+    ids = rand_ids(12, batch=2, seed=26)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    os.remove(tmp_path / "config.json")
+    for load in (MemformerConfig.from_pretrained, MemformerForCausalLM.from_pretrained, MemformerModel.from_pretrained):
+        with pytest.raises(OSError, match=r"no config\.json") as err:
+            load(tmp_path)
+        assert str(tmp_path) in str(err.value)
+    loaded = MemformerForCausalLM.from_pretrained(tmp_path, config=model.config, dtype=torch.float64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-12, rtol=0)
+
+
 def _damage(path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":

@@ -26,6 +26,7 @@ blocks, the copied encoder and the copied backbone, for separate learning rates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,14 @@ CROSS_ATTENTION_INITS = ("self_attn", "random")
 NEW_PARAMETER_PATTERNS = (".cross_attn.", ".cross_attn_norm.", ".memory_read.", ".memory_read_norm.",
                           ".memory_kv_norm.", "model.writer.", "model.encoder.norm.", "model.decoder_memory_norm.")
 _LLAMA_LIKE = "a LlamaForCausalLM-style model (model.embed_tokens, model.layers[i].{self_attn,mlp,...}, model.norm)"
+# Parameters of a backbone layer that the mapping copies; any other (q_norm / k_norm, extra norms) has no place.
+_LAYER_PARAMETERS = frozenset(
+    ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    + [f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")]
+    + [f"mlp.{p}_proj.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")])
+# Config options of Llama variants that must be 1 (Granite's multipliers) or absent (soft-capping) to map exactly.
+_IDENTITY_OPTIONS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+_ABSENT_OPTIONS = ("attn_logit_softcapping", "final_logit_softcapping")
 
 
 def _llama_config_value(config: Any, name: str, default: Any = None) -> Any:
@@ -66,9 +75,11 @@ def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
                          "Memformer's heads split the model width.")
     rope = dict(_llama_config_value(config, "rope_parameters") or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default" or _llama_config_value(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"memformer_from_llama: the backbone uses rope_type={rope_type!r} (or a partial rotary "
-                         "factor); only plain RoPE ('default') maps exactly onto Memformer's in-segment positions.")
+    partial = _llama_config_value(config, "partial_rotary_factor", 1.0)
+    if rope_type != "default" or partial != 1.0:
+        what = f"rope_type={rope_type!r}" if rope_type != "default" else f"partial_rotary_factor={partial!r}"
+        raise ValueError(f"memformer_from_llama: the backbone uses {what}; only plain RoPE ('default', over the whole "
+                         "head) maps exactly onto Memformer's in-segment positions.")
     act = _llama_config_value(config, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise ValueError(f"memformer_from_llama: the backbone's hidden_act={act!r} is not one of {ACTIVATIONS}.")
@@ -80,7 +91,51 @@ def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
     if _llama_config_value(config, "sliding_window") not in (None, 0):
         raise ValueError("memformer_from_llama: the backbone uses sliding-window attention; Memformer's decoder "
                          "attends to the whole segment.")
+    for name in _IDENTITY_OPTIONS:
+        value = _llama_config_value(config, name)
+        if value is not None and value != 1:
+            raise ValueError(f"memformer_from_llama: the backbone's {name}={value!r} scales activations in a way "
+                             f"Memformer's blocks do not; only 1 (or no such option) maps exactly.")
+    for name in _ABSENT_OPTIONS:
+        if _llama_config_value(config, name) is not None:
+            raise ValueError(f"memformer_from_llama: the backbone uses {name}={_llama_config_value(config, name)!r}, "
+                             "which Memformer's blocks do not have.")
+    eps = float(_llama_config_value(config, "rms_norm_eps", 1e-6))
+    for i, block in enumerate(inner.layers):
+        extra = sorted(n for n, _ in block.named_parameters() if n not in _LAYER_PARAMETERS)
+        if extra:
+            raise ValueError(f"memformer_from_llama: backbone layer {i} has parameters with no place in a Memformer "
+                             f"layer ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}); it needs {_LLAMA_LIKE}.")
+        scaling = getattr(block.self_attn, "scaling", None)
+        if scaling is not None and not math.isclose(float(scaling), head_dim ** -0.5, rel_tol=1e-6):
+            raise ValueError(f"memformer_from_llama: backbone layer {i} scales attention scores by {scaling!r}, not "
+                             f"1/sqrt(head_dim={head_dim}) as Memformer does.")
+        if not getattr(block.self_attn, "use_rope", True):
+            raise ValueError(f"memformer_from_llama: backbone layer {i} has no RoPE (a NoPE layer); every Memformer "
+                             "self-attention layer rotates by RoPE.")
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            _check_rms_norm(getattr(block, name), eps, f"layers[{i}].{name}")
+    _check_rms_norm(inner.norm, eps, "norm")
     return inner, config
+
+
+def _check_rms_norm(norm: nn.Module, eps: float, name: str) -> None:
+    """Raise `ValueError` unless `norm` computes Llama's RMSNorm `x / sqrt(mean(x²) + eps) · weight` with the
+    config's `rms_norm_eps` (not, e.g., a LayerNorm, Gemma's `(1 + weight)` gain, or another eps)."""
+    weight = getattr(norm, "weight", None)
+    params = [n for n, _ in norm.named_parameters()]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or params != ["weight"]:
+        raise ValueError(f"memformer_from_llama: the backbone's {name} ({type(norm).__name__}, parameters {params}) "
+                         f"is not an RMSNorm with a gain `weight`; Memformer's norms are Llama's RMSNorm.")
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, eps ** 0.5):  # the small inputs make a different eps visible
+        x = ((torch.randn(4, weight.numel(), generator=gen, dtype=torch.float64) + 0.5) * scale).float()
+        want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * weight.double().cpu()
+        got = norm(x.to(weight.device)).double().cpu()
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+            raise ValueError(f"memformer_from_llama: the backbone's {name} ({type(norm).__name__}) does not compute "
+                             f"x / sqrt(mean(x²) + rms_norm_eps={eps}) · weight (Llama's RMSNorm), so its copy "
+                             f"would not map exactly.")
 
 
 def _copy_linear(dst: nn.Linear, src: nn.Linear) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from helpers import assert_config_refused, tiny_memformer_config
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -280,6 +281,70 @@ def test_warm_start_mapping_and_parameter_groups():
 def test_warm_start_refuses_backbones_it_cannot_map_exactly(overrides, message):
     with pytest.raises(ValueError, match=message):
         memformer_from_llama(tiny_llama(**overrides), segment_length=L)
+
+
+def tiny_variant(config_cls: str, **overrides):
+    """A tiny float64 backbone of another Llama-family class of transformers (sharp init, random norm gains and
+    biases); RMSNorms of Llama's formula keep float64 as in `tiny_llama`."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{config_cls}Config")(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.3, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        attn_implementation="sdpa"), **overrides})
+    model = getattr(transformers, f"{config_cls}ForCausalLM")(cfg).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    for module in model.modules():
+        if type(module).__name__ in ("GraniteRMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"):
+            module.forward = types.MethodType(_f64_rms_norm, module)
+    return model
+
+
+@pytest.mark.parametrize("variant,overrides,message", [
+    ("Granite", dict(), r"layer 0 scales attention scores by 1\.0, not 1/sqrt\(head_dim=8\)"),
+    ("Granite", dict(attention_multiplier=8 ** -0.5, embedding_multiplier=12.0), r"embedding_multiplier=12\.0"),
+    ("Granite", dict(attention_multiplier=8 ** -0.5, residual_multiplier=0.2), r"residual_multiplier=0\.2"),
+    ("Granite", dict(attention_multiplier=8 ** -0.5, logits_scaling=4.0), r"logits_scaling=4\.0"),
+    ("Qwen3", dict(head_dim=8), r"layer 0 has parameters with no place.*self_attn\.k_norm\.weight"),
+    ("Gemma", dict(head_dim=8, hidden_act="silu", hidden_activation="silu"),
+     r"layers\[0\]\.input_layernorm \(GemmaRMSNorm\) does not compute"),
+    ("Olmo", dict(), r"layers\[0\]\.input_layernorm \(OlmoLayerNorm, parameters \[\]\) is not an RMSNorm"),
+    ("SmolLM3", dict(num_hidden_layers=4), r"layer 3 has no RoPE"),
+])
+def test_warm_start_refuses_llama_variants_it_cannot_map_exactly(variant, overrides, message):
+    """Llama-layout backbones whose blocks compute something else were converted without an error into a
+    Memformer whose decoder did not equal them (max logit difference 1 to 10 on one segment): Granite's attention
+    scaling and multipliers, Qwen3's q/k norms, Gemma's `(1 + weight)` norms, OLMo's weightless LayerNorm (an
+    AttributeError), SmolLM3's NoPE layers. Each is now refused naming the cause; the same classes with the
+    Llama-equivalent settings are still accepted and exact (test below)."""
+    with pytest.raises(ValueError, match=message):
+        memformer_from_llama(tiny_variant(variant, **overrides), num_memory_slots=4, segment_length=L,
+                             encoder_layers=2)
+
+
+@pytest.mark.parametrize("variant,overrides", [
+    ("Granite", dict(attention_multiplier=8 ** -0.5)),  # multipliers 1, scaling 1/sqrt(d_h): Llama's function
+    ("SmolLM3", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 1])),  # RoPE in every layer
+])
+def test_warm_start_accepts_llama_variants_with_llama_settings(variant, overrides):
+    backbone = tiny_variant(variant, **overrides)
+    model = warm(backbone)
+    ids = ids_with_bos(L)
+    with torch.no_grad():
+        got, ref = model(ids).logits, backbone(ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-11)
+    assert ref.abs().max() > 1.0
+
+
+def test_warm_start_refuses_a_norm_eps_other_than_the_config_one():
+    """The copied norms use the config's rms_norm_eps; a backbone norm with another eps would not map exactly."""
+    llama = tiny_llama()
+    llama.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-2
+    with pytest.raises(ValueError, match=r"layers\[1\]\.post_attention_layernorm \(LlamaRMSNorm\) does not "
+                                         r"compute x / sqrt\(mean\(x²\) \+ rms_norm_eps=1e-06\)"):
+        memformer_from_llama(llama, segment_length=L)
 
 
 def test_warm_start_refuses_bad_arguments():

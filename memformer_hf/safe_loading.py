@@ -8,7 +8,9 @@ Loading refuses:
   unpickled, a `../x.safetensors` shard would be read from outside the folder);
 - a truncated or corrupted safetensors file (an `OSError` naming the file);
 - a checkpoint whose tensor names do not match the model (missing or unexpected keys), unless `strict=False`:
-  transformers would re-initialise the missing weights at random and return a partly loaded model.
+  transformers would re-initialise the missing weights at random and return a partly loaded model;
+- a tensor of another shape than the model's, unless `ignore_mismatched_sizes=True` (an error naming the tensors, their
+  shapes and the file, where transformers' own names neither).
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def safetensors_only_from_pretrained(cls: type, load: Callable[..., Any], pretra
     subfolder = kwargs.get("subfolder") or ""
     strict = kwargs.pop("strict", None)
     want_info = kwargs.pop("output_loading_info", False)
+    ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
     if strict is None:
         strict = not want_info and kwargs.get("state_dict") is None
     if kwargs.get("use_safetensors") is False:
@@ -190,7 +193,8 @@ def safetensors_only_from_pretrained(cls: type, load: Callable[..., Any], pretra
         check_safetensors_checkpoint(source, kwargs)
         kwargs["use_safetensors"] = True
     try:
-        model, info = load(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        model, info = load(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                           ignore_mismatched_sizes=True, **kwargs)  # shape mismatches are reported below
     except SafetensorError as e:
         path = os.path.join(source, subfolder) if source is not None and subfolder else source
         bad = unreadable_safetensors(path)
@@ -201,6 +205,15 @@ def safetensors_only_from_pretrained(cls: type, load: Callable[..., Any], pretra
             raise
         raise OSError(f"{source} has no model.safetensors (or model.safetensors.index.json): "
                       f"{SAFETENSORS_ONLY}") from e
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched and not ignore_mismatched:
+        shapes = "; ".join(f"{k}: {tuple(ckpt)} in the checkpoint, {tuple(own)} in the model"
+                           for k, ckpt, own in mismatched[:8]) + (f" (and {len(mismatched) - 8} more)"
+                                                                 if len(mismatched) > 8 else "")
+        raise OSError(f"{_weights_description(source, kwargs)}: the checkpoint's tensor shapes do not match "
+                      f"{cls.__name__} ({shapes}). It was saved from a different configuration; refusing to return a "
+                      f"partly loaded model (pass ignore_mismatched_sizes=True to load it anyway, with those weights "
+                      f"freshly initialised).")
     missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
     if strict and (missing or unexpected):
         problems = ([f"missing {_key_list(missing)}"] if missing else []) + \

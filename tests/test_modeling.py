@@ -907,6 +907,40 @@ def test_checkpoint_with_wrong_tensor_names_is_refused(tmp_path):
         assert torch.equal(MemformerForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, expected)
 
 
+def test_checkpoint_with_a_wrong_tensor_shape_is_refused_naming_it(tmp_path):
+    """A tensor of the wrong shape raised transformers' RuntimeError "look at the above report", which names
+    neither the tensor nor the file (and shows nothing when transformers' logging is silenced). The error now names
+    the tensor, both shapes and the file; `ignore_mismatched_sizes=True` still loads with that tensor re-initialised
+    and reports it, as transformers does; a clean checkpoint loads exactly."""
+    model = build_tiny_memformer(dtype=torch.float32, attn="sdpa")
+    ids = rand_ids(9, batch=2, seed=27)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    state["model.writer.forget_bias"] = torch.zeros(5, 16)
+    save_file(state, weights, metadata={"format": "pt"})
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        for load in (MemformerForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            with pytest.raises(OSError, match=r"tensor shapes do not match MemformerForCausalLM \(model\.writer\."
+                                              r"forget_bias: \(5, 16\) in the checkpoint, \(3, 16\) in the model\)"
+                               ) as err:
+                load(tmp_path)
+            assert str(weights) in str(err.value)
+        loaded, info = MemformerForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True,
+                                                            output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    assert [k for k, *_ in info["mismatched_keys"]] == ["model.writer.forget_bias"]
+    assert torch.equal(loaded.model.writer.q_proj.weight, model.model.writer.q_proj.weight)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(MemformerForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, expected)
+
+
 def test_bare_model_from_untied_causal_lm_checkpoint(tmp_path):
     """Strict loading still lets the bare model load from a causal-LM checkpoint with its own (untied) LM head; a
     causal LM from a bare-model checkpoint has no head to load and is refused."""

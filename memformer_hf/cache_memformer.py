@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_memformer import MemformerConfig
@@ -131,6 +133,9 @@ class MemformerCache(Cache):
     def __init__(self, config: MemformerConfig | None = None, **kwargs: Any) -> None:
         if config is None:
             raise ValueError("MemformerCache needs the model's MemformerConfig: `MemformerCache(model.config)`.")
+        if not isinstance(config, PretrainedConfig) or getattr(config, "model_type", None) != "memformer":
+            raise TypeError(f"MemformerCache needs the model's MemformerConfig (`model.config`), got "
+                            f"{type(config).__name__}.")
         super().__init__(layers=[MemformerCacheLayer() for _ in range(config.decoder_layers)])
         self.config = config
         self.fingerprint = config_fingerprint(config)
@@ -416,6 +421,9 @@ class MemformerCache(Cache):
         from safetensors import SafetensorError, safe_open
 
         cache = cls(config)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder, not a MemformerCache state file (save_state writes one "
+                                    f"safetensors file).")
         names = cls._names(config.decoder_layers)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:

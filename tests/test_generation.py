@@ -487,6 +487,25 @@ def test_crafted_state_file_is_refused_naming_the_field(model, tmp_path, case):
     torch.testing.assert_close(cont, ref, atol=1e-10, rtol=0)
 
 
+def test_state_file_argument_mistakes_are_named(model, tmp_path):
+    """`load_state(folder, ...)` raised "No such device (os error 19)", and `load_state(path, model)` /
+    `MemformerCache(model)` (the model instead of `model.config`) an AttributeError on `decoder_layers`; each now says
+    what is wrong. The right call still continues exactly."""
+    prefix, cache, path = _state_file(model, tmp_path)
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a folder, not a MemformerCache state file"):
+        MemformerCache.load_state(str(tmp_path), model.config)
+    for wrong in (model, model.config.to_dict()):
+        with pytest.raises(TypeError, match=rf"needs the model's MemformerConfig \(`model\.config`\), got "
+                                            rf"{type(wrong).__name__}"):
+            MemformerCache.load_state(str(path), wrong)
+        with pytest.raises(TypeError, match="needs the model's MemformerConfig"):
+            MemformerCache(wrong)
+    new = rand_ids(5, batch=2, seed=49, boot=False)
+    with torch.no_grad():
+        ref = model(new, past_key_values=copy.deepcopy(cache)).logits
+        assert torch.equal(model(new, past_key_values=MemformerCache.load_state(path, model.config)).logits, ref)
+
+
 def test_state_with_a_reset_row_saves_and_loads(model, tmp_path):
     """`reset_rows` clears the row's partial segment (fill 0), so a state saved after it is consistent and loads;
     continuing from it equals continuing from the in-memory cache."""

@@ -467,7 +467,14 @@ class MemformerPreTrainedModel(PreTrainedModel):
                                                 *model_args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
-        """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache)."""
+        """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache). A
+        `MemformerCache` passed with `use_cache=False` is refused: generate() would feed the whole sequence at every
+        step on top of it."""
+        given = [model_kwargs.get(k) for k in (CACHE_KWARG, "past_key_values")]
+        if generation_config.use_cache is False and any(isinstance(c, MemformerCache) for c in given):
+            raise ValueError("generate() got a MemformerCache together with `use_cache=False`: without a cache "
+                             "generate() feeds the whole sequence at every step, which the cache would consume again. "
+                             "Drop `use_cache=False` to continue from the cache, or the cache to generate without one.")
         if model_kwargs.get(CACHE_KWARG) is None and model_kwargs.get("past_key_values") is None \
                 and generation_config.use_cache is not False:
             if generation_config.cache_implementation is not None:
@@ -1429,6 +1436,10 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
         columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
         `cache.get_seq_length()`, so passing only the new ids is refused with a `ValueError`."""
+        if getattr(kwargs.get("generation_config"), "is_assistant", False):
+            raise ValueError("MemformerForCausalLM cannot be an `assistant_model`: assisted decoding rolls the "
+                             "assistant's cache back to the accepted tokens, and Memformer's memory writes cannot be "
+                             "undone.")
         cache = next((kwargs[k] for k in (CACHE_KWARG, "past_key_values", "cache") if kwargs.get(k) is not None), None)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and torch.is_tensor(ids) \
@@ -1440,6 +1451,48 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
                 f"model only the columns after the first {consumed}.")
         return super().generate(inputs, *args, **kwargs)
+
+    def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """`GenerationMixin._prefill` with stream semantics: `memory_reset` restarts its rows once, before the prompt
+        (passed on to every forward, it made each generated token start a new document), and a chunked prefill
+        (`prefill_chunk_size`) of a filled cache feeds only the columns after `get_seq_length()` (transformers
+        splits the whole `input_ids`, so the cache consumed the history again)."""
+        cache = model_kwargs.get(CACHE_KWARG)
+        state = cache if isinstance(cache, MemformerCache) and not cache.is_empty else None
+        reset = _as_row_flags(model_kwargs.pop("memory_reset", None), "memory_reset")
+        if reset is not None:
+            b = state.batch_size if state is not None else input_ids.shape[0]
+            if reset.shape != (b,):
+                raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(reset.shape)}.")
+            if state is not None:
+                state.reset_rows(reset)
+        if generation_config.prefill_chunk_size is None:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("`prefill_chunk_size` is not supported with `inputs_embeds` (Memformer prefills any "
+                             "length segment by segment in constant memory: drop `prefill_chunk_size`).")
+        consumed = 0 if state is None else state.get_seq_length()
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            model_kwargs["attention_mask"] = mask[:, consumed:]  # the model reads the mask's last columns
+        try:
+            return super()._prefill(input_ids[:, consumed:], generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            if mask is not None:
+                model_kwargs["attention_mask"] = mask
+
+    def _beam_search(self, *args: Any, **model_kwargs: Any):
+        """`GenerationMixin._beam_search`; the cache it leaves holds the beams still running at the last step, not
+        the returned sequences, so it is marked stale: continuing from it or saving it raises."""
+        out = super()._beam_search(*args, **model_kwargs)
+        for cache in (model_kwargs.get(CACHE_KWARG), getattr(out, CACHE_KWARG, None)):
+            if isinstance(cache, MemformerCache):
+                cache.mark_stale(
+                    "This MemformerCache comes from beam search: it holds the state of the beams still running at "
+                    "its last step, not of the returned sequences. Continue by generating from the returned "
+                    "sequences without it (or call `cache.reset()`); greedy and sampled generation return a cache "
+                    "that matches their sequences.")
+        return out
 
     def forward(
         self,

@@ -1139,7 +1139,7 @@ class MemformerModel(MemformerPreTrainedModel):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < n:
                 raise ValueError(f"`attention_mask` must have shape (batch, ≥ sequence) = ({b}, {n}), "
                                  f"got {tuple(attention_mask.shape)}.")
-            mask = attention_mask[:, -n:].bool()  # generate passes the mask of past + new columns
+            mask = attention_mask[:, attention_mask.shape[1] - n:].bool()  # generate passes past + new columns
         if memory_reset is not None:
             if memory_reset.shape != (b,):
                 raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")
@@ -1148,6 +1148,11 @@ class MemformerModel(MemformerPreTrainedModel):
         if cache is not None and not isinstance(cache, MemformerCache):
             if isinstance(cache, Cache) and cache.get_seq_length() == 0:
                 cache = None  # the empty default cache generate() may hand us
+            elif type(cache).__name__ == MemformerCache.__name__:  # the same class from another copy of the code
+                raise ValueError(f"This MemformerCache comes from module `{type(cache).__module__}`, but this model's "
+                                 f"code is `{MemformerCache.__module__}` (e.g. a model loaded with trust_remote_code=True "
+                                 "before `import memformer_hf`): build the cache with the model's own code, or import "
+                                 "memformer_hf before loading the model.")
             else:
                 raise ValueError(f"Memformer needs a MemformerCache as `past_key_values`, got {type(cache).__name__}.")
         if cache is not None:  # also casts the cached K/V to the compute dtype and checks an outside state for NaN
@@ -1405,7 +1410,8 @@ def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None 
     and at padded columns (their logits are not defined)."""
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     if attention_mask is not None:
-        shifted = shifted.masked_fill(~attention_mask[:, -labels.shape[1]:].bool().to(shifted.device), -100)
+        mask = attention_mask[:, attention_mask.shape[1] - labels.shape[1]:]  # (not [:, -0:], the whole mask)
+        shifted = shifted.masked_fill(~mask.bool().to(shifted.device), -100)
     return shifted.contiguous()
 
 
@@ -1435,18 +1441,24 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
         columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
-        `cache.get_seq_length()`, so passing only the new ids is refused with a `ValueError`."""
+        `cache.get_seq_length()`, so passing only the new ids (or `inputs_embeds`) is refused with a `ValueError`."""
         if getattr(kwargs.get("generation_config"), "is_assistant", False):
             raise ValueError("MemformerForCausalLM cannot be an `assistant_model`: assisted decoding rolls the "
                              "assistant's cache back to the accepted tokens, and Memformer's memory writes cannot be "
                              "undone.")
         cache = next((kwargs[k] for k in (CACHE_KWARG, "past_key_values", "cache") if kwargs.get(k) is not None), None)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and torch.is_tensor(ids) \
-                and not ids.is_floating_point() and ids.dim() >= 1 and ids.shape[-1] <= cache.get_seq_length():
+        embeds = kwargs.get("inputs_embeds")
+        name, n = None, None
+        if torch.is_tensor(ids) and not ids.is_floating_point() and ids.dim() >= 1:
+            name, n = "input_ids", ids.shape[-1]
+        elif torch.is_tensor(embeds) and embeds.dim() == 3:
+            name, n = "inputs_embeds", embeds.shape[1]
+        if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and n is not None \
+                and n <= cache.get_seq_length():
             consumed = cache.get_seq_length()
             raise ValueError(
-                f"generate() got input_ids of {ids.shape[-1]} columns with a MemformerCache that has already consumed "
+                f"generate() got {name} of {n} columns with a MemformerCache that has already consumed "
                 f"{consumed} columns. Pass the whole sequence with the cache: the {consumed} columns it consumed "
                 f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
                 f"model only the columns after the first {consumed}.")

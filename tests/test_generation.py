@@ -585,7 +585,8 @@ def test_finiteness_check_costs_one_reduction_and_only_for_outside_state(model, 
 
 def test_generate_with_filled_cache_and_only_new_ids_explains(model):
     """A filled cache with only the new ids ended in an IndexError inside transformers (and the same ids as the cache
-    consumed were silently fed twice); generate() now says to pass the whole sequence, which works."""
+    consumed were silently fed twice); generate() now says to pass the whole sequence, which works. Likewise for
+    `inputs_embeds`."""
     prefix = rand_ids(9, seed=52)
     new = rand_ids(3, seed=53, boot=False)
     first = gen(model, prefix, max_new_tokens=2)
@@ -596,6 +597,11 @@ def test_generate_with_filled_cache_and_only_new_ids_explains(model):
                                              rf"already consumed {consumed} columns\. Pass the whole sequence"):
             gen(model, ids, past_key_values=copy.deepcopy(cache), max_new_tokens=3)
     full = torch.cat([first.sequences, new], 1)
+    # the same as embeddings (transformers sliced them by a negative length: an IndexError inside the model)
+    with pytest.raises(ValueError, match=rf"inputs_embeds of 3 columns with a MemformerCache that has already consumed "
+                                         rf"{consumed} columns\. Pass the whole sequence"), torch.no_grad():
+        model.generate(inputs_embeds=model.get_input_embeddings()(new), attention_mask=torch.ones_like(new),
+                       past_key_values=copy.deepcopy(cache), max_new_tokens=3)
     cont = gen(model, full, past_key_values=cache, max_new_tokens=5)
     scratch = gen(model, full, max_new_tokens=5, use_cache=False)
     torch.testing.assert_close(cont.sequences, scratch.sequences, atol=0, rtol=0)
@@ -755,3 +761,38 @@ def test_memformer_as_assistant_model_is_refused(model):
     with pytest.raises(ValueError, match="assistant_model"), torch.no_grad():
         main.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                       assistant_model=model)
+
+
+def test_zero_new_columns_with_the_running_mask_is_a_no_op(model):
+    """A forward of 0 columns with a mask of the past columns (a streaming loop's empty chunk) failed with an
+    IndexError (`mask[:, -0:]` is the whole mask); it returns no logits and leaves the state as it was."""
+    ids = rand_ids(6, seed=75)
+    new = rand_ids(5, seed=76, boot=False)
+    with torch.no_grad():
+        cache = model(ids)[CACHE_KWARG]
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long)
+        for empty in (dict(input_ids=ids[:, :0]), dict(inputs_embeds=model.get_input_embeddings()(ids[:, :0]))):
+            assert model(**empty, attention_mask=mask, past_key_values=cache).logits.shape == (1, 0, 50)
+        cont = model(new, past_key_values=cache).logits
+        ref = model(torch.cat([ids, new], 1), use_cache=False).logits[:, ids.shape[1]:]
+        torch.testing.assert_close(cont, ref, atol=1e-10, rtol=0)
+        empty_labels = model(ids[:, :0], attention_mask=mask, labels=ids[:, :0], use_cache=False)
+    assert empty_labels.loss == 0
+
+
+def test_cache_from_another_copy_of_the_code_is_named(model):
+    """A model loaded as remote code with a cache from the installed package (or the reverse) failed with 'needs a
+    MemformerCache, got MemformerCache'; the error names both modules."""
+    from transformers.cache_utils import Cache
+
+    class MemformerCache(Cache):  # noqa: F811 - stand-in for the same class from another module
+        def __init__(self):
+            super().__init__(layers=[])
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return 6
+
+    MemformerCache.__module__ = "transformers_modules.my_model.cache_memformer"
+    with pytest.raises(ValueError, match=r"comes from module `transformers_modules\.my_model\.cache_memformer`, but "
+                                         r"this model's code is `memformer_hf\.cache_memformer`"), torch.no_grad():
+        model(rand_ids(2, seed=78, boot=False), past_key_values=MemformerCache())

@@ -120,7 +120,9 @@ class MemformerCache(Cache):
     - `started` [B] bool: the row has consumed its boot segment.
 
     `consumed` counts input columns (pad columns included) fed since creation; it is what `get_seq_length()` returns,
-    which is how `generate()` knows which columns are new. Memory writes cannot be undone, so `crop` is refused.
+    which is how `generate()` knows which columns are new. Memory writes cannot be undone, so `crop` is refused. The
+    cache left by beam search does not match the returned sequences and is marked stale (`mark_stale`): using or
+    saving it raises until `reset()`.
 
     A state that comes from outside the model (`load_state`, `set_state`, a tensor assigned or modified in place) is
     checked once for NaN/inf on its next use (`check_compatible`: one reduction, one host synchronisation); a state
@@ -151,6 +153,7 @@ class MemformerCache(Cache):
         self._graph_buffers: list | None = None  # the model's decoder-graph buffers these tensors were made into
         self._trusted: list | None = None  # stamps of the tensors last written by the model (or verified finite)
         self._checked_config: MemformerConfig | None = None  # the config object last checked compatible
+        self._stale: str | None = None  # why the state does not belong to the sequences it was returned with
 
     # ----------------------------------------------------------------------------------------------- state access
     @property
@@ -241,11 +244,17 @@ class MemformerCache(Cache):
         if embeds is not None:
             self.segment_embeds = embeds.to(device=device, dtype=dtype)
 
+    def mark_stale(self, reason: str) -> None:
+        """Refuse any further use of this state (forward, `save_state`) with `reason`, until `reset()`."""
+        self._stale = reason
+
     def check_compatible(self, config: MemformerConfig, batch_size: int, dtype: torch.dtype | None = None,
                          device: torch.device | str | None = None) -> None:
         """Raise a clear error if this cache cannot serve a forward of `batch_size` rows of a model with `config`;
         with `dtype` / `device` (the model calls it so at the start of a stream-mode forward), also bring the state
         to the model's device and compute dtype and check it for NaN/inf (`check_finite`)."""
+        if self._stale is not None:
+            raise ValueError(self._stale)
         if config is not self._checked_config and self.fingerprint != config_fingerprint(config):
             raise ValueError("This MemformerCache was built for a different model configuration (fingerprint "
                              f"{self.fingerprint} != {config_fingerprint(config)}); start a new cache.")
@@ -322,7 +331,7 @@ class MemformerCache(Cache):
         new = MemformerCache(self.config)
         new._set_all_tensors([None if t is None else t.detach().clone() for t in self._all_tensors()])
         new.segment_embeds = None if self.segment_embeds is None else self.segment_embeds.detach().clone()
-        new.consumed = self.consumed
+        new.consumed, new._stale = self.consumed, self._stale
         if self.is_trusted:
             new._mark_trusted()
         return new
@@ -367,6 +376,7 @@ class MemformerCache(Cache):
         self._set_all_tensors([None] * len(self._all_tensors()))
         self.segment_embeds = None
         self.consumed = 0
+        self._stale = None
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Mark rows (bool mask [B]) as not started: their next token begins a new document from the initial memory
@@ -402,6 +412,8 @@ class MemformerCache(Cache):
 
         if self.memory is None:
             raise ValueError("Cannot save an empty MemformerCache (it has not consumed any token).")
+        if self._stale is not None:
+            raise ValueError(self._stale)
         if self.segment_embeds is not None:
             raise ValueError("Cannot save this MemformerCache: its partial segment holds tokens given as "
                              "`inputs_embeds`, whose ids are unknown. Save it at a segment boundary, or feed "

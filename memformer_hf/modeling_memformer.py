@@ -467,7 +467,14 @@ class MemformerPreTrainedModel(PreTrainedModel):
                                                 *model_args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
-        """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache)."""
+        """Make `generate()` start from an empty `MemformerCache` (it never builds a stateless default cache). A
+        `MemformerCache` passed with `use_cache=False` is refused: generate() would feed the whole sequence at every
+        step on top of it."""
+        given = [model_kwargs.get(k) for k in (CACHE_KWARG, "past_key_values")]
+        if generation_config.use_cache is False and any(isinstance(c, MemformerCache) for c in given):
+            raise ValueError("generate() got a MemformerCache together with `use_cache=False`: without a cache "
+                             "generate() feeds the whole sequence at every step, which the cache would consume again. "
+                             "Drop `use_cache=False` to continue from the cache, or the cache to generate without one.")
         if model_kwargs.get(CACHE_KWARG) is None and model_kwargs.get("past_key_values") is None \
                 and generation_config.use_cache is not False:
             if generation_config.cache_implementation is not None:
@@ -1132,7 +1139,7 @@ class MemformerModel(MemformerPreTrainedModel):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < n:
                 raise ValueError(f"`attention_mask` must have shape (batch, ≥ sequence) = ({b}, {n}), "
                                  f"got {tuple(attention_mask.shape)}.")
-            mask = attention_mask[:, -n:].bool()  # generate passes the mask of past + new columns
+            mask = attention_mask[:, attention_mask.shape[1] - n:].bool()  # generate passes past + new columns
         if memory_reset is not None:
             if memory_reset.shape != (b,):
                 raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")
@@ -1141,6 +1148,11 @@ class MemformerModel(MemformerPreTrainedModel):
         if cache is not None and not isinstance(cache, MemformerCache):
             if isinstance(cache, Cache) and cache.get_seq_length() == 0:
                 cache = None  # the empty default cache generate() may hand us
+            elif type(cache).__name__ == MemformerCache.__name__:  # the same class from another copy of the code
+                raise ValueError(f"This MemformerCache comes from module `{type(cache).__module__}`, but this model's "
+                                 f"code is `{MemformerCache.__module__}` (e.g. a model loaded with trust_remote_code=True "
+                                 "before `import memformer_hf`): build the cache with the model's own code, or import "
+                                 "memformer_hf before loading the model.")
             else:
                 raise ValueError(f"Memformer needs a MemformerCache as `past_key_values`, got {type(cache).__name__}.")
         if cache is not None:  # also casts the cached K/V to the compute dtype and checks an outside state for NaN
@@ -1398,7 +1410,8 @@ def shift_labels_from(labels: torch.Tensor, attention_mask: torch.Tensor | None 
     and at padded columns (their logits are not defined)."""
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     if attention_mask is not None:
-        shifted = shifted.masked_fill(~attention_mask[:, -labels.shape[1]:].bool().to(shifted.device), -100)
+        mask = attention_mask[:, attention_mask.shape[1] - labels.shape[1]:]  # (not [:, -0:], the whole mask)
+        shifted = shifted.masked_fill(~mask.bool().to(shifted.device), -100)
     return shifted.contiguous()
 
 
@@ -1428,18 +1441,70 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
         columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
-        `cache.get_seq_length()`, so passing only the new ids is refused with a `ValueError`."""
+        `cache.get_seq_length()`, so passing only the new ids (or `inputs_embeds`) is refused with a `ValueError`."""
+        if getattr(kwargs.get("generation_config"), "is_assistant", False):
+            raise ValueError("MemformerForCausalLM cannot be an `assistant_model`: assisted decoding rolls the "
+                             "assistant's cache back to the accepted tokens, and Memformer's memory writes cannot be "
+                             "undone.")
         cache = next((kwargs[k] for k in (CACHE_KWARG, "past_key_values", "cache") if kwargs.get(k) is not None), None)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and torch.is_tensor(ids) \
-                and not ids.is_floating_point() and ids.dim() >= 1 and ids.shape[-1] <= cache.get_seq_length():
+        embeds = kwargs.get("inputs_embeds")
+        name, n = None, None
+        if torch.is_tensor(ids) and not ids.is_floating_point() and ids.dim() >= 1:
+            name, n = "input_ids", ids.shape[-1]
+        elif torch.is_tensor(embeds) and embeds.dim() == 3:
+            name, n = "inputs_embeds", embeds.shape[1]
+        if isinstance(cache, MemformerCache) and cache.get_seq_length() > 0 and n is not None \
+                and n <= cache.get_seq_length():
             consumed = cache.get_seq_length()
             raise ValueError(
-                f"generate() got input_ids of {ids.shape[-1]} columns with a MemformerCache that has already consumed "
+                f"generate() got {name} of {n} columns with a MemformerCache that has already consumed "
                 f"{consumed} columns. Pass the whole sequence with the cache: the {consumed} columns it consumed "
                 f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
                 f"model only the columns after the first {consumed}.")
         return super().generate(inputs, *args, **kwargs)
+
+    def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """`GenerationMixin._prefill` with stream semantics: `memory_reset` restarts its rows once, before the prompt
+        (passed on to every forward, it made each generated token start a new document), and a chunked prefill
+        (`prefill_chunk_size`) of a filled cache feeds only the columns after `get_seq_length()` (transformers
+        splits the whole `input_ids`, so the cache consumed the history again)."""
+        cache = model_kwargs.get(CACHE_KWARG)
+        state = cache if isinstance(cache, MemformerCache) and not cache.is_empty else None
+        reset = _as_row_flags(model_kwargs.pop("memory_reset", None), "memory_reset")
+        if reset is not None:
+            b = state.batch_size if state is not None else input_ids.shape[0]
+            if reset.shape != (b,):
+                raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(reset.shape)}.")
+            if state is not None:
+                state.reset_rows(reset)
+        if generation_config.prefill_chunk_size is None:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("`prefill_chunk_size` is not supported with `inputs_embeds` (Memformer prefills any "
+                             "length segment by segment in constant memory: drop `prefill_chunk_size`).")
+        consumed = 0 if state is None else state.get_seq_length()
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            model_kwargs["attention_mask"] = mask[:, consumed:]  # the model reads the mask's last columns
+        try:
+            return super()._prefill(input_ids[:, consumed:], generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            if mask is not None:
+                model_kwargs["attention_mask"] = mask
+
+    def _beam_search(self, *args: Any, **model_kwargs: Any):
+        """`GenerationMixin._beam_search`; the cache it leaves holds the beams still running at the last step, not
+        the returned sequences, so it is marked stale: continuing from it or saving it raises."""
+        out = super()._beam_search(*args, **model_kwargs)
+        for cache in (model_kwargs.get(CACHE_KWARG), getattr(out, CACHE_KWARG, None)):
+            if isinstance(cache, MemformerCache):
+                cache.mark_stale(
+                    "This MemformerCache comes from beam search: it holds the state of the beams still running at "
+                    "its last step, not of the returned sequences. Continue by generating from the returned "
+                    "sequences without it (or call `cache.reset()`); greedy and sampled generation return a cache "
+                    "that matches their sequences.")
+        return out
 
     def forward(
         self,

@@ -604,7 +604,8 @@ def test_finiteness_check_costs_one_reduction_and_only_for_outside_state(model, 
 
 def test_generate_with_filled_cache_and_only_new_ids_explains(model):
     """A filled cache with only the new ids ended in an IndexError inside transformers (and the same ids as the cache
-    consumed were silently fed twice); generate() now says to pass the whole sequence, which works."""
+    consumed were silently fed twice); generate() now says to pass the whole sequence, which works. Likewise for
+    `inputs_embeds`."""
     prefix = rand_ids(9, seed=52)
     new = rand_ids(3, seed=53, boot=False)
     first = gen(model, prefix, max_new_tokens=2)
@@ -615,6 +616,11 @@ def test_generate_with_filled_cache_and_only_new_ids_explains(model):
                                              rf"already consumed {consumed} columns\. Pass the whole sequence"):
             gen(model, ids, past_key_values=copy.deepcopy(cache), max_new_tokens=3)
     full = torch.cat([first.sequences, new], 1)
+    # the same as embeddings (transformers sliced them by a negative length: an IndexError inside the model)
+    with pytest.raises(ValueError, match=rf"inputs_embeds of 3 columns with a MemformerCache that has already consumed "
+                                         rf"{consumed} columns\. Pass the whole sequence"), torch.no_grad():
+        model.generate(inputs_embeds=model.get_input_embeddings()(new), attention_mask=torch.ones_like(new),
+                       past_key_values=copy.deepcopy(cache), max_new_tokens=3)
     cont = gen(model, full, past_key_values=cache, max_new_tokens=5)
     scratch = gen(model, full, max_new_tokens=5, use_cache=False)
     torch.testing.assert_close(cont.sequences, scratch.sequences, atol=0, rtol=0)
@@ -680,3 +686,132 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
     with torch.no_grad():
         torch.testing.assert_close(model(ids[:, 6:], past_key_values=branch).logits,
                                    model(ids[:, 6:], past_key_values=cache).logits, atol=0, rtol=0)
+
+
+# ============================================================================== other generate() entry points
+def _cont_setup(model, batch: int = 1):
+    """A cache filled by generate() and the whole history to continue from (prompt, generated, 5 new columns)."""
+    prefix = rand_ids(9, batch=batch, seed=70)
+    first = gen(model, prefix, max_new_tokens=2)
+    full = torch.cat([first.sequences, rand_ids(5, batch=batch, seed=71)], 1)  # the new columns start with BOS
+    return first[CACHE_KWARG], full
+
+
+def test_cache_after_beam_search_refuses_to_continue(model):
+    """After beam search the cache holds the beams still running at the last step, not the returned sequences;
+    continuing from it was silently wrong (or the error suggested `batch_repeat_interleave`). It now says so."""
+    ids = rand_ids(6, seed=72)
+    for nb, nrs in ((2, 2), (3, 1)):
+        out = gen(model, ids, num_beams=nb, num_return_sequences=nrs, max_new_tokens=7)
+        cache = out[CACHE_KWARG]
+        full = torch.cat([out.sequences, rand_ids(3, batch=nrs, seed=73, boot=False)], 1)
+        with pytest.raises(ValueError, match="beam search"):
+            gen(model, full, past_key_values=cache, max_new_tokens=4)
+        with pytest.raises(ValueError, match="beam search"):
+            cache.save_state("unused.safetensors")
+    # the caller's own cache object is updated in place by beam search: it is marked too
+    mine = MemformerCache(model.config)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2, max_new_tokens=3, past_key_values=mine)
+    with pytest.raises(ValueError, match="beam search"):
+        model(ids[:, :1], past_key_values=mine)
+    mine.reset()  # an emptied cache starts over
+    cont = gen(model, ids, past_key_values=mine, max_new_tokens=4)
+    torch.testing.assert_close(cont.sequences, gen(model, ids, max_new_tokens=4).sequences, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["prefill", "chunked_prefill"])
+def test_generate_memory_reset_applies_to_the_prompt_only(model, chunk):
+    """`generate(memory_reset=...)` was passed to every forward, so each generated token started a new document.
+    It now restarts the chosen rows once, before the prompt: row 0 (reset) generates as its new columns alone, row
+    1 (kept) as the continuation without a reset."""
+    cache, full = _cont_setup(model, batch=2)
+    n_new = full.shape[1] - cache.get_seq_length()  # the columns generate() feeds
+    kw = dict(max_new_tokens=9, prefill_chunk_size=chunk)
+    out = gen(model, full, past_key_values=copy.deepcopy(cache), memory_reset=torch.tensor([True, False]), **kw)
+    alone = gen(model, full[:1, -n_new:], **kw)
+    kept = gen(model, full, past_key_values=copy.deepcopy(cache), **kw)
+    torch.testing.assert_close(out.sequences[:1, -n_new - 9:], alone.sequences, atol=0, rtol=0)
+    torch.testing.assert_close(out.sequences[1], kept.sequences[1], atol=0, rtol=0)
+    for a, b, c in zip(out.logits, alone.logits, kept.logits):
+        assert_logits_close(a[0], b[0])
+        assert_logits_close(a[1], c[1])
+    # without a cache the rows have not started: a reset changes nothing
+    fresh = gen(model, full, memory_reset=torch.tensor([True, True]), **kw)
+    torch.testing.assert_close(fresh.sequences, gen(model, full, **kw).sequences, atol=0, rtol=0)
+
+
+def test_chunked_prefill_continuing_a_cache(model):
+    """`prefill_chunk_size` with a filled cache fed the whole history again on top of the cache (transformers splits
+    the full `input_ids`): silently wrong. Only the new columns are fed now; with `inputs_embeds` chunking is refused
+    (transformers failed inside with an IndexError)."""
+    cache, full = _cont_setup(model)
+    consumed = cache.get_seq_length()
+    out = gen(model, full, past_key_values=cache, max_new_tokens=6, prefill_chunk_size=3)
+    ref = gen(model, full, max_new_tokens=6, use_cache=False)
+    torch.testing.assert_close(out.sequences, ref.sequences, atol=0, rtol=0)
+    for a, b in zip(out.logits, ref.logits):
+        assert_logits_close(a, b)
+    assert cache.get_seq_length() == consumed + (full.shape[1] - consumed) + 5
+    with pytest.raises(ValueError, match="prefill_chunk_size"), torch.no_grad():
+        model.generate(inputs_embeds=model.get_input_embeddings()(full), attention_mask=torch.ones_like(full),
+                       max_new_tokens=3, prefill_chunk_size=3)
+
+
+def test_generate_use_cache_false_with_a_cache_is_refused(model):
+    """`use_cache=False` with a MemformerCache made generate() feed the whole sequence at every step on top of the
+    cache (silently wrong); it is refused, naming both."""
+    cache, full = _cont_setup(model)
+    for c in (cache, MemformerCache(model.config)):
+        with pytest.raises(ValueError, match="use_cache=False"):
+            gen(model, full, past_key_values=c, use_cache=False, max_new_tokens=3)
+
+
+def test_memformer_as_assistant_model_is_refused(model):
+    """Memformer as another model's `assistant_model` failed deep inside with 'does not take `position_ids`'; it is
+    refused up front (assisted decoding rolls the assistant's cache back, and memory writes cannot be undone)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    main = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, bos_token_id=BOS,
+                                        eos_token_id=EOS, pad_token_id=PAD)).double().eval()
+    ids = rand_ids(6, seed=74)
+    with pytest.raises(ValueError, match="assistant_model"), torch.no_grad():
+        main.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                      assistant_model=model)
+
+
+def test_zero_new_columns_with_the_running_mask_is_a_no_op(model):
+    """A forward of 0 columns with a mask of the past columns (a streaming loop's empty chunk) failed with an
+    IndexError (`mask[:, -0:]` is the whole mask); it returns no logits and leaves the state as it was."""
+    ids = rand_ids(6, seed=75)
+    new = rand_ids(5, seed=76, boot=False)
+    with torch.no_grad():
+        cache = model(ids)[CACHE_KWARG]
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long)
+        for empty in (dict(input_ids=ids[:, :0]), dict(inputs_embeds=model.get_input_embeddings()(ids[:, :0]))):
+            assert model(**empty, attention_mask=mask, past_key_values=cache).logits.shape == (1, 0, 50)
+        cont = model(new, past_key_values=cache).logits
+        ref = model(torch.cat([ids, new], 1), use_cache=False).logits[:, ids.shape[1]:]
+        torch.testing.assert_close(cont, ref, atol=1e-10, rtol=0)
+        empty_labels = model(ids[:, :0], attention_mask=mask, labels=ids[:, :0], use_cache=False)
+    assert empty_labels.loss == 0
+
+
+def test_cache_from_another_copy_of_the_code_is_named(model):
+    """A model loaded as remote code with a cache from the installed package (or the reverse) failed with 'needs a
+    MemformerCache, got MemformerCache'; the error names both modules."""
+    from transformers.cache_utils import Cache
+
+    class MemformerCache(Cache):  # noqa: F811 - stand-in for the same class from another module
+        def __init__(self):
+            super().__init__(layers=[])
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return 6
+
+    MemformerCache.__module__ = "transformers_modules.my_model.cache_memformer"
+    with pytest.raises(ValueError, match=r"comes from module `transformers_modules\.my_model\.cache_memformer`, but "
+                                         r"this model's code is `memformer_hf\.cache_memformer`"), torch.no_grad():
+        model(rand_ids(2, seed=78, boot=False), past_key_values=MemformerCache())

@@ -134,7 +134,7 @@ def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 def normalize_keys(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
     """Strip the TorchFly prefix, prefix a bare ``MemBartModel`` state dict with ``model.``, add ``final_logits_bias``
     (zeros) if missing and drop the tied copies (``lm_head`` and encoder/decoder ``embed_tokens``) after checking
-    that they equal ``model.shared.weight``."""
+    that they equal ``model.shared.weight``; without ``model.shared.weight``, a stored copy becomes it."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith(TORCHFLY_PREFIX):
@@ -144,13 +144,16 @@ def normalize_keys(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict
         out = {f"model.{k}": v for k, v in out.items()}
     if "final_logits_bias" not in out:
         out["final_logits_bias"] = torch.zeros(1, vocab_size)
-    shared = out.get(SHARED_KEY)
+    source = SHARED_KEY if SHARED_KEY in out else next((k for k in TIED_KEYS if k in out), None)
+    if source is None:
+        return out
+    shared = out[SHARED_KEY] = out[source]  # MemBART ties them: any stored copy is the shared embedding
     for key in TIED_KEYS:
         tied = out.get(key)
-        if tied is None or shared is None:
+        if tied is None:
             continue
         if tied.shape != shared.shape or not torch.equal(tied, shared):
-            raise ConversionError(f"{key} differs from {SHARED_KEY}; MemBART ties them, so this checkpoint is not one")
+            raise ConversionError(f"{key} differs from {source}; MemBART ties them, so this checkpoint is not one")
         del out[key]
     return out
 

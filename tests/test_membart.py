@@ -237,6 +237,25 @@ def test_converter_refuses_bad_inputs(tmp_path, original_weights, capsys):
     assert torch.isfinite(model.model.encoder.memory_bias).all()
 
 
+def test_checkpoint_without_shared_takes_the_embedding_from_a_tied_copy(converted, reference, tmp_path, original_weights):
+    """A checkpoint that stores the tied embedding only as ``lm_head.weight`` (or ``embed_tokens``) converts to the same
+    model: the copy is the shared embedding (it used to be dropped as unexpected and re-initialised under
+    --allow_partial, or refused as partial without it)."""
+    expected = _step_logits(_load(converted["bin"], "class"), reference)
+    shared = original_weights["model.shared.weight"]
+    for copy_key in ("lm_head.weight", "model.decoder.embed_tokens.weight"):
+        weights = {k: v for k, v in original_weights.items() if k not in converter.TIED_KEYS and k != converter.SHARED_KEY}
+        weights[copy_key] = shared.clone()
+        torch.save(weights, tmp_path / "no_shared.bin")
+        out = tmp_path / f"out_{copy_key}"
+        assert _convert(tmp_path / "no_shared.bin", out) == 0
+        torch.testing.assert_close(_step_logits(_load(out, "class"), reference), expected, rtol=0, atol=0)
+    weights[copy_key] = shared.clone()
+    weights["lm_head.weight"] = shared + 1  # copies that disagree are not a MemBART checkpoint
+    with pytest.raises(converter.ConversionError, match="embed_tokens.weight differs from lm_head.weight"):
+        converter.normalize_keys(weights, shared.shape[0])
+
+
 def test_missing_memory_bias_initialises_finite(converted, tmp_path):
     """An explicit nn.Parameter missing from a checkpoint must be initialised by `_init_weights` (not left as garbage)."""
     folder = tmp_path / "no_bias"

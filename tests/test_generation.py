@@ -758,6 +758,24 @@ def test_chunked_prefill_continuing_a_cache(model):
                        max_new_tokens=3, prefill_chunk_size=3)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_prefill_continuing_a_left_padded_cache(model, chunk):
+    """The same with a left-padded history (the mask is not all ones, so transformers 5.24 keeps it): 5.24 sliced
+    the new columns again by the mask's length and fed only some of them (continuation wrong, cache 2 columns
+    short). Each chunk now gets the mask up to its last column; equal to generating without a cache."""
+    ids, mask = left_padded_prompt((7, 3), seed=5)
+    first = gen(model, ids, mask, max_new_tokens=2)
+    cache = first[CACHE_KWARG]
+    full = torch.cat([first.sequences, rand_ids(5, batch=2, seed=71)], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 7, dtype=mask.dtype)], 1)
+    out = gen(model, full, full_mask, past_key_values=cache, max_new_tokens=6, prefill_chunk_size=chunk)
+    ref = gen(model, full, full_mask, max_new_tokens=6, use_cache=False)
+    assert cache.get_seq_length() == full.shape[1] + 5
+    torch.testing.assert_close(out.sequences, ref.sequences, atol=0, rtol=0)
+    for a, b in zip(out.logits, ref.logits):
+        assert_logits_close(a, b)
+
+
 def test_generate_use_cache_false_with_a_cache_is_refused(model):
     """`use_cache=False` with a MemformerCache made generate() feed the whole sequence at every step on top of the
     cache (silently wrong); it is refused, naming both."""

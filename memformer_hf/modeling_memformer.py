@@ -1462,6 +1462,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 f"{consumed} columns. Pass the whole sequence with the cache: the {consumed} columns it consumed "
                 f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
                 f"model only the columns after the first {consumed}.")
+        if "memory_reset" in kwargs:  # a tensor, so that generate() expands it with the rows (num_return_sequences)
+            kwargs["memory_reset"] = _as_row_flags(kwargs["memory_reset"], "memory_reset")
         return super().generate(inputs, *args, **kwargs)
 
     def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):

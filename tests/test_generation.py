@@ -736,6 +736,12 @@ def test_generate_memory_reset_applies_to_the_prompt_only(model, chunk):
     for a, b, c in zip(out.logits, alone.logits, kept.logits):
         assert_logits_close(a[0], b[0])
         assert_logits_close(a[1], c[1])
+    # with num_return_sequences generate() expands the flags with the rows, also when given as a list
+    cache4 = copy.deepcopy(cache)
+    cache4.batch_repeat_interleave(2)
+    out4 = gen(model, full, past_key_values=cache4, memory_reset=[True, False], num_return_sequences=2,
+               do_sample=True, top_k=1, **kw)  # top_k=1: greedy
+    torch.testing.assert_close(out4.sequences, out.sequences.repeat_interleave(2, 0), atol=0, rtol=0)
     # without a cache the rows have not started: a reset changes nothing
     fresh = gen(model, full, memory_reset=torch.tensor([True, True]), **kw)
     torch.testing.assert_close(fresh.sequences, gen(model, full, **kw).sequences, atol=0, rtol=0)

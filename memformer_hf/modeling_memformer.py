@@ -1462,13 +1462,16 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 f"{consumed} columns. Pass the whole sequence with the cache: the {consumed} columns it consumed "
                 f"followed by the new ids (e.g. torch.cat([previous_sequences, new_ids], dim=1)); generate() feeds the "
                 f"model only the columns after the first {consumed}.")
+        if "memory_reset" in kwargs:  # a tensor, so that generate() expands it with the rows (num_return_sequences)
+            kwargs["memory_reset"] = _as_row_flags(kwargs["memory_reset"], "memory_reset")
         return super().generate(inputs, *args, **kwargs)
 
     def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
         """`GenerationMixin._prefill` with stream semantics: `memory_reset` restarts its rows once, before the prompt
         (passed on to every forward, it made each generated token start a new document), and a chunked prefill
-        (`prefill_chunk_size`) of a filled cache feeds only the columns after `get_seq_length()` (transformers
-        splits the whole `input_ids`, so the cache consumed the history again)."""
+        (`prefill_chunk_size`) of a filled cache feeds only the columns after `get_seq_length()`, each chunk with the
+        mask up to its last column (transformers 5.17 fed the history again; 5.24 dropped new columns when the mask
+        has padding)."""
         cache = model_kwargs.get(CACHE_KWARG)
         state = cache if isinstance(cache, MemformerCache) and not cache.is_empty else None
         reset = _as_row_flags(model_kwargs.pop("memory_reset", None), "memory_reset")
@@ -1483,15 +1486,22 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("`prefill_chunk_size` is not supported with `inputs_embeds` (Memformer prefills any "
                              "length segment by segment in constant memory: drop `prefill_chunk_size`).")
-        consumed = 0 if state is None else state.get_seq_length()
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None:
-            model_kwargs["attention_mask"] = mask[:, consumed:]  # the model reads the mask's last columns
+        if not isinstance(cache, MemformerCache):
+            raise ValueError("Cannot use prefill chunking without a cache (`use_cache=False`).")
+        past = cache.get_seq_length()
+        mask = model_kwargs.pop("attention_mask", None)
+        first = kwargs.get("is_first_iteration", args[0] if args else True)
         try:
-            return super()._prefill(input_ids[:, consumed:], generation_config, model_kwargs, *args, **kwargs)
+            for chunk in torch.split(input_ids[:, past:], generation_config.prefill_chunk_size, dim=-1):
+                past += chunk.shape[-1]
+                if mask is not None:
+                    model_kwargs["attention_mask"] = mask[:, :past]  # the model reads the mask's last columns
+                inputs = self.prepare_inputs_for_generation(chunk, is_first_iteration=first, **model_kwargs)
+                outputs = self(**inputs, return_dict=True)
+                model_kwargs[CACHE_KWARG] = getattr(outputs, CACHE_KWARG)
         finally:
-            if mask is not None:
-                model_kwargs["attention_mask"] = mask
+            model_kwargs["attention_mask"] = mask
+        return outputs
 
     def _beam_search(self, *args: Any, **model_kwargs: Any):
         """`GenerationMixin._beam_search`; the cache it leaves holds the beams still running at the last step, not

@@ -736,6 +736,12 @@ def test_generate_memory_reset_applies_to_the_prompt_only(model, chunk):
     for a, b, c in zip(out.logits, alone.logits, kept.logits):
         assert_logits_close(a[0], b[0])
         assert_logits_close(a[1], c[1])
+    # with num_return_sequences generate() expands the flags with the rows, also when given as a list
+    cache4 = copy.deepcopy(cache)
+    cache4.batch_repeat_interleave(2)
+    out4 = gen(model, full, past_key_values=cache4, memory_reset=[True, False], num_return_sequences=2,
+               do_sample=True, top_k=1, **kw)  # top_k=1: greedy
+    torch.testing.assert_close(out4.sequences, out.sequences.repeat_interleave(2, 0), atol=0, rtol=0)
     # without a cache the rows have not started: a reset changes nothing
     fresh = gen(model, full, memory_reset=torch.tensor([True, True]), **kw)
     torch.testing.assert_close(fresh.sequences, gen(model, full, **kw).sequences, atol=0, rtol=0)
@@ -756,6 +762,24 @@ def test_chunked_prefill_continuing_a_cache(model):
     with pytest.raises(ValueError, match="prefill_chunk_size"), torch.no_grad():
         model.generate(inputs_embeds=model.get_input_embeddings()(full), attention_mask=torch.ones_like(full),
                        max_new_tokens=3, prefill_chunk_size=3)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_prefill_continuing_a_left_padded_cache(model, chunk):
+    """The same with a left-padded history (the mask is not all ones, so transformers 5.24 keeps it): 5.24 sliced
+    the new columns again by the mask's length and fed only some of them (continuation wrong, cache 2 columns
+    short). Each chunk now gets the mask up to its last column; equal to generating without a cache."""
+    ids, mask = left_padded_prompt((7, 3), seed=5)
+    first = gen(model, ids, mask, max_new_tokens=2)
+    cache = first[CACHE_KWARG]
+    full = torch.cat([first.sequences, rand_ids(5, batch=2, seed=71)], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 7, dtype=mask.dtype)], 1)
+    out = gen(model, full, full_mask, past_key_values=cache, max_new_tokens=6, prefill_chunk_size=chunk)
+    ref = gen(model, full, full_mask, max_new_tokens=6, use_cache=False)
+    assert cache.get_seq_length() == full.shape[1] + 5
+    torch.testing.assert_close(out.sequences, ref.sequences, atol=0, rtol=0)
+    for a, b in zip(out.logits, ref.logits):
+        assert_logits_close(a, b)
 
 
 def test_generate_use_cache_false_with_a_cache_is_refused(model):

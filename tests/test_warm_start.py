@@ -347,6 +347,18 @@ def test_warm_start_refuses_a_norm_eps_other_than_the_config_one():
         memformer_from_llama(llama, segment_length=L)
 
 
+def test_warm_start_of_a_meta_backbone_keeps_its_checks():
+    """A backbone built on the meta device (no values) converts into a meta Memformer, as before the numerical norm
+    check (which failed on it with 'Cannot copy out of meta tensor'); the check still runs, with a stand-in gain."""
+    with torch.device("meta"):
+        llama = tiny_llama()
+    model = memformer_from_llama(llama, num_memory_slots=4, segment_length=L, encoder_layers=2)
+    assert model.device.type == "meta" and model.dtype == torch.float64
+    llama.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-2
+    with pytest.raises(ValueError, match=r"layers\[1\]\.post_attention_layernorm \(LlamaRMSNorm\) does not compute"):
+        memformer_from_llama(llama, segment_length=L)
+
+
 def test_warm_start_refuses_bad_arguments():
     llama = tiny_llama()
     with pytest.raises(ValueError, match="encoder layers"):

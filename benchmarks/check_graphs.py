@@ -13,7 +13,10 @@ without the option; which kernel differs was not pinned down. `--cross_attention
 Trainer cells 0 (float32) / 3e-9 (bf16), `memory_replay_backward` 0 / 2.4e-9. After the `inputs_embeds` fix
 (2026-11-30, evening; `--tokens 2048`): all of the above unchanged (bitwise inference, cells 0 / 2.9e-9, replay
 0 / 1.4e-9); generating from a prompt given as embeddings equalled generating from its ids (same tokens, logits
-difference 0) in a one-off script with the `small` preset, the check that this script now makes too.
+difference 0) in a one-off script with the `small` preset, the check that this script now makes too. Run by this
+script itself (2026-11-30, late; `--tokens 2048`), before and after the generate() fixes of that session
+(`_prefill` / `_beam_search` overrides): generate from embeddings == from ids (same tokens, logits difference 0), and
+every number above unchanged.
 """
 
 from __future__ import annotations

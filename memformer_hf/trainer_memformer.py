@@ -345,7 +345,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
-        params = {**stream_layout(self._model_config, args), "seed": args.data_seed or args.seed, **overrides}
+        seed = args.seed if args.data_seed is None else args.data_seed  # data_seed=0 is a seed, not "unset"
+        params = {**stream_layout(self._model_config, args), "seed": seed, **overrides}
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
         # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)

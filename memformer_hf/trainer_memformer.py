@@ -61,6 +61,7 @@ POSITION_BUCKETS = (0, 64, 512, 4096, 32768)
 BUCKET_NAMES = tuple(f"{lo}-{hi}" for lo, hi in zip(POSITION_BUCKETS, POSITION_BUCKETS[1:])) + (
     f"{POSITION_BUCKETS[-1]}+",)
 STREAM_STATE = "stream_state-rank{rank}"
+PER_RANK_KEYS = ("world_size", "rank", "streams_per_rank", "batch_size", "grad_accum")  # one split of the streams
 STREAM_DATASETS = (StreamBatches, IterableStreamBatches)  # rank-aware stream layouts with a carried memory per stream
 
 
@@ -162,23 +163,52 @@ class CarriedMemory:
         with open(path) as f:
             return json.load(f)
 
-    def load(self, folder: str, layout_matches: Callable[[dict[str, Any]], bool], device: torch.device) -> bool:
-        """Restore this rank's memories from a checkpoint whose stream layout `layout_matches` this run's. Otherwise
-        (no stream state, or another layout, e.g. another world size) warn and leave the store empty: the streams
-        restart from m₀. Returns whether the memories were restored."""
+    def load(self, folder: str, layout_matches: Callable[[dict[str, Any]], bool], device: torch.device,
+             same_streams: Callable[[dict[str, Any]], bool] | None = None) -> bool:
+        """Restore this rank's memories from a checkpoint whose stream layout `layout_matches` this run's. A checkpoint
+        of another world size / per-rank split whose saved layout passes `same_streams` (the same global streams: same
+        dealing, stream count, window) is restored exactly too, from every saved rank's rows. Otherwise (no stream
+        state, or another layout) warn and leave the store empty: the streams restart from m₀. Returns whether the
+        memories were restored."""
         from safetensors.torch import load_file
 
         path = self._path(folder)
-        if not (os.path.isfile(path + ".safetensors") and os.path.isfile(path + ".json")):
+        layout = self.saved_layout(folder) if os.path.isfile(path + ".safetensors") else None
+        if layout is not None and layout_matches(layout):
+            self.memory = load_file(path + ".safetensors")["carry"].to(device)
+            return True
+        if same_streams is not None and self._load_global(folder, same_streams, device):
+            return True
+        if layout is None:
             logger.warning(f"{folder} has no carried-memory state; streams restart from the initial memory.")
-            return False
-        with open(path + ".json") as f:
-            layout = json.load(f)
-        if not layout_matches(layout):
+        else:
             logger.warning("The checkpoint's stream layout differs from this run (e.g. another world size); "
                            "carried memories are reset to m0.")
+        return False
+
+    def _load_global(self, folder: str, same_streams: Callable[[dict[str, Any]], bool], device: torch.device
+                     ) -> bool:
+        """This rank's rows of the global carry assembled from every rank file of a checkpoint written with another
+        per-rank split of the same global streams (e.g. 2 ranks x batch 1 resumed by 1 rank x batch 2)."""
+        from safetensors.torch import load_file
+
+        first = CarriedMemory(rank=0).saved_layout(folder)
+        if first is None or not same_streams(first):
             return False
-        self.memory = load_file(path + ".safetensors")["carry"].to(device)
+        parts = []
+        for r in range(int(first["world_size"])):
+            saved = CarriedMemory(rank=r)
+            path = saved._path(folder)
+            layout = saved.saved_layout(folder)
+            if layout is None or not os.path.isfile(path + ".safetensors") or not same_streams(layout):
+                return False
+            parts.append(load_file(path + ".safetensors")["carry"])
+        carry = torch.cat(parts)
+        if carry.shape[0] < self.first_stream + self.num_streams:
+            return False
+        self.memory = carry[self.first_stream:self.first_stream + self.num_streams].to(device)
+        logger.info(f"Carried memories restored from the {len(parts)} rank(s) of {folder} (another per-rank split "
+                    "of the same streams).")
         return True
 
 
@@ -315,7 +345,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
-        params = {**stream_layout(self._model_config, args), "seed": args.data_seed or args.seed, **overrides}
+        seed = args.seed if args.data_seed is None else args.data_seed  # data_seed=0 is a seed, not "unset"
+        params = {**stream_layout(self._model_config, args), "seed": seed, **overrides}
         # Every epoch keeps its natural length (the documents are re-dealt each epoch, so lengths differ): no epoch
         # ends with windows without tokens; `set_initial_training_values` and `_run_epoch` follow the real lengths.
         return StreamBatches(documents, **params)
@@ -700,8 +731,11 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         self._carried_memory = None  # laid out anew on the training streams
         self._rng_restore = None  # (a previous run's deferred random state is never applied to this one)
         if resume_from_checkpoint and isinstance(self.train_dataset, StreamBatches):
+            ds = self.train_dataset
             self.carried_memory.load(resume_from_checkpoint, device=self.args.device,
-                                     layout_matches=lambda s: self.train_dataset.compatible_with(s, ignore=("epoch",)))
+                                     layout_matches=lambda s: ds.compatible_with(s, ignore=("epoch",)),
+                                     same_streams=lambda s: ds.compatible_with(s, ignore=("epoch", *PER_RANK_KEYS))
+                                     and s.get("streams_per_rank", 0) * s.get("world_size", 0) == ds.num_streams)
         if resume_from_checkpoint and isinstance(self.train_dataset, IterableStreamBatches):
             self._resume_stream(str(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

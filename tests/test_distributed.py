@@ -233,6 +233,64 @@ def test_fsdp_bf16_keeps_memory_float32(tmp_path_factory, single):
     assert worst[0] <= 0.05 * scale, f"{worst[1]} differs by {worst[0]:.3g} (scale {scale:.3g})"
 
 
+# ============================================================================================== resume across world sizes
+RESUME_KW = dict(gradient_accumulation_steps=2, mrbp_window=2, num_train_epochs=2, learning_rate=2e-2, optim="sgd",
+                 save_strategy="steps", save_steps=1000)
+
+
+def _resume_run(out: Path, stop: int, resume: str) -> None:
+    """Train 2 epochs on 4 global streams (1 process x batch 2, or 2 ranks x batch 1); stop after step `stop` (with
+    its checkpoint) or, with `resume`, continue from that checkpoint. Saves the final weights and logged losses."""
+    from helpers import StopAt
+    from test_trainer import make_docs, targs
+
+    from memformer_hf.trainer_memformer import MemformerTrainer
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    extra = {} if world == 1 else dict(ddp_backend="gloo")
+    args = targs(out, per_device_train_batch_size=2 // world, **RESUME_KW, **extra)
+    tr = MemformerTrainer(model=_model(), args=args, train_dataset=make_docs(2, 14, 3, 22),
+                          callbacks=[StopAt(stop)] if stop else [])
+    tr.train(resume_from_checkpoint=resume or None)
+    if tr.args.process_index == 0:
+        save_file({k: v.detach().contiguous() for k, v in tr.model.named_parameters()}, out / "weights.safetensors")
+        (out / "losses.json").write_text(json.dumps({h["step"]: h["loss"] for h in tr.state.log_history
+                                                     if "loss" in h}))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _resume_run(out, 0, "")
+    return out
+
+
+@pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
+def test_resume_with_another_world_size_of_the_same_streams_is_exact(tmp_path, uninterrupted, saved_by, resumed_by):
+    """A checkpoint written by 2 ranks x batch 1 resumed by 1 process x batch 2, and vice versa (the same 4 global
+    streams): the carried memories are assembled from the checkpoint's rank files, so the resumed run ends with the
+    uninterrupted run's weights and losses (regression: they restarted from m0 with a warning)."""
+
+    def launch(world: int, out: Path, stop: int, resume: str = "") -> None:
+        if world == 1:
+            _resume_run(out, stop, resume)
+        else:
+            Torchrun(__file__, "resume", out, stop, resume, cwd=REPO).wait(timeout=120)
+
+    out = tmp_path / "run"
+    launch(saved_by, out, 3)
+    assert (out / "checkpoint-3" / f"stream_state-rank{saved_by - 1}.safetensors").is_file()
+    launch(resumed_by, out, 0, str(out / "checkpoint-3"))
+    got, ref = load_file(out / "weights.safetensors"), load_file(uninterrupted / "weights.safetensors")
+    for name, value in ref.items():
+        assert (got[name] - value).abs().max() <= 1e-12, name
+    losses, ref_losses = (json.loads((d / "losses.json").read_text()) for d in (out, uninterrupted))
+    assert len(ref_losses) > 6 and losses.keys() == ref_losses.keys()
+    for step, loss in losses.items():
+        assert loss == pytest.approx(ref_losses[step], rel=1e-6), step
+
+
 # ============================================================================================== example configs
 def test_example_accelerate_configs():
     """examples/accelerate/*.yaml: 2 processes, bf16; the FSDP one is FSDP2 full shard with every encoder / decoder
@@ -323,4 +381,6 @@ if __name__ == "__main__":  # a torchrun worker: python -m torch.distributed.run
 
         _allow_fsdp_on_cpu()
         sys.exit(main(sys.argv[2:]))
+    if sys.argv[1] == "resume":
+        sys.exit(_resume_run(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else ""))
     _run(Path(sys.argv[2]), sys.argv[1])

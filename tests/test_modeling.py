@@ -1225,3 +1225,15 @@ def test_writer_self_bias_spread_gives_a_range_of_retention(tmp_path):
     reloaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
     assert reloaded.config.memory_write_self_bias_spread == 40.0
     torch.testing.assert_close(reloaded.model.writer.self_bias, writer.self_bias, atol=0, rtol=0)
+
+
+def test_writer_self_bias_spread_with_one_slot_keeps_the_bias():
+    """With `num_memory_slots=1` the spread put the only slot's self bias at bias - spread/2 (`linspace` of one point
+    is its start): `memory_write_self_bias=2, spread=4` started the slot at 0 instead of 2, so the "retain" start
+    asked for was silently lost. One slot sits at the centre of bias ± spread/2, i.e. at the bias."""
+    model = build_tiny_memformer(seed=3, randomize=False, num_memory_slots=1, memory_write_self_bias=2.0,
+                                 memory_write_self_bias_spread=4.0)
+    torch.testing.assert_close(model.model.writer.self_bias.detach(), torch.tensor([2.0], dtype=torch.float64))
+    model = build_tiny_memformer(seed=3, randomize=False, num_memory_slots=2, memory_write_self_bias=2.0,
+                                 memory_write_self_bias_spread=4.0)
+    torch.testing.assert_close(model.model.writer.self_bias.detach(), torch.tensor([0.0, 4.0], dtype=torch.float64))

@@ -345,10 +345,13 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         if plan.write_index is None:  # every chunk starts at position 0: the buffer is just the new K/V
             key, value = new_key, new_value
         else:
-            # write the new positions into the (fresh or static-cache) buffers in place
+            # write the new positions into the (fresh or static-cache) buffers: in place without autograd (the decode
+            # step updates the cache's buffers so); with autograd out of place, as a gradient-checkpointed layer's
+            # recomputation would otherwise modify the buffer its first pass saved
             idx = plan.write_index[:, None, :, None].expand(-1, new_key.shape[1], -1, new_key.shape[-1])
-            key = past_key.scatter_(2, idx, new_key.to(past_key.dtype))
-            value = past_value.scatter_(2, idx, new_value.to(past_value.dtype))
+            scatter = torch.Tensor.scatter if torch.is_grad_enabled() else torch.Tensor.scatter_
+            key = scatter(past_key, 2, idx, new_key.to(past_key.dtype))
+            value = scatter(past_value, 2, idx, new_value.to(past_value.dtype))
         attn = self.self_attn.attend(x, key, value, plan.self_mask, plan.cos_sin, plan.rel_index,
                                      causal=plan.self_mask is None)
         hidden = hidden + self.dropout(attn)

@@ -136,10 +136,12 @@ def eager_attention_forward(
     if rel_index is not None:
         rel = module.rel_pos.weight[rel_index].to(query.dtype)  # [N, q, k, d_h]
         scores = scores + torch.einsum("nhqd,nqkd->nhqk", query, rel)
-    scores = scores * scaling
+    # the mask is added in at least float32: in float16, finfo.min plus a negative score is -inf, and a query with no
+    # valid key (empty boot context, inactive cell) would get NaN instead of an exact zero (docs/design.md#numerics)
+    scores = at_least_fp32(scores * scaling)
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = torch.softmax(at_least_fp32(scores), dim=-1).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)
     if rel is not None:

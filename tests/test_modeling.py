@@ -19,6 +19,7 @@ import transformers
 from conftest import _P, reference_encode, reference_initial_memory, reference_stream, reference_writer
 from helpers import (
     BOS,
+    PAD,
     assert_config_refused,
     build_tiny_memformer,
     cache_tensors,
@@ -696,6 +697,26 @@ def test_nonfinite_inputs_embeds_are_refused_pads_are_not_read(value):
         clean = model(inputs_embeds=embeds, attention_mask=mask)
     torch.testing.assert_close(out.logits[1, 3:], clean.logits[1, 3:], rtol=0, atol=0)
     assert torch.isfinite(out.logits[:, 3:]).all()
+
+
+@pytest.mark.parametrize("position_embedding_type", ["rope", "simplified_rpe"])
+def test_float16_eager_queries_without_valid_keys_output_zero(position_embedding_type):
+    """A float16 model with eager attention (or simplified RPE, which is always eager) returned NaN logits wherever a
+    query had no valid key: the decoder after an `"empty"` boot, an inactive cell, as the additive mask finfo.min
+    plus a negative float16 score is -inf and softmax over -inf only is NaN (docs/design.md#numerics promises an
+    exact zero). Outputs are finite and match the float32 model's to float16 rounding (5% of the largest logit)."""
+    kw = dict(attn="eager", first_segment_context="empty", position_embedding_type=position_embedding_type,
+              initializer_range=1.0)
+    half, ref = build_tiny_memformer(dtype=torch.float16, **kw), build_tiny_memformer(dtype=torch.float32, **kw)
+    ids, mask = left_pad([list(range(5, 16)), list(range(20, 23))])
+    inactive = dict(encoder_input_ids=torch.full((2, L), PAD), encoder_attention_mask=torch.zeros(2, L, dtype=torch.bool),
+                    decoder_input_ids=torch.tensor([[BOS, 5, 6, 7]] * 2), memory_reset=torch.tensor([True, True]))
+    with torch.no_grad():
+        for model_inputs in (dict(input_ids=ids, attention_mask=mask), inactive):
+            got, want = half(**model_inputs).logits.float(), ref(**model_inputs).logits
+            real = mask.bool() if "input_ids" in model_inputs else torch.ones(2, L, dtype=torch.bool)
+            assert torch.isfinite(got[real]).all()
+            torch.testing.assert_close(got[real], want[real], atol=0.05 * float(want.abs().max()), rtol=0)
 
 
 def test_bad_cell_input_raises():

@@ -719,6 +719,21 @@ def test_float16_eager_queries_without_valid_keys_output_zero(position_embedding
             torch.testing.assert_close(got[real], want[real], atol=0.05 * float(want.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("tau", [1e-8, 1e-30])
+def test_float16_learnable_temperature_below_float16_range(tau):
+    """A float16 model with `learnable_temperature` and tau = 1e-8 (valid: at least 1e-30) wrote NaN into the memory:
+    exp(log tau) was taken in the parameter's float16 and underflowed to 0. The writer takes it in its own dtype (at
+    least float32); the memory then matches the float32 model's to float16 rounding."""
+    ids = rand_ids(13, batch=2)
+    memories = []
+    for dtype in (torch.float16, torch.float32):
+        model = build_tiny_memformer(dtype=dtype, attn="sdpa", learnable_temperature=True, memory_write_temperature=tau)
+        with torch.no_grad():
+            memories.append(model(ids, use_cache=True)[CACHE_KWARG].memory)
+    assert torch.isfinite(memories[0]).all()
+    torch.testing.assert_close(memories[0], memories[1], atol=0.01, rtol=0)
+
+
 def test_bad_cell_input_raises():
     model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
     enc = rand_ids(L, batch=2, boot=False)

@@ -23,6 +23,8 @@ MAX_SEGMENT_LENGTH = 65536
 MIN_WRITE_TEMPERATURE = 1e-30
 MAX_WRITE_SELF_BIAS = 1e30
 MAX_FORGET_BIAS_INIT_SCALE = 1e18
+# The smallest RoPE base that float32 holds as a normal number (the tables are computed in float32).
+MIN_ROPE_THETA = 1.1754943508222875e-38
 # The fields that take True or False (checked by `validate_memformer`).
 BOOLEAN_FIELDS = ("learnable_temperature", "memory_write_qk_norm", "writer_out_proj", "use_forget_bias",
                   "normalize_memory_kv", "attention_bias", "tie_word_embeddings", "decoder_reads_memory",
@@ -319,6 +321,8 @@ class MemformerConfig(PretrainedConfig):
             theta = self.rope_parameters.get("rope_theta", 1e4)
             _check(is_num(theta) and math.isfinite(theta) and theta > 0, "rope_parameters.rope_theta", theta,
                    "a positive finite number")
+            _check(theta >= MIN_ROPE_THETA, "rope_parameters.rope_theta", theta,
+                   f"at least {MIN_ROPE_THETA} (the RoPE tables are float32: a smaller base is 0 there and gives NaN)")
             rope_type = self.rope_parameters.get("rope_type", "default")
             _check(rope_type == "default", "rope_parameters.rope_type", rope_type,
                    "'default' (positions are in-segment, so no scaling is ever needed)")
@@ -356,5 +360,5 @@ class MemformerConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-__all__ = ["BOOLEAN_FIELDS", "MAX_FORGET_BIAS_INIT_SCALE", "MAX_SEGMENT_LENGTH", "MAX_WRITE_SELF_BIAS", "MIN_WRITE_TEMPERATURE",
-           "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]
+__all__ = ["BOOLEAN_FIELDS", "MAX_FORGET_BIAS_INIT_SCALE", "MAX_SEGMENT_LENGTH", "MAX_WRITE_SELF_BIAS", "MIN_ROPE_THETA",
+           "MIN_WRITE_TEMPERATURE", "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]

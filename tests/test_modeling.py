@@ -787,6 +787,7 @@ def test_bad_config_raises(overrides, field):
     (dict(initializer_range=float("nan")), "initializer_range", "a positive finite number"),
     (dict(initializer_range=0), "initializer_range", "a positive finite number"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": float("inf")}), "rope_theta", "a positive finite number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e-50}), "rope_theta", "at least 1.17"),
 ])
 def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expected):
     """Issue 15 item 5: `segment_length=2**20` was accepted (a 5-token forward then tried to allocate 4 TiB) and
@@ -797,6 +798,10 @@ def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expe
     model = build_tiny_memformer(attn="sdpa", layer_norm_eps=1e-12, initializer_range=1e-3)
     with torch.no_grad():
         assert torch.isfinite(model(rand_ids(7, batch=2)).logits).all()
+    model = build_tiny_memformer(dtype=torch.float32, rope_parameters={"rope_type": "default", "rope_theta": 1.2e-38})
+    with torch.no_grad():  # rope_theta=1e-50 is 0 in the float32 tables: NaN logits and a NaN memory in the cache
+        out = model(rand_ids(7, batch=2), use_cache=True)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out[CACHE_KWARG].memory).all()
 
 
 @pytest.mark.parametrize("overrides,field,expected", [

@@ -16,6 +16,15 @@ MLP_TYPES = ("gelu_mlp", "swiglu")
 # Upper bound on `segment_length`: every segment is encoded at full length L (self-attention is L x L per head), so
 # a huge L makes even a 5-token forward allocate terabytes.
 MAX_SEGMENT_LENGTH = 65536
+# Bounds that keep the writer's float32 arithmetic finite (docs/design.md#numerics): its scores are q·k / (sqrt(d_w) τ)
+# (+ the self bias), so a τ below 1e-30 or a self bias beyond ±1e30 overflows them to inf and the softmax writes NaN
+# into the memory; a forgetting vector of norm beyond ~1.8e19 overflows its squared norm, so BMN and m0 become 0
+# instead of unit vectors.
+MIN_WRITE_TEMPERATURE = 1e-30
+MAX_WRITE_SELF_BIAS = 1e30
+MAX_FORGET_BIAS_INIT_SCALE = 1e18
+# The smallest RoPE base that float32 holds as a normal number (the tables are computed in float32).
+MIN_ROPE_THETA = 1.1754943508222875e-38
 # The fields that take True or False (checked by `validate_memformer`).
 BOOLEAN_FIELDS = ("learnable_temperature", "memory_write_qk_norm", "writer_out_proj", "use_forget_bias",
                   "normalize_memory_kv", "attention_bias", "tie_word_embeddings", "decoder_reads_memory",
@@ -69,7 +78,7 @@ class MemformerConfig(PretrainedConfig):
         segment_length: L, tokens per segment; positions are in-segment indices 0..L-1.
         num_memory_slots: K, memory slots per row.
         memory_write_heads: heads of the memory writer (defaults to `num_attention_heads`).
-        memory_write_temperature: writer softmax temperature tau in (0, 1]; tau < 1 sharpens (the paper's choice).
+        memory_write_temperature: writer softmax temperature tau in [1e-30, 1]; tau < 1 sharpens (the paper's choice).
         learnable_temperature: learn log(tau) instead of keeping it fixed.
         memory_write_qk_norm: score the writer's query against each key by their cosine divided by tau (per head),
             instead of the scaled dot product q·k / (sqrt(d_w) tau) (an option beyond the paper). The sharpness of
@@ -78,12 +87,12 @@ class MemformerConfig(PretrainedConfig):
         writer_out_proj: add an output projection to the writer (ablation; the paper has none).
         memory_write_self_bias: None (the paper) or the initial value of a learnable per-slot bias added to each
             slot's score on itself in the writer; a positive value starts the slots in "retain" (see
-            `MemoryWriter`).
+            `MemoryWriter`); |bias| + spread/2 at most 1e30.
         memory_write_self_bias_spread: with `memory_write_self_bias`, spread the slots' initial biases evenly over
             [bias - spread/2, bias + spread/2] (0: all equal), so that the slots start with a range of retention
             times, from overwritten at every segment to kept for many (an option beyond the paper).
         forget_bias_init_scale: expected initial norm of each slot's forgetting vector v_bias (init N(0, s²/d));
-            smaller values forget less per segment at the start of training.
+            smaller values forget less per segment at the start of training; at most 1e18.
         use_forget_bias: add the per-slot forgetting vector before normalisation (BMN); False is the ablation.
         normalize_memory_kv: LayerNorm the memory before the reader's key/value projections. Default True, an
             engineering choice (docs/design.md#memory-scale): memory rows have unit norm while the layer-normed token
@@ -280,6 +289,8 @@ class MemformerConfig(PretrainedConfig):
                f"a divisor of hidden_size={self.hidden_size}")
         tau = self.memory_write_temperature
         _check(is_num(tau) and 0.0 < tau <= 1.0, "memory_write_temperature", tau, "a number in (0, 1]")
+        _check(tau >= MIN_WRITE_TEMPERATURE, "memory_write_temperature", tau,
+               f"at least {MIN_WRITE_TEMPERATURE} (the writer's float32 scores q·k / (sqrt(d_w) tau) overflow below it)")
         bias = self.memory_write_self_bias
         _check(bias is None or (is_num(bias) and math.isfinite(bias)), "memory_write_self_bias", bias,
                "None or a finite number")
@@ -288,9 +299,16 @@ class MemformerConfig(PretrainedConfig):
                "a finite number >= 0")
         _check(spread == 0 or bias is not None, "memory_write_self_bias_spread", spread,
                "0 unless memory_write_self_bias is set (it spreads the initial self biases around that value)")
+        if bias is not None:
+            _check(abs(bias) + spread / 2 <= MAX_WRITE_SELF_BIAS, "memory_write_self_bias", bias,
+                   f"initial self biases within ±{MAX_WRITE_SELF_BIAS} (with memory_write_self_bias_spread={spread}); "
+                   f"beyond it the writer's float32 scores overflow")
         scale = self.forget_bias_init_scale
         _check(is_num(scale) and math.isfinite(scale) and scale > 0, "forget_bias_init_scale", scale,
                "a positive finite number")
+        _check(scale <= MAX_FORGET_BIAS_INIT_SCALE, "forget_bias_init_scale", scale,
+               f"at most {MAX_FORGET_BIAS_INIT_SCALE} (the float32 squared norm of the forgetting vector overflows "
+               f"beyond it, and BMN would give zero slots instead of unit vectors)")
         _check(self.position_embedding_type in POSITION_EMBEDDING_TYPES, "position_embedding_type",
                self.position_embedding_type, f"one of {POSITION_EMBEDDING_TYPES}")
         _check(self.first_segment_context in FIRST_SEGMENT_CONTEXTS, "first_segment_context",
@@ -303,6 +321,8 @@ class MemformerConfig(PretrainedConfig):
             theta = self.rope_parameters.get("rope_theta", 1e4)
             _check(is_num(theta) and math.isfinite(theta) and theta > 0, "rope_parameters.rope_theta", theta,
                    "a positive finite number")
+            _check(theta >= MIN_ROPE_THETA, "rope_parameters.rope_theta", theta,
+                   f"at least {MIN_ROPE_THETA} (the RoPE tables are float32: a smaller base is 0 there and gives NaN)")
             rope_type = self.rope_parameters.get("rope_type", "default")
             _check(rope_type == "default", "rope_parameters.rope_type", rope_type,
                    "'default' (positions are in-segment, so no scaling is ever needed)")
@@ -340,4 +360,5 @@ class MemformerConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-__all__ = ["BOOLEAN_FIELDS", "MAX_SEGMENT_LENGTH", "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]
+__all__ = ["BOOLEAN_FIELDS", "MAX_FORGET_BIAS_INIT_SCALE", "MAX_SEGMENT_LENGTH", "MAX_WRITE_SELF_BIAS", "MIN_ROPE_THETA",
+           "MIN_WRITE_TEMPERATURE", "MLP_TYPES", "MemformerConfig", "NORM_TYPES", "PRESETS"]

@@ -118,7 +118,8 @@ class MemoryWriter(nn.Module):
             q = split(self._linear(self.q_proj, memory))
             k_self = split(self._linear(self.k_proj, memory))
             k_tok, v_tok = split(self._linear(self.k_proj, hidden)), split(self._linear(self.v_proj, hidden))
-            tau = self.log_temperature.exp().to(dtype) if self.log_temperature is not None else self.temperature
+            # exp in the writer's dtype: a float16 parameter's exp underflows to 0 below ~6e-8 (scores inf, memory NaN)
+            tau = self.log_temperature.to(dtype).exp() if self.log_temperature is not None else self.temperature
             if self.qk_norm:  # cosine scores: the sharpness is 1/tau whatever the scale of slots and tokens
                 q, k_self, k_tok = (F.normalize(x, dim=-1, eps=1e-6) for x in (q, k_self, k_tok))
                 scale = 1.0 / tau

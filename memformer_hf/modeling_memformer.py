@@ -136,10 +136,12 @@ def eager_attention_forward(
     if rel_index is not None:
         rel = module.rel_pos.weight[rel_index].to(query.dtype)  # [N, q, k, d_h]
         scores = scores + torch.einsum("nhqd,nqkd->nhqk", query, rel)
-    scores = scores * scaling
+    # the mask is added in at least float32: in float16, finfo.min plus a negative score is -inf, and a query with no
+    # valid key (empty boot context, inactive cell) would get NaN instead of an exact zero (docs/design.md#numerics)
+    scores = at_least_fp32(scores * scaling)
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = torch.softmax(at_least_fp32(scores), dim=-1).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)
     if rel is not None:
@@ -345,10 +347,13 @@ class MemformerDecoderLayer(GradientCheckpointingLayer):
         if plan.write_index is None:  # every chunk starts at position 0: the buffer is just the new K/V
             key, value = new_key, new_value
         else:
-            # write the new positions into the (fresh or static-cache) buffers in place
+            # write the new positions into the (fresh or static-cache) buffers: in place without autograd (the decode
+            # step updates the cache's buffers so); with autograd out of place, as a gradient-checkpointed layer's
+            # recomputation would otherwise modify the buffer its first pass saved
             idx = plan.write_index[:, None, :, None].expand(-1, new_key.shape[1], -1, new_key.shape[-1])
-            key = past_key.scatter_(2, idx, new_key.to(past_key.dtype))
-            value = past_value.scatter_(2, idx, new_value.to(past_value.dtype))
+            scatter = torch.Tensor.scatter if torch.is_grad_enabled() else torch.Tensor.scatter_
+            key = scatter(past_key, 2, idx, new_key.to(past_key.dtype))
+            value = scatter(past_value, 2, idx, new_value.to(past_value.dtype))
         attn = self.self_attn.attend(x, key, value, plan.self_mask, plan.cos_sin, plan.rel_index,
                                      causal=plan.self_mask is None)
         hidden = hidden + self.dropout(attn)
@@ -435,7 +440,8 @@ class MemformerPreTrainedModel(PreTrainedModel):
                          std=self.config.forget_bias_init_scale * self.config.hidden_size ** -0.5)
             if module.self_bias is not None:
                 bias, spread = float(self.config.memory_write_self_bias), float(self.config.memory_write_self_bias_spread)
-                values = torch.linspace(bias - spread / 2, bias + spread / 2, module.self_bias.numel())
+                k = module.self_bias.numel()  # one slot: the centre of bias ± spread/2 (linspace would give its start)
+                values = torch.linspace(bias - spread / 2, bias + spread / 2, k) if k > 1 else torch.full((1,), bias)
                 if hasattr(init, "copy_"):  # transformers' helper skips a bias loaded from a checkpoint
                     init.copy_(module.self_bias, values)
                 else:
@@ -1140,6 +1146,9 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise ValueError(f"`attention_mask` must have shape (batch, ≥ sequence) = ({b}, {n}), "
                                  f"got {tuple(attention_mask.shape)}.")
             mask = attention_mask[:, attention_mask.shape[1] - n:].bool()  # generate passes past + new columns
+        if inputs_embeds is not None and not bool(torch.isfinite(inputs_embeds[mask]).all()):
+            # a real position's NaN / inf would reach the memory and every later segment (pads are never read)
+            raise ValueError("`inputs_embeds` contains NaN or inf values at real (attention_mask 1) positions.")
         if memory_reset is not None:
             if memory_reset.shape != (b,):
                 raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")

@@ -78,6 +78,8 @@ def memory_replay_backward(
     When every row is in the same state and there is no padding (the usual case: whole documents, or streams
     continued from a cache), the input is laid out as cells (`stream_cells`) and runs through the same engine as
     `cells_backward`; otherwise each encode step of the general planner is replayed from its stored memory.
+    In training mode with `config.bptt_horizon` set, the memory is detached every that many encode steps, as the
+    forward does.
 
     Args:
         model: a `MemformerForCausalLM` (possibly wrapped, e.g. by DDP).
@@ -101,6 +103,10 @@ def memory_replay_backward(
     if num_items_in_batch is None:
         num_items_in_batch = (shift_labels != -100).sum()
     common = dict(input_ids=input_ids, attention_mask=attention_mask, memory_reset=memory_reset)
+    config = _unwrap(model).config
+    L = config.segment_length
+    # `bptt_horizon`: in training the forward detaches the memory every this many encode steps; so do the replays
+    horizon = config.bptt_horizon if _unwrap(model).training else None
 
     layout = stream_cells(model, input_ids, attention_mask, memory_reset, past_key_values, shift_labels)
     # the carried cache after this call (critical path + each row's last decoder chunk, no graph)
@@ -118,9 +124,14 @@ def memory_replay_backward(
             backward(out.loss * loss_scale)
             total = total + out.loss.detach()
         if cells is not None:
-            loss, _ = cells_backward(model, cells, None if fresh else past_key_values.memory,
-                                     num_items_in_batch=num_items_in_batch, backward=backward, loss_scale=loss_scale)
-            total = total + loss
+            memory = None if fresh else past_key_values.memory
+            T = cells["encoder_input_ids"].shape[1]
+            for a in range(0, T, horizon or T):  # the forward detaches the memory before every horizon-th cell
+                window = {k: v[:, a:a + (horizon or T)] for k, v in cells.items() if k != "shift_labels"}
+                window["shift_labels"] = cells["shift_labels"][:, a * L:(a + (horizon or T)) * L].contiguous()
+                loss, memory = cells_backward(model, window, memory, num_items_in_batch=num_items_in_batch,
+                                              backward=backward, loss_scale=loss_scale)
+                total = total + loss
         return total, new_cache
 
     # irregular input: replay each encode step of the general planner from its stored memory
@@ -131,7 +142,13 @@ def memory_replay_backward(
                     num_items_in_batch=num_items_in_batch, replay_step=k, replay_memory=memory)
         return out, out.loss * loss_scale
 
-    loss, _ = replay(run, max(len(memories) - 1, 1), memories[0], backward=backward, memories=list(memories))
+    steps = max(len(memories) - 1, 1)
+    loss = torch.zeros((), device=input_ids.device)
+    for a in range(0, steps, horizon or steps):  # the forward detaches the memory before every horizon-th step
+        b = min(a + (horizon or steps), steps)
+        part, _ = replay(lambda k, memory, critical_path_only, a=a: run(a + k, memory, critical_path_only), b - a,
+                         memories[a], backward=backward, memories=list(memories[a:b]))
+        loss = loss + part
     return loss, new_cache
 
 

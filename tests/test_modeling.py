@@ -19,6 +19,7 @@ import transformers
 from conftest import _P, reference_encode, reference_initial_memory, reference_stream, reference_writer
 from helpers import (
     BOS,
+    PAD,
     assert_config_refused,
     build_tiny_memformer,
     cache_tensors,
@@ -672,6 +673,67 @@ def test_cache_batch_mismatch_and_foreign_config_raise():
             model(rand_ids(2, batch=2, boot=False), past_key_values=nan_cache)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_inputs_embeds_are_refused_pads_are_not_read(value):
+    """`inputs_embeds` with an inf or NaN at a real position ran through: NaN logits, a NaN memory in the returned
+    cache, and NaN logits for every later call continued from it. It is refused naming `inputs_embeds`, the cache
+    passed in is left as it was; a NaN at a left-pad position is still never read."""
+    model = build_tiny_memformer(attn="sdpa")
+    embeds = model.get_input_embeddings()(rand_ids(9, batch=2, seed=3))
+    with torch.no_grad():
+        cache = model(inputs_embeds=embeds[:, :5], use_cache=True)[CACHE_KWARG]
+        before = {k: v.clone() for k, v in cache_tensors(cache).items()}
+        bad = embeds[:, 5:].clone()
+        bad[1, 2, 3] = value
+        with pytest.raises(ValueError, match=r"`inputs_embeds` contains NaN or inf"):
+            model(inputs_embeds=bad, past_key_values=cache, use_cache=True)
+        for k, v in cache_tensors(cache).items():
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0
+        padded = embeds.clone()
+        padded[1, :3] = value
+        out = model(inputs_embeds=padded, attention_mask=mask)
+        clean = model(inputs_embeds=embeds, attention_mask=mask)
+    torch.testing.assert_close(out.logits[1, 3:], clean.logits[1, 3:], rtol=0, atol=0)
+    assert torch.isfinite(out.logits[:, 3:]).all()
+
+
+@pytest.mark.parametrize("position_embedding_type", ["rope", "simplified_rpe"])
+def test_float16_eager_queries_without_valid_keys_output_zero(position_embedding_type):
+    """A float16 model with eager attention (or simplified RPE, which is always eager) returned NaN logits wherever a
+    query had no valid key: the decoder after an `"empty"` boot, an inactive cell, as the additive mask finfo.min
+    plus a negative float16 score is -inf and softmax over -inf only is NaN (docs/design.md#numerics promises an
+    exact zero). Outputs are finite and match the float32 model's to float16 rounding (5% of the largest logit)."""
+    kw = dict(attn="eager", first_segment_context="empty", position_embedding_type=position_embedding_type,
+              initializer_range=1.0)
+    half, ref = build_tiny_memformer(dtype=torch.float16, **kw), build_tiny_memformer(dtype=torch.float32, **kw)
+    ids, mask = left_pad([list(range(5, 16)), list(range(20, 23))])
+    inactive = dict(encoder_input_ids=torch.full((2, L), PAD), encoder_attention_mask=torch.zeros(2, L, dtype=torch.bool),
+                    decoder_input_ids=torch.tensor([[BOS, 5, 6, 7]] * 2), memory_reset=torch.tensor([True, True]))
+    with torch.no_grad():
+        for model_inputs in (dict(input_ids=ids, attention_mask=mask), inactive):
+            got, want = half(**model_inputs).logits.float(), ref(**model_inputs).logits
+            real = mask.bool() if "input_ids" in model_inputs else torch.ones(2, L, dtype=torch.bool)
+            assert torch.isfinite(got[real]).all()
+            torch.testing.assert_close(got[real], want[real], atol=0.05 * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("tau", [1e-8, 1e-30])
+def test_float16_learnable_temperature_below_float16_range(tau):
+    """A float16 model with `learnable_temperature` and tau = 1e-8 (valid: at least 1e-30) wrote NaN into the memory:
+    exp(log tau) was taken in the parameter's float16 and underflowed to 0. The writer takes it in its own dtype (at
+    least float32); the memory then matches the float32 model's to float16 rounding."""
+    ids = rand_ids(13, batch=2)
+    memories = []
+    for dtype in (torch.float16, torch.float32):
+        model = build_tiny_memformer(dtype=dtype, attn="sdpa", learnable_temperature=True, memory_write_temperature=tau)
+        with torch.no_grad():
+            memories.append(model(ids, use_cache=True)[CACHE_KWARG].memory)
+    assert torch.isfinite(memories[0]).all()
+    torch.testing.assert_close(memories[0], memories[1], atol=0.01, rtol=0)
+
+
 def test_bad_cell_input_raises():
     model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)
     enc = rand_ids(L, batch=2, boot=False)
@@ -725,6 +787,7 @@ def test_bad_config_raises(overrides, field):
     (dict(initializer_range=float("nan")), "initializer_range", "a positive finite number"),
     (dict(initializer_range=0), "initializer_range", "a positive finite number"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": float("inf")}), "rope_theta", "a positive finite number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e-50}), "rope_theta", "at least 1.17"),
 ])
 def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expected):
     """Issue 15 item 5: `segment_length=2**20` was accepted (a 5-token forward then tried to allocate 4 TiB) and
@@ -735,6 +798,37 @@ def test_config_bounds_sizes_and_finite_numbers(tmp_path, overrides, field, expe
     model = build_tiny_memformer(attn="sdpa", layer_norm_eps=1e-12, initializer_range=1e-3)
     with torch.no_grad():
         assert torch.isfinite(model(rand_ids(7, batch=2)).logits).all()
+    model = build_tiny_memformer(dtype=torch.float32, rope_parameters={"rope_type": "default", "rope_theta": 1.2e-38})
+    with torch.no_grad():  # rope_theta=1e-50 is 0 in the float32 tables: NaN logits and a NaN memory in the cache
+        out = model(rand_ids(7, batch=2), use_cache=True)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out[CACHE_KWARG].memory).all()
+
+
+@pytest.mark.parametrize("overrides,field,expected", [
+    (dict(memory_write_temperature=1e-40), "memory_write_temperature", "at least 1e-30"),
+    (dict(memory_write_temperature=1e-40, memory_write_qk_norm=True), "memory_write_temperature", "at least 1e-30"),
+    (dict(memory_write_self_bias=1e300), "memory_write_self_bias", "initial self biases within ±1e"),
+    (dict(memory_write_self_bias=-2e30), "memory_write_self_bias", "initial self biases within ±1e"),
+    (dict(memory_write_self_bias=0.0, memory_write_self_bias_spread=1e300), "memory_write_self_bias", "initial self biases within ±1e"),
+    (dict(forget_bias_init_scale=1e20), "forget_bias_init_scale", "at most 1e"),
+])
+def test_writer_settings_that_overflow_float32_are_refused(tmp_path, overrides, field, expected):
+    """A writer temperature of 1e-40 was accepted and wrote NaN into the memory and the cache (its float32 scores
+    overflow to inf); a self bias of 1e300 raised a bare RuntimeError ("value cannot be converted to type float")
+    when the model was built; `forget_bias_init_scale=1e20` gave m0 = 0 (the squared norm overflows) instead of unit
+    slots. The config refuses them naming the field; at the bounds a float32 model keeps finite unit-norm memory."""
+    assert_config_refused(tmp_path, overrides, field, rf"invalid `{field}`=.*expected {expected}")
+    for ok in (dict(memory_write_temperature=1e-30), dict(memory_write_temperature=1e-30, memory_write_qk_norm=True),
+               dict(memory_write_self_bias=1e30), dict(memory_write_self_bias=-1e30),
+               dict(memory_write_self_bias=0.0, memory_write_self_bias_spread=2e30),
+               dict(forget_bias_init_scale=1e18)):
+        model = build_tiny_memformer(dtype=torch.float32, **ok)
+        with torch.no_grad():
+            out = model(rand_ids(13, batch=2), use_cache=True)
+        memory = out.past_key_values.memory
+        assert torch.isfinite(out.logits).all(), ok
+        torch.testing.assert_close(memory.norm(dim=-1), torch.ones(2, 3), atol=1e-5, rtol=0, msg=str(ok))
+        torch.testing.assert_close(model.model.initial_memory(1).norm(dim=-1), torch.ones(1, 3), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("overrides,field,expected", [
@@ -1118,6 +1212,36 @@ def test_gradient_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(grads[name], g, atol=1e-10, rtol=1e-8, msg=name)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_gradient_checkpointing_continuing_a_cache(fast):
+    """Training from a cache whose partial segment the call continues (decoder chunks that start mid-segment) with
+    gradient checkpointing on raised a bare RuntimeError in backward ("modified by an inplace operation": the
+    recomputed decoder layer scattered its keys into the buffer its first pass had saved). Gradients now equal the
+    non-checkpointed ones, on the aligned path and the general planner (left padding)."""
+    model = build_tiny_memformer(attn="eager").train()
+    model.model.use_fast_paths = fast
+    with torch.no_grad():
+        past = model(rand_ids(6, batch=2, seed=1), use_cache=True)[CACHE_KWARG]
+    ids = rand_ids(7, batch=2, seed=2, boot=False)
+    mask = torch.ones_like(ids)
+    if not fast:
+        mask[1, :2] = 0
+
+    def grads_of_call() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(ids, attention_mask=mask, labels=ids, use_cache=True, **{CACHE_KWARG: copy.deepcopy(past)}).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads_of_call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+    got = grads_of_call()
+    assert got.keys() == ref.keys()
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, atol=1e-12, rtol=1e-10, msg=name)
+
+
 def test_tuple_output_and_logits_to_keep():
     model = build_tiny_memformer(attn="sdpa")
     ids = rand_ids(11, batch=2, seed=60)
@@ -1172,3 +1296,15 @@ def test_writer_self_bias_spread_gives_a_range_of_retention(tmp_path):
     reloaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
     assert reloaded.config.memory_write_self_bias_spread == 40.0
     torch.testing.assert_close(reloaded.model.writer.self_bias, writer.self_bias, atol=0, rtol=0)
+
+
+def test_writer_self_bias_spread_with_one_slot_keeps_the_bias():
+    """With `num_memory_slots=1` the spread put the only slot's self bias at bias - spread/2 (`linspace` of one point
+    is its start): `memory_write_self_bias=2, spread=4` started the slot at 0 instead of 2, so the "retain" start
+    asked for was silently lost. One slot sits at the centre of bias ± spread/2, i.e. at the bias."""
+    model = build_tiny_memformer(seed=3, randomize=False, num_memory_slots=1, memory_write_self_bias=2.0,
+                                 memory_write_self_bias_spread=4.0)
+    torch.testing.assert_close(model.model.writer.self_bias.detach(), torch.tensor([2.0], dtype=torch.float64))
+    model = build_tiny_memformer(seed=3, randomize=False, num_memory_slots=2, memory_write_self_bias=2.0,
+                                 memory_write_self_bias_spread=4.0)
+    torch.testing.assert_close(model.model.writer.self_bias.detach(), torch.tensor([0.0, 4.0], dtype=torch.float64))

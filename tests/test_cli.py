@@ -397,6 +397,20 @@ def test_training_flags_that_would_do_nothing_are_refused(flags, message, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_output_dir_with_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
+    """A new run into an --output_dir that holds checkpoints would save beside them (the folder then mixes two runs,
+    and a later --resume_from_checkpoint true could pick up the old one): refused before any work, naming the last
+    checkpoint; --resume_from_checkpoint true continues it instead."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoint-7").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-12").mkdir()
+    assert cli.main(["train", "--output_dir", "run", "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--output_dir run holds checkpoints of an earlier run (checkpoint-12)" in err, err
+    assert cli.main(["train", "--output_dir", "run", "--resume_from_checkpoint", "true", "--max_steps", "1"]) == 2
+    assert "checkpoint-12" in capsys.readouterr().err  # goes on to check that checkpoint (an empty folder here)
+
+
 def test_bad_arguments_for_a_trained_model(trained, capsys, monkeypatch):
     out, _ = trained
     monkeypatch.chdir(out.parent)

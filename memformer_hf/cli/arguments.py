@@ -261,7 +261,8 @@ def check_output_path(flag: str, value: str | None, directory: bool = False) -> 
 # ================================================================================================ checks
 def check_training_args(args) -> None:
     """Numbers the Trainer would accept and then fail on (a ZeroDivisionError, a 0-step run, a rising loss), the
-    Hub strategy, and the checkpoint to resume from (`--resume_from_checkpoint DIR`, or `true`: the last one)."""
+    Hub strategy, and the checkpoint to resume from (`--resume_from_checkpoint DIR`, or `true`: the last one); without
+    one, an --output_dir that holds an earlier run's checkpoints is refused."""
     if args.max_steps == 0 or args.max_steps < -1:
         raise CliError(f"--max_steps must be > 0, or -1 to train for --num_train_epochs, got {args.max_steps}")
     if args.max_steps == -1 and not args.num_train_epochs > 0:
@@ -300,6 +301,13 @@ def check_training_args(args) -> None:
             check_checkpoint(str(Path(args.resume_from_checkpoint).expanduser()))
         except OSError as e:
             raise CliError(("--" if isinstance(e, FileNotFoundError) else "") + one_line(e)) from None
+    elif Path(args.output_dir).expanduser().is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(Path(args.output_dir).expanduser()))
+        if last is not None:  # a fresh run would save beside them, and a later resume could pick up the old run's
+            raise CliError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({Path(last).name}); "
+                           "pass --resume_from_checkpoint true to continue it, or another --output_dir")
 
 
 def check_data_args(data: DataArguments, args=None) -> None:

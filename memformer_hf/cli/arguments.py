@@ -102,7 +102,7 @@ class DataArguments:
         "help": "Evaluate on the first N tokens of every validation / test document (0: whole documents)."})
     streaming: bool = field(default=False, metadata={
         "help": "Read the data as a `datasets` IterableDataset (load_dataset(..., streaming=True)): the train split "
-                "is tokenized as it is dealt to the streams and never held in memory (needs --max_steps > 0 and a "
+                "is tokenized as it is dealt to the streams and never held in memory (`train` needs --max_steps > 0 and a "
                 "validation split or --validation_file); the validation / test splits are read up to "
                 "--max_eval_documents."})
     streaming_sample_documents: int = field(default=10000, metadata={

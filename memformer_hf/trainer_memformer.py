@@ -357,10 +357,15 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         return StreamBatches(documents, **params)
 
     def _pack_stream(self, source: Any, args: MemformerTrainingArguments, tokenizer: Any) -> IterableStreamBatches:
-        """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`), tokenized on the fly with
+        """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`, or the whole source when it
+        already is this rank's share, `datasets.distributed.split_dataset_by_node`), tokenized on the fly with
         `tokenizer` unless its rows hold `input_ids`."""
+        node = getattr(source, "_distributed", None)  # set by split_dataset_by_node
+        if node is not None and (node.rank, node.world_size) != (args.process_index, args.world_size):
+            raise ValueError(f"train_dataset was split with split_dataset_by_node(rank={node.rank}, world_size="
+                             f"{node.world_size}) but this process is rank {args.process_index} of {args.world_size}.")
         return IterableStreamBatches(source, **stream_layout(self._model_config, args),
-                                     tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
+                                     tokenizer=getattr(tokenizer, "tokenizer", tokenizer), split_documents=node is None)
 
     def _check_stream_layout(self, ds: StreamBatches | IterableStreamBatches) -> None:
         a, cfg = self.args, self._model_config

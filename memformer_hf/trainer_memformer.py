@@ -366,6 +366,10 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`, or the whole source when it
         already is this rank's share, `datasets.distributed.split_dataset_by_node`), tokenized on the fly with
         `tokenizer` unless its rows hold `input_ids`."""
+        columns = source.column_names  # None when unknown until read (then the reader names a text row)
+        if tokenizer is None and columns is not None and "input_ids" not in columns:
+            raise ValueError(f"train_dataset: a datasets.IterableDataset with the columns {columns} and no `input_ids`: "
+                             "pass processing_class= (the tokenizer of its texts) or tokenized rows.")
         node = getattr(source, "_distributed", None)  # set by split_dataset_by_node
         if node is not None and (node.rank, node.world_size) != (args.process_index, args.world_size):
             raise ValueError(f"train_dataset was split with split_dataset_by_node(rank={node.rank}, world_size="

@@ -293,8 +293,10 @@ def test_trainer_refuses_a_stream_without_max_steps_or_with_workers(tmp_path):
     with pytest.raises(ValueError, match=r"dataloader_num_workers=0 \(got 2\)"):
         MemformerTrainer(model=model, args=args(tmp_path, dataloader_num_workers=2), train_dataset=stream,
                          processing_class=word_tokenizer(50))
-    with pytest.raises(ValueError, match=r"is text; pass tokenizer="):
-        MemformerTrainer(model=model, args=args(tmp_path), train_dataset=stream).train()
+    # texts without a tokenizer: refused at once, naming the trainer's argument (it failed at the first batch of
+    # train(), saying "pass tokenizer=", an argument the trainer has not)
+    with pytest.raises(ValueError, match=r"columns \['id', 'text'\] and no `input_ids`: pass processing_class="):
+        MemformerTrainer(model=model, args=args(tmp_path), train_dataset=stream)
     tokenized = stream.map(lambda r: {"input_ids": [int(w[1:]) + 50 for w in r["text"].split()]})
     with pytest.raises(ValueError, match="holds token id .* but the model's vocab_size is 50"):
         MemformerTrainer(model=model, args=args(tmp_path), train_dataset=tokenized).train()

@@ -294,7 +294,9 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     accumulation, world size, seed and `mrbp_window`. For corpora larger than memory: an `IterableStreamBatches`,
     or a `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) of texts (tokenized on the fly with
     `processing_class`) or of `input_ids`, which is wrapped in one; it has no length, so `max_steps` > 0 is
-    required (docs/design.md#streamed-corpora). `eval_dataset`: tokenized documents (same forms as above, in memory). A
+    required (docs/design.md#streamed-corpora); a `split_dataset_by_node` share is read whole. `eval_dataset`:
+    tokenized documents (same forms as above, read into memory), or a dict of them by name (metrics
+    `eval_{name}_...`, as the Trainer's). A `data_collator` is refused (the packer builds the batches). A
     `processing_class` tokenizer with more tokens than the model's `vocab_size`, or token ids `>= vocab_size` in the
     data, raise a `ValueError` (`data_streams.check_vocab`).
 
@@ -331,9 +333,13 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             train_dataset = self._pack(documents, args)
         if isinstance(train_dataset, StreamBatches):
             check_vocab(vocab, documents=train_dataset, what="train_dataset")
-        self._eval_documents = None if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
-        if self._eval_documents is not None:
-            check_vocab(vocab, documents=self._eval_documents, what="eval_dataset")
+        if kwargs.get("data_collator") is not None:
+            raise ValueError("MemformerTrainer: data_collator is not supported: the batches are windows of cells built "
+                             "by the stream packer (data_streams.StreamBatches), so a collator would never be called; "
+                             "drop it and pass tokenized documents.")
+        self._eval_documents = None if eval_dataset is None else _eval_documents(eval_dataset)
+        for key, docs in _named_eval_sets(self._eval_documents):
+            check_vocab(vocab, documents=docs, what=_eval_name(key))
         _one_gpu_per_process(args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
                          **kwargs)
@@ -357,10 +363,19 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         return StreamBatches(documents, **params)
 
     def _pack_stream(self, source: Any, args: MemformerTrainingArguments, tokenizer: Any) -> IterableStreamBatches:
-        """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`), tokenized on the fly with
+        """A `datasets.IterableDataset` as streams of this rank (documents `r, r+W, ...`, or the whole source when it
+        already is this rank's share, `datasets.distributed.split_dataset_by_node`), tokenized on the fly with
         `tokenizer` unless its rows hold `input_ids`."""
+        columns = source.column_names  # None when unknown until read (then the reader names a text row)
+        if tokenizer is None and columns is not None and "input_ids" not in columns:
+            raise ValueError(f"train_dataset: a datasets.IterableDataset with the columns {columns} and no `input_ids`: "
+                             "pass processing_class= (the tokenizer of its texts) or tokenized rows.")
+        node = getattr(source, "_distributed", None)  # set by split_dataset_by_node
+        if node is not None and (node.rank, node.world_size) != (args.process_index, args.world_size):
+            raise ValueError(f"train_dataset was split with split_dataset_by_node(rank={node.rank}, world_size="
+                             f"{node.world_size}) but this process is rank {args.process_index} of {args.world_size}.")
         return IterableStreamBatches(source, **stream_layout(self._model_config, args),
-                                     tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
+                                     tokenizer=getattr(tokenizer, "tokenizer", tokenizer), split_documents=node is None)
 
     def _check_stream_layout(self, ds: StreamBatches | IterableStreamBatches) -> None:
         a, cfg = self.args, self._model_config
@@ -636,9 +651,19 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         position in the document; plus what `compute_metrics` returns for the sums (`MemformerEvalPrediction`).
         The metrics are logged (`self.log`: the `report_to` loggers and the callbacks' `on_log`) and passed to the
         callbacks' `on_evaluate`, as the Trainer's `evaluate` does."""
-        documents = self._eval_documents if eval_dataset is None else _as_documents(eval_dataset, "eval_dataset")
+        if isinstance(eval_dataset, str) and isinstance(self._eval_documents, dict):  # one of the named eval sets
+            if eval_dataset not in self._eval_documents:
+                raise ValueError(f"eval_dataset {eval_dataset!r} is not one of the trainer's eval sets "
+                                 f"{list(self._eval_documents)}")
+            eval_dataset = self._eval_documents[eval_dataset]
+        documents = self._eval_documents if eval_dataset is None else _eval_documents(eval_dataset)
         if documents is None:
             raise ValueError("MemformerTrainer.evaluate needs eval documents (eval_dataset).")
+        if isinstance(documents, dict):  # several eval sets, as in the Trainer: metrics prefixed with their names
+            metrics = {}
+            for key, docs in documents.items():
+                metrics.update(self.evaluate(docs, ignore_keys, f"{metric_key_prefix}_{key}"))
+            return metrics
         sums = self.evaluation_sums(documents)
         metrics = perplexity_metrics(sums, metric_key_prefix)
         if self.compute_metrics is not None:
@@ -867,13 +892,48 @@ def _check_streaming_args(ds: IterableStreamBatches, args: TrainingArguments) ->
                          "(endless, bounded by max_steps).")
 
 
+def _eval_documents(data: Any) -> list[list[int]] | dict[str, list[list[int]]]:
+    """The eval documents (`_as_documents`), or, for a dict of eval sets (a `DatasetDict` too), those of each set by
+    name, as the Trainer evaluates a dict of datasets (metrics `eval_{name}_...`)."""
+    if not isinstance(data, dict):
+        return _as_documents(data, "eval_dataset")
+    if "input_ids" in data:
+        raise ValueError("eval_dataset: a dict is read as named eval sets, but this one has an `input_ids` key (a dict "
+                         "of columns?); pass datasets.Dataset.from_dict(...) or a list of token-id lists.")
+    if not data:
+        raise ValueError("eval_dataset: an empty dict of eval sets.")
+    return {key: _as_documents(docs, _eval_name(key)) for key, docs in data.items()}
+
+
+def _eval_name(key: str | None) -> str:
+    return "eval_dataset" if key is None else f"eval_dataset[{key!r}]"
+
+
+def _named_eval_sets(documents: Any) -> list[tuple[str | None, list[list[int]]]]:
+    """`(name, documents)` of each eval set (name None for a single one); none for None."""
+    if documents is None:
+        return []
+    return list(documents.items()) if isinstance(documents, dict) else [(None, documents)]
+
+
 def _as_documents(data: Any, name: str) -> list[list[int]]:
     """Tokenized documents from a list of token-id lists or a `datasets.Dataset` with an `input_ids` column (and
     optionally `attention_mask`, whose padding is dropped, and `labels`, which must equal the ids;
     `data_streams.document_ids`); ids that are not integers (e.g. 5.7, which `int` would truncate) are a `ValueError`
     naming the document. (A leading BOS is dropped where the documents are packed, `data_streams.StreamBatches`.)"""
     masks = labels = None
-    if hasattr(data, "column_names"):
+    if isinstance(data, dict) and hasattr(data, "column_names"):  # DatasetDict / IterableDatasetDict
+        raise ValueError(f"{name}: a {type(data).__name__} of the splits {list(data)}; pass one split, e.g. "
+                         f"{name}=dataset[{next(iter(data), 'train')!r}].")
+    if _is_streamed(data):  # its columns may be unknown until read (`column_names` None): read its rows
+        rows = list(data)
+        missing = next((i for i, row in enumerate(rows) if "input_ids" not in row), None)
+        if missing is not None:
+            raise ValueError(f"{name}: a datasets.IterableDataset needs an `input_ids` column of tokenized documents; "
+                             f"row {missing} has {sorted(rows[missing])}.")
+        masks, labels = [r.get("attention_mask") for r in rows], [r.get("labels") for r in rows]
+        data = [r["input_ids"] for r in rows]
+    elif hasattr(data, "column_names"):
         if "input_ids" not in data.column_names:
             raise ValueError(f"{name}: a datasets.Dataset needs an `input_ids` column of tokenized documents; "
                              f"it has {data.column_names}.")

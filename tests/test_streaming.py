@@ -293,8 +293,35 @@ def test_trainer_refuses_a_stream_without_max_steps_or_with_workers(tmp_path):
     with pytest.raises(ValueError, match=r"dataloader_num_workers=0 \(got 2\)"):
         MemformerTrainer(model=model, args=args(tmp_path, dataloader_num_workers=2), train_dataset=stream,
                          processing_class=word_tokenizer(50))
-    with pytest.raises(ValueError, match=r"is text; pass tokenizer="):
-        MemformerTrainer(model=model, args=args(tmp_path), train_dataset=stream).train()
+    # texts without a tokenizer: refused at once, naming the trainer's argument (it failed at the first batch of
+    # train(), saying "pass tokenizer=", an argument the trainer has not)
+    with pytest.raises(ValueError, match=r"columns \['id', 'text'\] and no `input_ids`: pass processing_class="):
+        MemformerTrainer(model=model, args=args(tmp_path), train_dataset=stream)
     tokenized = stream.map(lambda r: {"input_ids": [int(w[1:]) + 50 for w in r["text"].split()]})
     with pytest.raises(ValueError, match="holds token id .* but the model's vocab_size is 50"):
         MemformerTrainer(model=model, args=args(tmp_path), train_dataset=tokenized).train()
+
+
+def test_a_split_dataset_by_node_share_is_read_whole(tmp_path):
+    """A `datasets.distributed.split_dataset_by_node` share (the usual way to shard a stream over ranks) already is the
+    rank's documents: the trainer reads all of them, as the list of that share. It used to keep only the documents
+    r, r+W, ... of the share again, silently dropping (W-1)/W of the rank's data. A share of another rank is refused."""
+    from datasets.distributed import split_dataset_by_node
+
+    docs = unique_docs(11, 12, 3, 20)
+    source = datasets.Dataset.from_dict({"input_ids": docs}).to_iterable_dataset(num_shards=4)
+    share = split_dataset_by_node(source, rank=1, world_size=2)
+    tr = MemformerTrainer(model=build_tiny_memformer(0, dtype=torch.float32, train=True), args=args(tmp_path),
+                          train_dataset=[[3, 4]] * 4)
+    run = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, mrbp_window=2, world_size=2,
+                          process_index=1)
+    packed = tr._pack_stream(share, run, None)
+    packed.passes = 1
+    share_docs = [[int(t) for t in r["input_ids"]] for r in share]
+    assert 0 < len(share_docs) < len(docs)
+    reference = IterableStreamBatches(share_docs, **layout(2, 1, 2), world_size=2, rank=1, split_documents=False,
+                                      passes=1)
+    assert_same_batches(list(packed), list(reference))
+    with pytest.raises(ValueError, match=r"split_dataset_by_node\(rank=1, world_size=2\) but this process is rank 0 "
+                                         "of 2"):
+        tr._pack_stream(share, SimpleNamespace(**{**vars(run), "process_index": 0}), None)

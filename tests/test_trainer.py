@@ -1026,6 +1026,72 @@ def test_datasets_dataset_input(tmp_path):
 
 
 
+def test_eval_sets_by_name_as_the_trainer(tmp_path):
+    """`eval_dataset={"a": ds1, "b": ds2}` (and a `DatasetDict`, a dict of splits) evaluates each set as the Trainer
+    does: metrics prefixed `eval_a_...`, each equal to evaluating that set alone, also during training; it used to be
+    refused ("got dict"). `evaluate("a")` picks one set by name."""
+    datasets = pytest.importorskip("datasets")
+    docs_a, docs_b = make_docs(3, 4, 3, 30), make_docs(4, 3, 3, 30)
+    rec = RecordEvaluation()
+    args = targs(tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1)
+    tr = MemformerTrainer(model=make_model(0), args=args, train_dataset=docs_a, callbacks=[rec],
+                          eval_dataset={"a": docs_a, "b": datasets.Dataset.from_dict({"input_ids": docs_b})})
+    ref_a, ref_b = tr.evaluate_documents(docs_a), tr.evaluate_documents(docs_b)
+    metrics = tr.evaluate()
+    assert metrics["eval_a_loss"] == ref_a["eval_loss"] and metrics["eval_b_loss"] == ref_b["eval_loss"]
+    assert metrics["eval_a_tokens"] == sum(map(len, docs_a)) and metrics["eval_b_tokens"] == sum(map(len, docs_b))
+    assert not any(k.startswith("eval_loss") for k in metrics)
+    assert tr.evaluate("b")["eval_loss"] == ref_b["eval_loss"]
+    split = datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"input_ids": docs_b})})
+    assert tr.evaluate(split)["eval_validation_loss"] == ref_b["eval_loss"]
+    tr.train()
+    (step_a, during_a), (step_b, during_b) = rec.evaluated[-2:]  # one on_evaluate per set, as in the Trainer
+    assert step_a == step_b == 1 and "eval_a_loss" in during_a and "eval_b_loss" in during_b
+    with pytest.raises(ValueError, match=r"eval_dataset 'c' is not one of the trainer's eval sets \['a', 'b'\]"):
+        tr.evaluate("c")
+    with pytest.raises(ValueError, match=r"eval_dataset\['b'\]: document 0 holds float32"):
+        tr.evaluate({"a": docs_a, "b": [[3.5, 4.0]]})
+    with pytest.raises(ValueError, match="dict of columns"):
+        tr.evaluate({"input_ids": docs_a})
+
+
+def test_datasets_dataset_dicts_and_streamed_eval_sets(tmp_path):
+    """A `DatasetDict` (or `IterableDatasetDict`) passed as train_dataset is refused naming its splits (it was "needs
+    an `input_ids` column ... it has {'train': ['input_ids']}"); a streamed eval set is read whole, also when its
+    columns are unknown until read (`IterableDataset.from_generator`: a TypeError before), evaluating like the list."""
+    datasets = pytest.importorskip("datasets")
+    docs = make_docs(2, 5, 3, 22)
+    ds = datasets.Dataset.from_dict({"input_ids": docs})
+    for split in (datasets.DatasetDict({"train": ds}), datasets.IterableDatasetDict({"train": ds.to_iterable_dataset()})):
+        with pytest.raises(ValueError, match=r"train_dataset: a \w*DatasetDict of the splits \['train'\]; pass one "
+                                             r"split, e.g. train_dataset=dataset\['train'\]"):
+            MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=split)
+    tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=docs)
+    reference = tr.evaluate_documents(docs)["eval_loss"]
+
+    def rows():
+        yield from ({"input_ids": d, "attention_mask": [1] * len(d)} for d in docs)
+
+    streamed = datasets.IterableDataset.from_generator(rows)
+    assert streamed.column_names is None
+    assert tr.evaluate(streamed)["eval_loss"] == reference
+    assert tr.evaluate(ds.to_iterable_dataset())["eval_loss"] == reference
+    with pytest.raises(ValueError, match=r"eval_dataset: a datasets.IterableDataset needs an `input_ids` column .*"
+                                         r"row 0 has \['text'\]"):
+        tr.evaluate(datasets.IterableDataset.from_generator(lambda: iter([{"text": "w3 w4"}])))
+
+
+def test_a_data_collator_is_refused(tmp_path):
+    """The packer builds the batches, so a user's `data_collator` (e.g. `DataCollatorForLanguageModeling`) was
+    silently never called; it is refused, saying so."""
+    from transformers import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(word_tokenizer(50), mlm=False)
+    with pytest.raises(ValueError, match="data_collator is not supported: the batches are windows of cells"):
+        MemformerTrainer(model=make_model(0), args=targs(tmp_path), train_dataset=make_docs(2, 5, 3, 22),
+                         data_collator=collator)
+
+
 def test_non_integer_token_ids_are_refused(tmp_path):
     """Float token ids (train, eval, a `datasets.Dataset` column, `evaluate_documents`) are a ValueError naming the
     document; they used to be truncated (5.7 -> 5) and trained on."""

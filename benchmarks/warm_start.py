@@ -45,7 +45,8 @@ L 128, K 64, 32 streams x T 4 = 16,384 tokens per step, 4M training tokens = 244
 on one H200 (bf16, whole model trained with --lr_backbone 3e-5): load + dequantize 14 s, backbone controls 25 s,
 the speed probe 10 s, control fine-tuning + its evaluation 56-73 s, per variant: the init check 18-27 s (first variant
 only), training 60k tokens/s at L=128 and 72-77k at L=256/512, evaluation (carried + reset) + writer analysis
-17-45 s. Three variants of ~90 s training each with the control: 9 minutes (results/quality.md has the commands).
+17-45 s; with the third pass that now runs (another document's memory, `eval_foreign_memory`) 45 s on the first 35
+test documents at L=128 (the whole set with three passes was not timed; expect ~1.5x the two-pass time). Three variants of ~90 s training each with the control: 9 minutes (results/quality.md has the commands).
 The machine's start and the two GGUF calls cost 1-3 minutes of device time on top.
 """
 

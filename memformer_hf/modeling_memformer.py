@@ -1146,7 +1146,7 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise ValueError(f"`attention_mask` must have shape (batch, ≥ sequence) = ({b}, {n}), "
                                  f"got {tuple(attention_mask.shape)}.")
             mask = attention_mask[:, attention_mask.shape[1] - n:].bool()  # generate passes past + new columns
-        if inputs_embeds is not None and not bool(torch.isfinite(inputs_embeds[mask]).all()):
+        if inputs_embeds is not None and not bool((torch.isfinite(inputs_embeds).all(-1) | ~mask.to(device)).all()):
             # a real position's NaN / inf would reach the memory and every later segment (pads are never read)
             raise ValueError("`inputs_embeds` contains NaN or inf values at real (attention_mask 1) positions.")
         if memory_reset is not None:

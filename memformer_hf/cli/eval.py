@@ -65,14 +65,15 @@ def cmd_eval(argv: list[str]) -> int:
                                       eval_window=ev.eval_window, report_to="none", use_cpu=ev.use_cpu,
                                       bf16=ev.bf16, disable_tqdm=True)
     trainer = MemformerTrainer(model=model, args=args, processing_class=tokenizer)
-    if trainer.is_world_process_zero():
+    main_process = trainer.is_world_process_zero()  # under torchrun every rank evaluates its share; rank 0 reports
+    if main_process:
         logger.info(f"evaluating {ev.model} on {len(docs)} {ev.split} documents ({sum(map(len, docs)):,} tokens) of "
                     f"{description}")
     t = time.time()
     prefix = "eval" if ev.split == "validation" else ev.split
     metrics = trainer.evaluate_documents(docs, metric_key_prefix=prefix)
     metrics[f"{prefix}_seconds"] = time.time() - t
-    if not trainer.is_world_process_zero():  # under torchrun every rank evaluated its share; rank 0 reports the sums
+    if not main_process:
         return 0
     splits = ((prefix, ev.split),)
     print(reports.metrics_table(metrics, splits))

@@ -28,7 +28,7 @@ MIN_ROPE_THETA = 1.1754943508222875e-38
 # The fields that take True or False (checked by `validate_memformer`).
 BOOLEAN_FIELDS = ("learnable_temperature", "memory_write_qk_norm", "writer_out_proj", "use_forget_bias",
                   "normalize_memory_kv", "attention_bias", "tie_word_embeddings", "decoder_reads_memory",
-                  "cross_attention_rope", "mlp_bias", "use_cache")
+                  "cross_attention_rope", "decoder_previous_segment", "mlp_bias", "use_cache")
 
 # Size presets (docs/design.md#presets). Values are keyword arguments of `MemformerConfig`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -124,6 +124,16 @@ class MemformerConfig(PretrainedConfig):
             the token before the p-th target), so every score depends on the true distance, as self-attention over
             both segments would. Needs `position_embedding_type="rope"`; not with `decoder_reads_memory` (memory
             slots have no position). No parameter is added.
+        decoder_previous_segment: an option beyond the paper (default False: the decoder's self-attention sees only
+            its own segment, whose first input is BOS). True: the decoder reads the true token stream over two
+            segments, Transformer-XL style without carried hidden states. For a segment that follows a complete
+            previous segment (the encoder input of the cell), the decoder runs over [BOS, that segment's first
+            L - 1 tokens] at positions -L..-1 followed by its own inputs, the first of which is that segment's last
+            token (not BOS); only the own positions are scored. Each token thus sees L to 2L - 1 earlier tokens
+            directly, and a warm start equals the backbone over such windows (docs/design.md#decoder-previous-
+            segment). The memory then has to carry what lies beyond the previous segment. Training and evaluation
+            (cell mode: `MemformerTrainer`, the stream packers with the matching layout) only for now: the stream
+            forward, the cache and `generate()` refuse it. No parameter is added.
     """
 
     model_type = "memformer"
@@ -164,6 +174,7 @@ class MemformerConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         decoder_reads_memory: bool = False,
         cross_attention_rope: bool = False,
+        decoder_previous_segment: bool = False,
         norm_type: str = "layernorm",
         mlp_type: str = "gelu_mlp",
         num_key_value_heads: int | None = None,
@@ -211,6 +222,7 @@ class MemformerConfig(PretrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self.decoder_reads_memory = decoder_reads_memory
         self.cross_attention_rope = cross_attention_rope
+        self.decoder_previous_segment = decoder_previous_segment
         self.norm_type = norm_type
         self.mlp_type = mlp_type
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads

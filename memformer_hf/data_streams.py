@@ -3,7 +3,8 @@
 
 A document with token ids ``d`` (no BOS) is split into segments ``s_0..s_{n-1}`` of ``L`` tokens (the last one possibly
 shorter). Its cells are: encoder inputs ``[boot, s_0, ..., s_{n-2}]``, decoder targets ``[s_0, ..., s_{n-1}]`` and
-decoder inputs ``[BOS] + target[:-1]``. The boot cell has ``memory_reset=1``; inactive padding cells (reset, all-pad
+decoder inputs ``[BOS] + target[:-1]`` (with the model option ``decoder_previous_segment``, ``decoder_previous_segment=True``
+here: the true stream, whose first input is the previous segment's last token except in the boot cell). The boot cell has ``memory_reset=1``; inactive padding cells (reset, all-pad
 inputs, all ``-100`` targets) give every stream a common length.
 
 Public API:
@@ -316,11 +317,14 @@ def _build_cells(
     bos_token_id: int,
     pad_token_id: int,
     boot: str,
+    decoder_previous_segment: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Cell tensors for any grid of cells (shape ``G``).
 
     ``flat`` holds tokens; a cell's decoder target is ``flat[start:start+length]`` (``length`` 0 = inactive cell) and
-    its encoder input, unless it is a boot cell, is the previous full segment ``flat[start-L:start]``.
+    its encoder input, unless it is a boot cell, is the previous full segment ``flat[start-L:start]``. The decoder's
+    first input is BOS; with ``decoder_previous_segment`` only in a boot cell, elsewhere the previous segment's last
+    token (the true stream, which the model's decoder continues over that segment).
     Returns ``[*G, L]`` id/mask tensors, ``labels`` ``[*G, L]`` and ``memory_reset`` ``[*G]``.
     """
     L = segment_length
@@ -337,7 +341,8 @@ def _build_cells(
     labels = torch.where(tgt_mask, tgt, torch.full_like(tgt, IGNORE_INDEX))
 
     dec_src = src[(start + pos - 1).clamp(0, n - 1)].long()
-    dec_ids = torch.where(pos == 0, torch.full_like(dec_src, bos_token_id), dec_src)
+    first = (pos == 0) & boot_cell if decoder_previous_segment else pos == 0
+    dec_ids = torch.where(first, torch.full_like(dec_src, bos_token_id), dec_src)
     dec_ids = torch.where(tgt_mask, dec_ids, torch.full_like(dec_ids, pad_token_id))
 
     enc_src = src[(start - L + pos).clamp(0, n - 1)].long()
@@ -364,8 +369,10 @@ def document_cells(
     bos_token_id: int,
     pad_token_id: int,
     boot: BootMode = "bos",
+    decoder_previous_segment: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """All cells of one document, for evaluation with memory carried through the whole document.
+    """All cells of one document, for evaluation with memory carried through the whole document
+    (``decoder_previous_segment``: the decoder inputs of a model with that option, :func:`_build_cells`).
 
     Returns ``encoder_input_ids``, ``encoder_attention_mask``, ``decoder_input_ids``, ``decoder_attention_mask`` and
     ``shift_labels`` of shape ``[n_cells, L]`` (``shift_labels[t]`` is aligned with the decoder outputs of cell ``t``,
@@ -380,7 +387,8 @@ def document_cells(
     length = (flat.numel() - start).clamp(max=segment_length)
     is_boot = torch.zeros(n, dtype=torch.bool)
     is_boot[0] = True
-    cells = _build_cells(flat, start, length, is_boot, segment_length, bos_token_id, pad_token_id, boot)
+    cells = _build_cells(flat, start, length, is_boot, segment_length, bos_token_id, pad_token_id, boot,
+                         decoder_previous_segment)
     cells["shift_labels"] = cells.pop("labels")
     return cells
 
@@ -474,7 +482,8 @@ class _StreamLayout:
     part of ``state_dict``, and the batch of one stream group."""
 
     def _init_layout(self, *, segment_length: int, window: int, batch_size: int, grad_accum: int, world_size: int,
-                     rank: int, bos_token_id: int, pad_token_id: int, boot: str) -> None:
+                     rank: int, bos_token_id: int, pad_token_id: int, boot: str,
+                     decoder_previous_segment: bool = False) -> None:
         _check_ids(segment_length, bos_token_id, pad_token_id, boot)
         for name, v in (("window", window), ("batch_size", batch_size), ("grad_accum", grad_accum)):
             if v < 1:
@@ -490,11 +499,14 @@ class _StreamLayout:
         self.bos_token_id = bos_token_id
         self.pad_token_id = pad_token_id
         self.boot = boot
+        self.decoder_previous_segment = bool(decoder_previous_segment)
         self.streams_per_rank = batch_size * grad_accum
         self.num_streams = self.streams_per_rank * world_size
 
     def _layout_state(self) -> dict[str, Any]:
-        return {
+        # `decoder_previous_segment` only when on: the states saved before the option match the default layout
+        extra = {"decoder_previous_segment": True} if self.decoder_previous_segment else {}
+        return {**extra,
             "packer_version": PACKER_VERSION,
             "world_size": self.world_size,
             "rank": self.rank,
@@ -508,13 +520,17 @@ class _StreamLayout:
             "pad_token_id": self.pad_token_id,
         }
 
+    def _same_decoder_layout(self, state: dict[str, Any]) -> bool:
+        """Whether a saved state had this decoder layout (the key is saved only when on, so compare both ways)."""
+        return bool(state.get("decoder_previous_segment", False)) == self.decoder_previous_segment
+
     def _group_batch(self, flat: torch.Tensor, start: torch.Tensor, length: torch.Tensor, is_boot: torch.Tensor,
                      group: int, window_index: int) -> dict[str, torch.Tensor]:
         """The batch of stream group ``group`` from the cell tables ``[S, T]`` of one window of this rank."""
         B, T, L = self.batch_size, self.window, self.segment_length
         rows = slice(group * B, (group + 1) * B)
         cells = _build_cells(flat, start[rows], length[rows], is_boot[rows], L, self.bos_token_id, self.pad_token_id,
-                             self.boot)
+                             self.boot, self.decoder_previous_segment)
         return {
             "encoder_input_ids": cells["encoder_input_ids"],
             "encoder_attention_mask": cells["encoder_attention_mask"],
@@ -562,6 +578,7 @@ class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
         bos_token_id: int,
         pad_token_id: int,
         boot: BootMode = "bos",
+        decoder_previous_segment: bool = False,
         shuffle: bool = True,
         length_epochs: int = 1,
     ) -> None:
@@ -572,7 +589,7 @@ class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
         every epoch's own length)."""
         self._init_layout(segment_length=segment_length, window=window, batch_size=batch_size, grad_accum=grad_accum,
                           world_size=world_size, rank=rank, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
-                          boot=boot)
+                          boot=boot, decoder_previous_segment=decoder_previous_segment)
         if length_epochs < 1:
             raise ValueError(f"length_epochs must be >= 1, got {length_epochs}")
         self.seed = seed
@@ -692,7 +709,7 @@ class StreamBatches(_StreamLayout, torch.utils.data.Dataset):
         """
         ours = self.state_dict()
         skip = {"num_batches", *ignore}
-        return all(state.get(k) == v for k, v in ours.items() if k not in skip)
+        return self._same_decoder_layout(state) and all(state.get(k) == v for k, v in ours.items() if k not in skip)
 
 
 def collate_single(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -732,6 +749,7 @@ class DocumentWindows(torch.utils.data.Dataset):
         pad_token_id: int,
         boot: BootMode = "bos",
         long_documents: Literal["split", "truncate"] = "split",
+        decoder_previous_segment: bool = False,
     ) -> None:
         _check_ids(segment_length, bos_token_id, pad_token_id, boot)
         if window < 1:
@@ -744,6 +762,7 @@ class DocumentWindows(torch.utils.data.Dataset):
         self.pad_token_id = pad_token_id
         self.boot = boot
         self.long_documents = long_documents
+        self.decoder_previous_segment = bool(decoder_previous_segment)
         self._flat, offsets = _compact_documents(documents, "DocumentWindows", _boot_bos(bos_token_id, boot))
         chunk = segment_length * window
         starts: list[int] = []
@@ -779,7 +798,8 @@ class DocumentWindows(torch.utils.data.Dataset):
         length = (b - start).clamp(min=0, max=L)
         is_boot = torch.zeros(T, dtype=torch.bool)
         is_boot[0] = True
-        cells = _build_cells(self._flat, start, length, is_boot, L, self.bos_token_id, self.pad_token_id, self.boot)
+        cells = _build_cells(self._flat, start, length, is_boot, L, self.bos_token_id, self.pad_token_id, self.boot,
+                             self.decoder_previous_segment)
         return {
             "encoder_input_ids": cells["encoder_input_ids"],
             "encoder_attention_mask": cells["encoder_attention_mask"],
@@ -847,6 +867,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
         bos_token_id: int,
         pad_token_id: int,
         boot: BootMode = "bos",
+        decoder_previous_segment: bool = False,
         tokenizer: Any = None,
         text_column: str = "text",
         split_documents: bool = True,
@@ -856,7 +877,7 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
     ) -> None:
         self._init_layout(segment_length=segment_length, window=window, batch_size=batch_size, grad_accum=grad_accum,
                           world_size=world_size, rank=rank, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
-                          boot=boot)
+                          boot=boot, decoder_previous_segment=decoder_previous_segment)
         if tokenize_batch < 1:
             raise ValueError(f"tokenize_batch must be >= 1, got {tokenize_batch}")
         if passes is not None and passes < 1:
@@ -1099,7 +1120,8 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
     def compatible_with(self, state: dict[str, Any], ignore: Iterable[str] = ()) -> bool:
         """True if a saved :meth:`state_dict` was made with this layout (then its position continues exactly)."""
         skip = set(ignore)
-        return all(state.get(k) == v for k, v in self.layout().items() if k not in skip)
+        return self._same_decoder_layout(state) and all(state.get(k) == v for k, v in self.layout().items()
+                                                        if k not in skip)
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Continue from a saved :meth:`state_dict` at the next iteration. Returns True when the position is exact

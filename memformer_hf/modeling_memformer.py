@@ -652,6 +652,24 @@ class MemformerModel(MemformerPreTrainedModel):
         cos_sin, rel_index = self._positions(pos, key_pos, dtype)
         return DecoderPlan(cos_sin, rel_index, self_mask, cross_mask[:, None, None, :], pos)
 
+    def previous_segment_plan(self, continues: torch.Tensor, q_len: int, cross_mask: torch.Tensor | None,
+                              dtype: torch.dtype) -> DecoderPlan:
+        """Plan of a `decoder_previous_segment` decoder call over L prefix inputs (positions -L..-1) followed by
+        q_len own inputs (0..q_len-1), causal; the prefix keys count only in the rows where `continues` [N] bool (a
+        previous segment exists), and every prefix query keeps its own key so that no query is left without one.
+        Free of host synchronisation (CUDA-graph capturable)."""
+        L = self.config.segment_length
+        device = continues.device
+        positions = torch.arange(-L, q_len, device=device)
+        key_valid = (positions >= 0)[None, :] | continues[:, None]  # [N, L + q]
+        causal = positions[None, :] <= positions[:, None]  # [L + q, L + q]: key <= query
+        diagonal = torch.eye(L + q_len, dtype=torch.bool, device=device)
+        self_mask = (causal[None] & (key_valid[:, None, :] | diagonal[None]))[:, None]
+        positions = positions.expand(continues.shape[0], -1)
+        cos_sin, rel_index = self._positions(positions, positions, dtype)
+        return DecoderPlan(cos_sin, rel_index, self_mask, None if cross_mask is None else cross_mask[:, None, None, :],
+                           None)
+
     def decode_chunks(
         self,
         inputs_embeds: torch.Tensor,
@@ -662,6 +680,7 @@ class MemformerModel(MemformerPreTrainedModel):
         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         output_hidden_states: bool = False,
         relayout: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        plan: DecoderPlan | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]],
                tuple[torch.Tensor, ...] | None]:
         """Run the decoder over N chunks at once.
@@ -672,8 +691,12 @@ class MemformerModel(MemformerPreTrainedModel):
         past: per-layer self K/V buffers [N, H, ≥max(starts), d_h] holding positions < starts[j].
         relayout: with `output_hidden_states`, maps chunk states to (the same states routed through another layout,
             the states in that layout); the layer states are recorded in that layout, as nodes of the graph.
+        plan: a ready plan whose self-attention covers exactly the q inputs (`previous_segment_plan`); `starts`,
+            `lengths` and `cross_mask` are then not read.
         Returns normalised hidden states, per-layer self K/V buffers, per-layer cross K/V, all layer states."""
-        if starts is None:  # whole segments from position 0 (aligned path): plain causal, no host sync
+        if plan is not None:
+            buffer_len = inputs_embeds.shape[1]
+        elif starts is None:  # whole segments from position 0 (aligned path): plain causal, no host sync
             n_chunks, q_len = inputs_embeds.shape[:2]
             positions = torch.arange(q_len, device=inputs_embeds.device).expand(n_chunks, -1)
             cos_sin, rel_index = self._positions(positions, positions, inputs_embeds.dtype)
@@ -1112,18 +1135,58 @@ class MemformerModel(MemformerPreTrainedModel):
         last_hidden = all_hidden = None
         if not critical_path_only:
             context, context_mask = self.cross_context(hidden, new_memory, enc_mask)
-            last_hidden, _, _, all_hidden = self.decode_chunks(
-                self.embed_tokens(dec_ids), None, None, context, context_mask,
-                output_hidden_states=output_hidden_states)
+            if self.config.decoder_previous_segment:
+                last_hidden, all_hidden = self._decode_over_previous_segment(
+                    enc_ids, enc_mask, dec_ids, context, context_mask, output_hidden_states, validate_inputs)
+            else:
+                last_hidden, _, _, all_hidden = self.decode_chunks(
+                    self.embed_tokens(dec_ids), None, None, context, context_mask,
+                    output_hidden_states=output_hidden_states)
         return MemformerModelOutput(
             last_hidden_state=last_hidden, memory=new_memory, hidden_states=all_hidden,
             writer_attentions=(write_probs,) if output_memory_attentions else None,
             reader_attentions=(reads,) if output_memory_attentions else None)
 
+    def _decode_over_previous_segment(self, enc_ids, enc_mask, dec_ids, context, context_mask,
+                                      output_hidden_states: bool, validate_inputs: bool):
+        """The `decoder_previous_segment` decoder of one cell (docs/design.md#decoder-previous-segment): a row whose
+        encoder input is a complete segment p (all L tokens valid) continues it: the decoder runs over
+        [BOS, p_0..p_{L-2}] at positions -L..-1, then its own inputs, the first of which must be p_{L-1}; only the
+        own positions are returned. Other rows (boot and inactive cells) decode their own inputs alone."""
+        L = self.config.segment_length
+        b, q = dec_ids.shape
+        if enc_ids.shape[1] == L:
+            continues = enc_mask.all(1)
+            prefix = torch.cat([enc_ids.new_full((b, 1), self.config.bos_token_id), enc_ids[:, :L - 1]], 1)
+        else:  # a shorter encoder input is never a complete previous segment
+            continues = torch.zeros(b, dtype=torch.bool, device=dec_ids.device)
+            prefix = dec_ids.new_full((b, L), self.config.bos_token_id)
+        if validate_inputs and enc_ids.shape[1] == L and q:
+            broken = continues & (dec_ids[:, 0] != enc_ids[:, L - 1])
+            if bool(broken.any()):
+                rows = broken.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"decoder_previous_segment: in rows {rows} the encoder input is a complete segment, so the "
+                    "decoder continues it and its first input must be that segment's last token "
+                    "(encoder_input_ids[:, -1]), not BOS; build the cells with decoder_previous_segment=True "
+                    "(StreamBatches, document_cells, ...).")
+        plan = self.previous_segment_plan(continues, q, context_mask, self.embed_tokens.weight.dtype)
+        window = self.embed_tokens(torch.cat([prefix.to(dec_ids.dtype), dec_ids], 1))
+        hidden, _, _, all_hidden = self.decode_chunks(window, None, None, context, None,
+                                                      output_hidden_states=output_hidden_states, plan=plan)
+        if all_hidden is not None:
+            all_hidden = tuple(h[:, L:] for h in all_hidden)
+        return hidden[:, L:], all_hidden
+
     def _forward_stream(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, memory_reset,
                         output_hidden_states, output_memory_states, output_memory_attentions, columns_to_keep,
                         replay_step, replay_memory):
         cfg = self.config
+        if cfg.decoder_previous_segment:
+            raise ValueError("decoder_previous_segment=True runs in cell mode only for now (MemformerTrainer training "
+                             "and evaluation, or the cell inputs encoder_input_ids/decoder_input_ids): the stream "
+                             "forward, MemformerCache, generate() and memory_replay_backward do not carry the previous "
+                             "segment's tokens yet.")
         L, d, H = cfg.segment_length, cfg.hidden_size, cfg.num_attention_heads
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` (or the cell-mode inputs).")
@@ -1451,6 +1514,10 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
         columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
         `cache.get_seq_length()`, so passing only the new ids (or `inputs_embeds`) is refused with a `ValueError`."""
+        if self.config.decoder_previous_segment:
+            raise ValueError("generate() does not support decoder_previous_segment=True yet: the cache does not carry "
+                             "the previous segment's tokens (the option runs in cell mode: MemformerTrainer training "
+                             "and evaluation).")
         if getattr(kwargs.get("generation_config"), "is_assistant", False):
             raise ValueError("MemformerForCausalLM cannot be an `assistant_model`: assisted decoding rolls the "
                              "assistant's cache back to the accepted tokens, and Memformer's memory writes cannot be "

@@ -380,7 +380,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     def _check_stream_layout(self, ds: StreamBatches | IterableStreamBatches) -> None:
         a, cfg = self.args, self._model_config
         expected = {"segment_length": cfg.segment_length, "batch_size": a.per_device_train_batch_size,
-                    "grad_accum": a.gradient_accumulation_steps, "world_size": a.world_size, "rank": a.process_index}
+                    "grad_accum": a.gradient_accumulation_steps, "world_size": a.world_size, "rank": a.process_index,
+                    "decoder_previous_segment": getattr(cfg, "decoder_previous_segment", False)}
         wrong = {k: (getattr(ds, k), v) for k, v in expected.items() if getattr(ds, k) != v}
         if wrong:
             raise ValueError(f"train_dataset stream layout does not match the run: {wrong} (dataset, run).")
@@ -799,12 +800,13 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
 def stream_layout(config: Any, args: MemformerTrainingArguments) -> dict[str, Any]:
     """The layout keywords of `StreamBatches` / `IterableStreamBatches` for a model config and the training arguments:
     segment length, window `mrbp_window`, per-device batch, gradient accumulation, world size, rank, BOS and pad ids
-    (BOS when the config has no pad id) and the boot mode."""
+    (BOS when the config has no pad id), the boot mode and the decoder layout (`decoder_previous_segment`)."""
     return dict(segment_length=config.segment_length, window=args.mrbp_window,
                 batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
                 world_size=args.world_size, rank=args.process_index, bos_token_id=config.bos_token_id,
                 pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.bos_token_id,
-                boot=config.first_segment_context)
+                boot=config.first_segment_context,
+                decoder_previous_segment=getattr(config, "decoder_previous_segment", False))
 
 
 def _one_gpu_per_process(args: TrainingArguments) -> None:

@@ -1,0 +1,182 @@
+"""`decoder_previous_segment` (docs/design.md#decoder-previous-segment): the decoder reads the true token stream over
+the previous segment and its own.
+
+* a float64 warm start from a tiny Llama equals the Llama over [BOS, previous segment, own inputs] for every cell of
+  a document (the memory carried), through cell mode and through the trainer's evaluation (batched streams of
+  documents of several lengths, boot and continuing cells side by side), and differs from the segment-local start
+  from the second cell on, so the previous segment is really read;
+* the packers build the true-stream decoder inputs, and a stream layout without them is refused;
+* MRBP equals full back-propagation through the window with the option, and the trainer trains with it;
+* the paths that do not carry the previous segment yet (stream forward, generate) refuse it by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_warm_start import BOS, L, PAD, ids_with_bos, perturb, tiny_llama, warm
+
+from memformer_hf import MemformerConfig, MemformerForCausalLM
+from memformer_hf.data_streams import StreamBatches, document_cells
+from memformer_hf.mrbp import cells_backward
+from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
+
+
+def llama_windows(llama, doc: list[int]) -> torch.Tensor:
+    """The backbone's logits for each target of `doc` read as the option reads it: target x_s.. of segment t from
+    [BOS, x_{s-L} .. x_{s+L-2}] (t ≥ 1), from [BOS, x_0 .. x_{L-2}] for t = 0. RoPE positions -L.. as the model's
+    (the same function at other absolute positions, where the float32 tables round differently)."""
+    full = torch.tensor([BOS] + doc)
+    out = []
+    for s in range(0, len(doc), L):
+        n = min(L, len(doc) - s)
+        with torch.no_grad():
+            if s == 0:
+                out.append(llama(full[None, :n]).logits[0])
+            else:
+                window = torch.cat([full[:1], full[s - L + 1: s + n]])[None]
+                out.append(llama(window, position_ids=torch.arange(-L, n)[None]).logits[0, L:])
+    return torch.cat(out)
+
+
+def cell_logits(model, doc: list[int], previous_segment: bool = True) -> torch.Tensor:
+    cells = document_cells(doc, L, BOS, PAD, decoder_previous_segment=previous_segment)
+    memory, out = None, []
+    for t in range(cells["encoder_input_ids"].shape[0]):
+        cell = {k: v[t: t + 1] for k, v in cells.items() if k != "shift_labels"}
+        with torch.no_grad():
+            result = model(**cell, memory=memory)
+        memory = result.memory
+        out.append(result.logits[0, : min(L, len(doc) - t * L)])
+    return torch.cat(out)
+
+
+def test_warm_start_equals_the_backbone_over_the_previous_segment():
+    llama = tiny_llama()
+    model = warm(llama, decoder_previous_segment=True)
+    doc = ids_with_bos(3 * L + 5, batch=1, seed=7)[0, 1:].tolist()
+    ref = llama_windows(llama, doc)
+    got = cell_logits(model, doc)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-11)
+    assert ref.abs().max() > 1.0
+    # not vacuous: without the option the second cell on reads only its own segment
+    local = cell_logits(warm(llama), doc, previous_segment=False)
+    torch.testing.assert_close(local[:L], ref[:L], rtol=0, atol=1e-11)
+    for c in range(1, 4):
+        assert (local[c * L: (c + 1) * L] - ref[c * L: (c + 1) * L]).abs().max() > 1e-3, c
+
+    # the trainer's evaluation: streams of documents of several lengths (boot, continuing and inactive cells in one
+    # batch), memory carried and reset; summed NLL equals the backbone over the same windows
+    docs = [ids_with_bos(n, batch=1, seed=10 + n)[0, 1:].tolist() for n in (3 * L + 5, 2 * L, L + 2, L - 3)]
+    trainer = MemformerTrainer(model=model, args=MemformerTrainingArguments(
+        output_dir="unused", per_device_eval_batch_size=2, eval_window=2, report_to=[], disable_tqdm=True,
+        use_cpu=True, eval_no_memory=True), eval_dataset=docs)
+    sums = trainer.evaluation_sums(docs)
+    nll = sum(float(torch.nn.functional.cross_entropy(llama_windows(llama, d), torch.tensor(d), reduction="sum"))
+              for d in docs)
+    for variant in ("", "_no_memory"):  # the evaluation scores float32 logits
+        assert float(sums[variant].tokens.sum()) == sum(map(len, docs))
+        assert math.isclose(float(sums[variant].nll.sum()), nll, rel_tol=1e-6)
+
+
+def test_the_memory_reaches_the_decoder_with_the_option():
+    """With the new weights perturbed, the memory changes the second cell on (reader → H → cross-attention) and the
+    first cell (boot, no previous segment) is unchanged by a different writer."""
+    model = warm(tiny_llama(), decoder_previous_segment=True)
+    for i, layer in enumerate(model.model.decoder.layers):
+        perturb(layer.cross_attn.o_proj, seed=i)
+    for i, layer in enumerate(model.model.encoder.layers):
+        perturb(layer.memory_read.o_proj, seed=100 + i)
+    doc = ids_with_bos(3 * L, batch=1, seed=5)[0, 1:].tolist()
+    before = cell_logits(model, doc)
+    perturb(model.model.writer.v_proj, seed=200)
+    after = cell_logits(model, doc)
+    torch.testing.assert_close(after[:L], before[:L], rtol=0, atol=1e-12)
+    assert (after[L:] - before[L:]).abs().max() > 1e-3
+
+
+def test_packers_build_the_true_stream():
+    doc = list(range(3, 3 + 2 * L + 3))
+    cells = document_cells(doc, L, BOS, PAD, decoder_previous_segment=True)
+    paper = document_cells(doc, L, BOS, PAD)
+    assert cells["decoder_input_ids"][0, 0] == BOS  # the document's start
+    for t in (1, 2):
+        assert cells["decoder_input_ids"][t, 0] == doc[t * L - 1] == cells["encoder_input_ids"][t, -1]
+        assert paper["decoder_input_ids"][t, 0] == BOS
+    for key in ("encoder_input_ids", "encoder_attention_mask", "decoder_attention_mask", "shift_labels",
+                "memory_reset"):
+        assert torch.equal(cells[key], paper[key]), key
+    assert torch.equal(cells["decoder_input_ids"][:, 1:], paper["decoder_input_ids"][:, 1:])
+    on = StreamBatches([doc], segment_length=L, window=2, batch_size=1, bos_token_id=BOS, pad_token_id=PAD,
+                       decoder_previous_segment=True)
+    off = StreamBatches([doc], segment_length=L, window=2, batch_size=1, bos_token_id=BOS, pad_token_id=PAD)
+    assert on[0]["decoder_input_ids"][0, 1, 0] == doc[L - 1]
+    assert on.state_dict()["decoder_previous_segment"] is True
+    assert "decoder_previous_segment" not in off.state_dict()  # states saved before the option still match
+    assert not on.compatible_with(off.state_dict()) and not off.compatible_with(on.state_dict())
+
+
+def test_a_cell_that_does_not_continue_its_previous_segment_is_refused():
+    model = warm(tiny_llama(), decoder_previous_segment=True)
+    doc = ids_with_bos(2 * L, batch=1, seed=3)[0, 1:].tolist()
+    paper = document_cells(doc, L, BOS, PAD)  # BOS first in every cell
+    cell = {k: v[1:2] for k, v in paper.items() if k != "shift_labels"}
+    with pytest.raises(ValueError, match="decoder_previous_segment.*last token"):
+        model(**cell)
+
+
+def tiny_model(**overrides) -> MemformerForCausalLM:
+    torch.manual_seed(0)
+    cfg = MemformerConfig(vocab_size=61, hidden_size=16, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                          intermediate_size=32, segment_length=L, num_memory_slots=3, bos_token_id=BOS,
+                          pad_token_id=PAD, eos_token_id=None, decoder_previous_segment=True, **overrides)
+    return MemformerForCausalLM(cfg).double()
+
+
+@pytest.mark.parametrize("position_embedding_type", ["rope", "simplified_rpe"])
+def test_mrbp_equals_bptt_with_the_option(position_embedding_type):
+    model = tiny_model(position_embedding_type=position_embedding_type)
+    docs = [torch.randint(2, 61, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4 * L + 3, 2 * L)]
+    batch = StreamBatches(docs, segment_length=L, window=4, batch_size=2, bos_token_id=BOS, pad_token_id=PAD,
+                          decoder_previous_segment=True)[0]
+    cells = {k: v for k, v in batch.items() if k not in ("stream_ids", "window_index")}
+    grads = {}
+    for mode in ("bptt", "mrbp"):
+        model.zero_grad()
+        loss, memory = cells_backward(model, cells, None, mode=mode)
+        grads[mode] = (float(loss), memory, {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert math.isclose(grads["mrbp"][0], grads["bptt"][0], rel_tol=1e-12)
+    torch.testing.assert_close(grads["mrbp"][1], grads["bptt"][1], rtol=0, atol=1e-12)
+    for name, g in grads["bptt"][2].items():
+        torch.testing.assert_close(grads["mrbp"][2][name], g, rtol=1e-9, atol=1e-12, msg=name)
+    assert grads["mrbp"][2]["model.writer.q_proj.weight"].abs().sum() > 0
+
+
+def test_the_trainer_trains_with_the_option_and_refuses_a_layout_without_it(tmp_path):
+    model = tiny_model().float()
+    docs = [torch.randint(2, 61, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5 * L, 3 * L)]
+    args = MemformerTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, mrbp_window=2,
+                                      max_steps=2, report_to=[], disable_tqdm=True, use_cpu=True, save_strategy="no")
+    trainer = MemformerTrainer(model=model, args=args, train_dataset=docs)
+    assert trainer.train_dataset.decoder_previous_segment
+    before = model.model.writer.q_proj.weight.detach().clone()
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert not torch.equal(before, model.model.writer.q_proj.weight)
+    stale = StreamBatches(docs, segment_length=L, window=2, batch_size=2, bos_token_id=BOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="decoder_previous_segment"):
+        MemformerTrainer(model=model, args=args, train_dataset=stale)
+
+
+def test_paths_without_the_previous_segment_refuse_the_option():
+    model = tiny_model().eval()
+    ids = torch.randint(2, 61, (1, 2 * L))
+    with pytest.raises(ValueError, match="decoder_previous_segment"):
+        model(ids)
+    with pytest.raises(ValueError, match="decoder_previous_segment"):
+        model.generate(ids, max_new_tokens=2)
+    assert MemformerConfig.from_dict(model.config.to_dict()).decoder_previous_segment is True
+    with pytest.raises(ValueError, match="decoder_previous_segment"):
+        MemformerConfig(decoder_previous_segment="yes")

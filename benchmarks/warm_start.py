@@ -89,6 +89,8 @@ SWITCHES = {
     "memory_write_qk_norm": "the writer scores by cosine / tau (beyond the paper)",
     "decoder_reads_memory": "the decoder's cross-attention also reads the memory (beyond the paper)",
     "cross_attention_rope": "the decoder's cross-attention sees the previous segment's positions (beyond the paper)",
+    "decoder_previous_segment": "the decoder reads the true token stream over the previous segment and its own "
+                                "(beyond the paper)",
 }
 
 
@@ -556,6 +558,19 @@ def probe_tokens_per_s(v, backbone, train, device, work: str, steps: int = 8) ->
     return v.batch * v.window * v.segment_length / per_step
 
 
+def init_reference_context(v) -> int:
+    """The backbone's window that variant `v` computes at initialisation: its segment (L), or with
+    `decoder_previous_segment` the previous segment and its own (2L, advancing by L)."""
+    return 2 * v.segment_length if v.decoder_previous_segment else v.segment_length
+
+
+def init_reference(v) -> str:
+    L = v.segment_length
+    if v.decoder_previous_segment:
+        return f"backbone, with the previous segment (windows of 2L={2 * L}, stride L)"
+    return f"backbone, segment-local (windows of L={L})"
+
+
 def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report: dict, out_dir: Path, work: str,
                 check_init: bool) -> None:
     """Warm-start, evaluate at init (once), train and evaluate one Memformer variant; results into rows/report."""
@@ -577,10 +592,11 @@ def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report:
     if check_init:
         trainer.args.eval_no_memory = False
         init = ppl_row(trainer.evaluation_sums(docs)[""])
-        rows[f"{name}: at init (= segment-local backbone)"] = init
-        local = rows[f"backbone, segment-local (windows of L={L})"]
+        what = "backbone with the previous segment" if v.decoder_previous_segment else "segment-local backbone"
+        rows[f"{name}: at init (= {what})"] = init
+        local = rows[init_reference(v)]
         report["init_vs_segment_local_rel_diff"] = abs(init["ppl"] / local["ppl"] - 1)
-        log(f"[{name}] at init: ppl {init['ppl']:.3f} vs segment-local backbone {local['ppl']:.3f} (relative "
+        log(f"[{name}] at init: ppl {init['ppl']:.3f} vs {what} {local['ppl']:.3f} (relative "
             f"difference {report['init_vs_segment_local_rel_diff']:.2e})")
     res["writer_init"] = writer_summary(model, docs[0], v, out_dir / f"warm_start_writer_{name}_init.png",
                                         f"{name}, before training")
@@ -671,9 +687,10 @@ def main(argv=None) -> dict:
         rows[f"backbone, context {c} (strided, stride {c // 2})"] = ppl_row(
             backbone_sums(backbone, docs, c, max(1, c // 2), args.bos_token_id, device, args.backbone_batch_tokens))
         log(f"backbone context {c}: ppl {next(reversed(rows.values()))['ppl']:.3f}")
-    for L in sorted({v.segment_length for _, v in variants}):
-        rows[f"backbone, segment-local (windows of L={L})"] = ppl_row(
-            backbone_sums(backbone, docs, L, L, args.bos_token_id, device, args.backbone_batch_tokens))
+    for key, (L, context) in sorted({init_reference(v): (v.segment_length, init_reference_context(v))
+                                     for _, v in variants}.items()):
+        rows[key] = ppl_row(backbone_sums(backbone, docs, context, L, args.bos_token_id, device,
+                                          args.backbone_batch_tokens))
     report["timings"]["backbone_eval"] = time.time() - tic
 
     # ---------------------------------------------------------------------------------------------- the variants
@@ -721,7 +738,8 @@ def write_report(report: dict, args, out_dir: Path) -> None:
              f"each cut at {args.max_doc_tokens} ({n_tokens:,} tokens); BOS id {args.bos_token_id} before every "
              "window / segment. Backbone rows: strided windows of C tokens advancing by C/2, each token scored once "
              "with C/2..C-1 tokens of context (fewer in a document's first window); segment-local: non-overlapping "
-             "windows of L (what a warm start computes at initialisation).", "",
+             "windows of L (what a warm start computes at initialisation); with the previous segment: windows of "
+             "2L advancing by L (what it computes with decoder_previous_segment).", "",
              "Variants (each warm-started from the same backbone, trained with MRBP on the train split, then "
              "evaluated with the memory carried through each document, with it reset at every segment, and with "
              "each segment reading the memory another evaluation stream (another document) carries at that step; "
@@ -749,7 +767,8 @@ def write_report(report: dict, args, out_dir: Path) -> None:
     tuned512 = rows.get("backbone fine-tuned, context 512 (strided, stride 256)")
     summary: dict = {f"control gain, context {min(ctx)} -> {max(ctx)}": (short - long_) / short} if short != long_ else {}
     if "init_vs_segment_local_rel_diff" in report:
-        summary["at init vs segment-local backbone (relative ppl difference; 0 up to rounding)"] = report[
+        summary["at init vs the backbone it starts as (segment-local, or with the previous segment with "
+                "decoder_previous_segment; relative ppl difference; 0 up to rounding)"] = report[
             "init_vs_segment_local_rel_diff"]
     lines += ["", "| variant | memory gain (reset -> carried) | document information (another document's memory -> "
                   "carried) | share of the control's "

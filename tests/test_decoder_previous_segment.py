@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from test_warm_start import BOS, L, PAD, ids_with_bos, perturb, tiny_llama, warm
+from test_warm_start import BOS, PAD, L, ids_with_bos, perturb, tiny_llama, warm
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells

@@ -31,17 +31,49 @@ from memformer_hf.data_streams import StreamBatches
 from memformer_hf.mrbp import cells_backward, memory_replay_backward
 
 
+def check_training_cells(cfg: MemformerConfig) -> None:
+    """A training window through cells_backward (the Trainer's step): graphed training cells vs eager cells."""
+    docs = [torch.randint(2, cfg.vocab_size, (3000,)).tolist() for _ in range(64)]
+    batch = StreamBatches(docs, segment_length=cfg.segment_length, window=4, batch_size=32, grad_accum=1,
+                          world_size=1, rank=0, seed=0, bos_token_id=0, pad_token_id=1, boot="bos",
+                          decoder_previous_segment=cfg.decoder_previous_segment)[1]
+    batch = {k: v.cuda() for k, v in batch.items()}
+    train_runs = {}
+    for autocast in (False, True):
+        for graphs in (True, False):
+            torch.manual_seed(1)
+            net = MemformerForCausalLM(cfg).cuda().train()
+            net.model.use_cuda_graphs = graphs
+            memory = net.model.initial_memory(32).detach().clone() * 1.0
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                for _ in range(2):  # twice: the second window replays the captured graphs
+                    net.zero_grad(set_to_none=True)
+                    loss, new_memory = cells_backward(net, batch, memory)
+            grad = torch.cat([q.grad.flatten().float() for q in net.parameters() if q.grad is not None])
+            train_runs[(autocast, graphs)] = (float(loss), grad, new_memory)
+        (lg_, gg_, mg_), (le_, ge_, me_) = train_runs[(autocast, True)], train_runs[(autocast, False)]
+        print(f"cells_backward window T=4 B=32 ({'bf16 autocast' if autocast else 'float32'}): loss {lg_:.6f} vs "
+              f"{le_:.6f}; grad rel diff {((gg_ - ge_).norm() / ge_.norm()).item():.3e}; "
+              f"max|memory diff| {(mg_ - me_).abs().max().item():.3e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="v1-lm")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--decoder_reads_memory", action="store_true")
     p.add_argument("--cross_attention_rope", action="store_true")
+    p.add_argument("--decoder_previous_segment", action="store_true",
+                   help="only the training cells (the option runs in cell mode only)")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = MemformerConfig.from_preset(args.preset, vocab_size=32768, bos_token_id=0, eos_token_id=None, pad_token_id=1,
                                       decoder_reads_memory=args.decoder_reads_memory,
-                                      cross_attention_rope=args.cross_attention_rope)
+                                      cross_attention_rope=args.cross_attention_rope,
+                                      decoder_previous_segment=args.decoder_previous_segment)
+    if args.decoder_previous_segment:
+        check_training_cells(cfg)
+        return
     model = MemformerForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
     ids = torch.randint(2, cfg.vocab_size, (4, args.tokens), device="cuda")
     ids[:, 0] = 0
@@ -73,28 +105,7 @@ def main() -> None:
         by_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(prompt), **kw)
     embeds_check = (torch.equal(by_ids.sequences[:, prompt.shape[1]:], by_embeds.sequences),
                     max(float((x.float() - y.float()).abs().max()) for x, y in zip(by_ids.logits, by_embeds.logits)))
-    # a training window through cells_backward (the Trainer's step): graphed training cells vs eager cells
-    docs = [torch.randint(2, cfg.vocab_size, (3000,)).tolist() for _ in range(64)]
-    batch = StreamBatches(docs, segment_length=cfg.segment_length, window=4, batch_size=32, grad_accum=1,
-                          world_size=1, rank=0, seed=0, bos_token_id=0, pad_token_id=1, boot="bos")[1]
-    batch = {k: v.cuda() for k, v in batch.items()}
-    train_runs = {}
-    for autocast in (False, True):
-        for graphs in (True, False):
-            torch.manual_seed(1)
-            net = MemformerForCausalLM(cfg).cuda().train()
-            net.model.use_cuda_graphs = graphs
-            memory = net.model.initial_memory(32).detach().clone() * 1.0
-            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                for _ in range(2):  # twice: the second window replays the captured graphs
-                    net.zero_grad(set_to_none=True)
-                    loss, new_memory = cells_backward(net, batch, memory)
-            grad = torch.cat([q.grad.flatten().float() for q in net.parameters() if q.grad is not None])
-            train_runs[(autocast, graphs)] = (float(loss), grad, new_memory)
-        (lg_, gg_, mg_), (le_, ge_, me_) = train_runs[(autocast, True)], train_runs[(autocast, False)]
-        print(f"cells_backward window T=4 B=32 ({'bf16 autocast' if autocast else 'float32'}): loss {lg_:.6f} vs "
-              f"{le_:.6f}; grad rel diff {((gg_ - ge_).norm() / ge_.norm()).item():.3e}; "
-              f"max|memory diff| {(mg_ - me_).abs().max().item():.3e}")
+    check_training_cells(cfg)
     (lg, mg, sg, gg, replays_g), (le, me, se, ge, replays_e) = runs[True], runs[False]
     print(f"prefill {tuple(ids.shape)}: max|logits graphed - eager| {(lg - le).abs().max().item():.3e} "
           f"(logit std {le.std().item():.3f}); max|memory diff| {(mg - me).abs().max().item():.3e}")

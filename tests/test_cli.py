@@ -5,6 +5,7 @@ errors for bad arguments."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -697,3 +698,28 @@ def test_model_card_states_the_memory_effect_plainly():
     assert "no measurable effect" in flat and "-0.0%" in flat and "nothing long-range" in flat
     assert "not measured" in cli_report.memory_effect(148.2, None)
     assert "not measured" in cli_report.memory_effect(float("nan"), 148.2)
+
+
+def test_decoder_previous_segment_trains_and_evaluates_but_does_not_generate(trained, tmp_path, capsys, monkeypatch):
+    """`decoder_previous_segment` runs in cell mode only: `train` refuses the after-training sample before any work,
+    `generate` refuses such a model in one line, and `eval` evaluates it (cell mode)."""
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    assert cli.main(["train", "--output_dir", str(tmp_path / "run"), "--config_overrides",
+                     "decoder_previous_segment=true", "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sample_max_new_tokens 0" in err, err
+    assert not (tmp_path / "run").exists()
+    xl = tmp_path / "xl"
+    shutil.copytree(out, xl)
+    config = json.loads((xl / "config.json").read_text())
+    (xl / "config.json").write_text(json.dumps({**config, "decoder_previous_segment": True}))
+    assert cli.main(["generate", "--model", str(xl), "--prompt", "KING"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "decoder_previous_segment=True" in err, err
+    assert cli.main(["eval", "--model", str(xl), "--test_file", "test.jsonl", "--max_eval_tokens", "256",
+                     "--output_json", str(tmp_path / "eval.json")]) == 0
+    xl_ppl = json.loads((tmp_path / "eval.json").read_text())["test_ppl"]
+    assert cli.main(["eval", "--model", str(out), "--test_file", "test.jsonl", "--max_eval_tokens", "256",
+                     "--output_json", str(tmp_path / "paper.json")]) == 0
+    assert math.isfinite(xl_ppl) and xl_ppl != json.loads((tmp_path / "paper.json").read_text())["test_ppl"]

@@ -132,8 +132,9 @@ class MemformerConfig(PretrainedConfig):
             token (not BOS); only the own positions are scored. Each token thus sees L to 2L - 1 earlier tokens
             directly, and a warm start equals the backbone over such windows (docs/design.md#decoder-previous-
             segment). The memory then has to carry what lies beyond the previous segment. Training and evaluation
-            (cell mode: `MemformerTrainer`, the stream packers with the matching layout) only for now: the stream
-            forward, the cache and `generate()` refuse it. No parameter is added.
+            (cell mode: `MemformerTrainer`, the stream packers with the matching layout) and the stream forward over
+            whole documents without a cache, for now: the cache, `generate()` and padded inputs refuse it. No
+            parameter is added.
     """
 
     model_type = "memformer"

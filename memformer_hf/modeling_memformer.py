@@ -1178,15 +1178,84 @@ class MemformerModel(MemformerPreTrainedModel):
             all_hidden = tuple(h[:, L:] for h in all_hidden)
         return hidden[:, L:], all_hidden
 
+    def _forward_documents(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states,
+                           output_memory_states, output_memory_attentions) -> MemformerModelOutput:
+        """Stream mode with `decoder_previous_segment` (docs/design.md#decoder-previous-segment): every row is a
+        document from its start (a leading BOS is its boot, else the boot is implicit), without padding or a cache.
+        The rows are laid out as the packers lay out a document and run cell by cell with the memory carried, so the
+        outputs are those of the training and evaluation cells; column j holds the state that predicts column j + 1."""
+        cfg = self.config
+        L = cfg.segment_length
+        unsupported = [name for name, given in (
+            ("past_key_values (a MemformerCache)", cache is not None), ("use_cache=True", use_cache is True),
+            ("inputs_embeds", inputs_embeds is not None), ("output_memory_states", output_memory_states),
+            ("output_memory_attentions", output_memory_attentions)) if given]
+        if input_ids is not None and input_ids.dim() == 2 and attention_mask is not None \
+                and not bool(attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool().all()):
+            unsupported.append("padding (attention_mask 0)")
+        if unsupported:
+            raise ValueError(f"decoder_previous_segment=True: the stream forward takes whole documents as input_ids "
+                             f"without padding and without a cache for now; got {', '.join(unsupported)} "
+                             "(generate() and MemformerCache do not carry the previous segment's tokens yet; training "
+                             "and evaluation run through MemformerTrainer).")
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError("Pass `input_ids` of shape (batch, sequence ≥ 1).")
+        self._check_ids(input_ids, "input_ids")
+        b, n = input_ids.shape
+        device, bos = input_ids.device, cfg.bos_token_id
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else bos
+        # row r's decoder inputs are its stream [BOS, document...]; column j is stream input j + offset_r
+        ids = input_ids.long()
+        offsets = (ids[:, 0] != bos).long()
+        implicit = torch.cat([ids.new_full((b, 1), bos), ids], 1)
+        count = n + offsets  # decoder inputs per row (n, or n + 1 with an implicit boot)
+        T = -(-(n + 1) // L)
+        grid = ids.new_full((b, T * L + 1), pad)
+        grid[:, :n + 1] = torch.where(offsets[:, None].bool(), implicit, torch.cat([ids, ids.new_full((b, 1), pad)], 1))
+        starts = torch.arange(T, device=device) * L
+        active = starts[None] < count[:, None]  # [B, T]; rows with fewer inputs end with inactive cells
+        position = starts[:, None] + torch.arange(L, device=device)  # [T, L]
+        decoder_ids = torch.where(position[None] < count[:, None, None], grid[:, position], pad)
+        encoder_ids = grid[:, (position - L + 1).clamp_min(0)]  # cell t ≥ 1 encodes the L targets before it
+        encoder_mask = active[:, :, None].expand(-1, -1, L).clone()
+        encoder_ids[:, 0], encoder_mask[:, 0] = pad, False  # the boot cell
+        if cfg.first_segment_context == "bos":
+            encoder_ids[:, 0, 0], encoder_mask[:, 0, 0] = bos, True
+        reset = ~active
+        reset[:, 0] = True
+        cells = {"encoder_input_ids": torch.where(encoder_mask, encoder_ids, pad), "encoder_attention_mask":
+                 encoder_mask, "decoder_input_ids": decoder_ids, "memory_reset": reset}
+        last_cell = active.sum(1) - 1
+        memory, states, layer_states, memories = None, [], [], []
+        for t in range(T):
+            out = self._forward_cell(cells["encoder_input_ids"][:, t], cells["encoder_attention_mask"][:, t],
+                                     cells["decoder_input_ids"][:, t], None, memory, cells["memory_reset"][:, t],
+                                     False, output_hidden_states, False, validate_inputs=False)
+            memory = out.memory
+            memories.append(memory)
+            states.append(out.last_hidden_state)
+            if output_hidden_states:
+                layer_states.append(out.hidden_states)
+        columns = (torch.arange(n, device=input_ids.device)[None] + offsets[:, None])[..., None]
+
+        def by_column(chunks: list[torch.Tensor]) -> torch.Tensor:
+            flat = torch.stack(chunks, 1).flatten(1, 2)  # [B, T·L, d]
+            return flat.gather(1, columns.expand(-1, -1, flat.shape[-1]))
+
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(by_column([s[i] for s in layer_states]) for i in range(len(layer_states[0])))
+        final = torch.stack(memories, 1)[torch.arange(b, device=input_ids.device), last_cell]
+        return MemformerModelOutput(last_hidden_state=by_column(states), hidden_states=hidden_states, memory=final,
+                                    output_mask=torch.ones(b, n, dtype=torch.bool, device=input_ids.device))
+
     def _forward_stream(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, memory_reset,
                         output_hidden_states, output_memory_states, output_memory_attentions, columns_to_keep,
                         replay_step, replay_memory):
         cfg = self.config
         if cfg.decoder_previous_segment:
-            raise ValueError("decoder_previous_segment=True runs in cell mode only for now (MemformerTrainer training "
-                             "and evaluation, or the cell inputs encoder_input_ids/decoder_input_ids): the stream "
-                             "forward, MemformerCache, generate() and memory_replay_backward do not carry the previous "
-                             "segment's tokens yet.")
+            return self._forward_documents(input_ids, attention_mask, inputs_embeds, cache, use_cache,
+                                           output_hidden_states, output_memory_states, output_memory_attentions)
         L, d, H = cfg.segment_length, cfg.hidden_size, cfg.num_attention_heads
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` (or the cell-mode inputs).")

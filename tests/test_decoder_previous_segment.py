@@ -7,7 +7,8 @@ the previous segment and its own.
   from the second cell on, so the previous segment is really read;
 * the packers build the true-stream decoder inputs, and a stream layout without them is refused;
 * MRBP equals full back-propagation through the window with the option, and the trainer trains with it;
-* the paths that do not carry the previous segment yet (stream forward, generate) refuse it by name.
+* the stream forward over whole documents (no cache) equals the cells; the paths that do not carry the previous
+  segment yet (the cache, generate, padding, embeddings) refuse it by name.
 """
 
 from __future__ import annotations
@@ -170,11 +171,49 @@ def test_the_trainer_trains_with_the_option_and_refuses_a_layout_without_it(tmp_
         MemformerTrainer(model=model, args=args, train_dataset=stale)
 
 
+def test_the_stream_forward_equals_the_cells():
+    """`model(input_ids)` (whole documents, no cache) computes what the cells compute: with a leading BOS and with an
+    implicit boot, batched with rows of both kinds, with labels, and at the warm start equal to the backbone."""
+    llama = tiny_llama()
+    model = warm(llama, decoder_previous_segment=True)
+    doc = ids_with_bos(3 * L + 5, batch=1, seed=8)[0, 1:].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([[BOS] + doc])).logits[0, :-1], llama_windows(llama, doc),
+                                   rtol=0, atol=1e-11)
+    for i, layer in enumerate(model.model.decoder.layers):
+        perturb(layer.cross_attn.o_proj, seed=i)
+    for i, layer in enumerate(model.model.encoder.layers):
+        perturb(layer.memory_read.o_proj, seed=100 + i)
+    ref = cell_logits(model, doc)  # ref[i] predicts doc[i]
+    with torch.no_grad():
+        with_bos = model(torch.tensor([[BOS] + doc]))
+        implicit = model(torch.tensor([doc]))
+        torch.testing.assert_close(with_bos.logits[0, :-1], ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(implicit.logits[0, :-1], ref[1:], rtol=0, atol=1e-12)
+        torch.testing.assert_close(implicit.logits[0], with_bos.logits[0, 1:], rtol=0, atol=1e-12)
+        rows = torch.tensor([[BOS] + doc[:-1], doc])  # one row of each kind, the same length
+        both = model(rows)
+        for r in range(2):
+            torch.testing.assert_close(both.logits[r], model(rows[r: r + 1]).logits[0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(both.memory[r], model(rows[r: r + 1]).memory[0], rtol=0, atol=1e-12)
+        ids = torch.tensor([[BOS] + doc])
+        loss = model(ids, labels=ids).loss
+        expected = torch.nn.functional.cross_entropy(with_bos.logits[0, :-1], ids[0, 1:])
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+        states = model(ids, output_hidden_states=True).hidden_states
+        assert len(states) == len(model.model.decoder.layers) + 1
+        torch.testing.assert_close(model.lm_head(states[-1]), with_bos.logits, rtol=0, atol=1e-12)
+
+
 def test_paths_without_the_previous_segment_refuse_the_option():
     model = tiny_model().eval()
     ids = torch.randint(2, 61, (1, 2 * L))
+    for kwargs in (dict(use_cache=True), dict(attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0)),
+                   dict(output_memory_states=True)):
+        with pytest.raises(ValueError, match="decoder_previous_segment"):
+            model(ids, **kwargs)
     with pytest.raises(ValueError, match="decoder_previous_segment"):
-        model(ids)
+        model(inputs_embeds=model.get_input_embeddings()(ids))
     with pytest.raises(ValueError, match="decoder_previous_segment"):
         model.generate(ids, max_new_tokens=2)
     assert MemformerConfig.from_dict(model.config.to_dict()).decoder_previous_segment is True

@@ -67,7 +67,7 @@ def _generate(gen: GenerateArguments, state_tmp: Path | None) -> int:
         previous_segment = False
     if previous_segment:
         raise CliError(f"--model {gen.model}: its config sets decoder_previous_segment=True, which generate() does "
-                       "not support yet (the option trains and evaluates in cell mode only)")
+                       "not support yet (such a model trains and evaluates, but the cache does not carry the previous segment)")
     model, tokenizer = corpus_io.load_model_folder(gen.model, gen.use_cpu)
     set_seed(gen.seed)
     kwargs = {k: getattr(gen, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",

@@ -42,15 +42,21 @@ def _same_stamp(t: torch.Tensor | None, stamp: tuple | None) -> bool:
 
 
 def config_fingerprint(config: MemformerConfig) -> str:
-    """A short hash of the config fields that a cached state depends on (`decoder_reads_memory` and
-    `cross_attention_rope` only when on, so that the fingerprints of the default configuration, and the states saved
-    with them, are unchanged)."""
+    """A short hash of the config fields that a cached state depends on (`decoder_reads_memory`,
+    `cross_attention_rope` and `decoder_previous_segment` only when on, so that the fingerprints of the default
+    configuration, and the states saved with them, are unchanged)."""
     fields = {k: getattr(config, k) for k in _FINGERPRINT_FIELDS}
-    for option in ("decoder_reads_memory", "cross_attention_rope"):
+    for option in ("decoder_reads_memory", "cross_attention_rope", "decoder_previous_segment"):
         if getattr(config, option, False):
             fields[option] = True
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def self_length(config: MemformerConfig) -> int:
+    """Self-attention K/V positions per row and layer: L (the current segment), or 2L with `decoder_previous_segment`
+    (the previous segment's prefix, then the current segment; docs/design.md#decoder-previous-segment)."""
+    return config.segment_length * (2 if getattr(config, "decoder_previous_segment", False) else 1)
 
 
 def cross_length(config: MemformerConfig) -> int:
@@ -110,7 +116,8 @@ class MemformerCache(Cache):
     Row-wise fields (first dimension = batch):
 
     - `memory` [B, K, d] (float32, or float64 for a float64 model): the memory the next segment is encoded with.
-    - per decoder layer (`layers[i]`): self K/V of the current partial segment [B, H, L, d_h] and cross K/V of the
+    - per decoder layer (`layers[i]`): self K/V of the current partial segment [B, H, L, d_h] ([B, H, 2L, d_h]
+      with `decoder_previous_segment`: the previous segment's prefix at [0, L), then the segment) and cross K/V of the
       last complete segment [B, H, C, d_h], C = L, or L + K with `decoder_reads_memory` (the encoder output, then
       the memory after writing that segment, docs/design.md#decoder-reads-memory).
     - `cross_mask` [B, C] bool: valid cross keys (the K memory keys are always valid).
@@ -294,14 +301,15 @@ class MemformerCache(Cache):
         memory [B, K, d], segment_ids [B, L] (the partial segment's tokens), fill [B], started [B] (the rows that
         have consumed their boot segment after this forward: a row reset without tokens is not). `decoder_state` = (rows [R], per-layer self (K, V) [R, H, ≤L, d_h], per-layer cross (K, V)
         [R, H, C, d_h], cross mask [R, C]; C = L, or L + K with `decoder_reads_memory`) for the rows whose decoder advanced; other rows keep theirs. The
-        self K/V are zero-padded to L positions. Tensors are replaced, not written in place, so autograd history
+        self K/V are zero-padded to L positions (2L with `decoder_previous_segment`). Tensors are replaced, not written in place, so autograd history
         (a forward with gradients) is kept."""
         b, L = segment_ids.shape
+        S = self_length(self.config)
         if self.is_empty:
-            zeros = torch.zeros(b, self.config.num_attention_heads, L, self.config.head_dim, dtype=dtype,
+            zeros = torch.zeros(b, self.config.num_attention_heads, S, self.config.head_dim, dtype=dtype,
                                 device=memory.device)
             C = cross_length(self.config)
-            cross = zeros if C == L else torch.zeros(b, self.config.num_attention_heads, C, self.config.head_dim,
+            cross = zeros if C == S else torch.zeros(b, self.config.num_attention_heads, C, self.config.head_dim,
                                                      dtype=dtype, device=memory.device)
             self.cross_mask = torch.zeros(b, C, dtype=torch.bool, device=memory.device)
             self.started = torch.zeros(b, dtype=torch.bool, device=memory.device)
@@ -311,9 +319,9 @@ class MemformerCache(Cache):
             rows, self_kv, cross_kv, cross_mask = decoder_state
 
             def fit(t: torch.Tensor) -> torch.Tensor:
-                if t.shape[2] < L:
-                    t = torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[2]))
-                return t[:, :, :L].to(dtype)
+                if t.shape[2] < S:
+                    t = torch.nn.functional.pad(t, (0, 0, 0, S - t.shape[2]))
+                return t[:, :, :S].to(dtype)
 
             for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
                 layer.set_tensors([layer.keys.index_copy(0, rows, fit(k)), layer.values.index_copy(0, rows, fit(v)),
@@ -480,7 +488,7 @@ class MemformerCache(Cache):
         C = cross_length(config)
         kinds = {"cross_mask": ((b, C), "bool"), "segment_ids": ((b, L), "int"), "fill": ((b,), "int"),
                  "started": ((b,), "bool")}
-        kv_shape = (b, config.num_attention_heads, L, config.head_dim)
+        kv_shape = (b, config.num_attention_heads, self_length(config), config.head_dim)
         cross_shape = (b, config.num_attention_heads, C, config.head_dim)
         for name in tensors:
             if name.startswith("layers."):
@@ -506,4 +514,4 @@ class MemformerCache(Cache):
                       f"ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
-__all__ = ["MemformerCache", "MemformerCacheLayer", "config_fingerprint", "cross_length"]
+__all__ = ["MemformerCache", "MemformerCacheLayer", "config_fingerprint", "cross_length", "self_length"]

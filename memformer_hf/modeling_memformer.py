@@ -617,11 +617,25 @@ class MemformerModel(MemformerPreTrainedModel):
         """Cross-attention keys per segment: L, or L + K with `decoder_reads_memory`."""
         return cross_length(self.config)
 
-    def _decoder_plan(self, starts: torch.Tensor, lengths: torch.Tensor, q_len: int, cross_mask, dtype
-                      ) -> tuple[DecoderPlan, int]:
-        """Masks/positions for chunks starting at `starts` [N] with `lengths` [N] valid queries out of `q_len`."""
+    def _decoder_plan(self, starts: torch.Tensor, lengths: torch.Tensor, q_len: int, cross_mask, dtype,
+                      prefix_valid: torch.Tensor | None = None) -> tuple[DecoderPlan, int]:
+        """Masks/positions for chunks starting at `starts` [N] with `lengths` [N] valid queries out of `q_len`.
+        `prefix_valid` [N] bool (`decoder_previous_segment`): the self K/V buffers hold the previous segment's
+        prefix at [0, L) (keys at positions -L..-1, valid in these rows) and the own positions from L on."""
         device = starts.device
         positions = starts[:, None] + torch.arange(q_len, device=device)[None]
+        if prefix_valid is not None:
+            L = self.config.segment_length
+            buffer_len = L + int(starts.max()) + q_len
+            key_pos = torch.arange(buffer_len, device=device) - L
+            self_mask = (key_pos[None, None, :] <= positions[:, :, None]) & (
+                (key_pos >= 0)[None, None, :] | prefix_valid[:, None, None])
+            cos_sin, rel_index = self._positions(positions, key_pos.expand(len(starts), -1), dtype)
+            if cross_mask is not None and bool(cross_mask.all()):
+                cross_mask = None
+            plan = DecoderPlan(cos_sin, rel_index, self_mask[:, None],
+                               None if cross_mask is None else cross_mask[:, None, None, :], positions + L)
+            return plan, buffer_len
         if bool((starts == 0).all()) and bool((lengths == q_len).all()):
             buffer_len, write_index, self_mask = q_len, None, None  # plain causal: flash/SDPA-eligible
             key_pos = positions
@@ -643,14 +657,37 @@ class MemformerModel(MemformerPreTrainedModel):
         return plan, buffer_len
 
     def step_plan(self, positions: torch.Tensor, cross_mask: torch.Tensor, dtype: torch.dtype) -> DecoderPlan:
-        """Plan of a one-token decoder step at per-row `positions` [B] over full-length (L) self/cross buffers; free
-        of host synchronisation so that it can be captured in a CUDA graph."""
+        """Plan of a one-token decoder step at per-row `positions` [B] over full-length (L, or 2L with
+        `decoder_previous_segment`: the prefix first, valid where the cross keys of the segment are complete)
+        self/cross buffers; free of host synchronisation so that it can be captured in a CUDA graph."""
         L = self.config.segment_length
         pos = positions[:, None]
-        key_pos = torch.arange(L, device=positions.device).expand(positions.shape[0], -1)
-        self_mask = (key_pos[:, None, :] <= pos[:, :, None])[:, None]
+        prefix = self.config.decoder_previous_segment
+        key_pos = torch.arange(-L if prefix else 0, L, device=positions.device).expand(positions.shape[0], -1)
+        self_mask = key_pos[:, None, :] <= pos[:, :, None]
+        if prefix:
+            self_mask = self_mask & ((key_pos >= 0) | cross_mask[:, :L].all(1, keepdim=True))[:, None, :]
         cos_sin, rel_index = self._positions(pos, key_pos, dtype)
-        return DecoderPlan(cos_sin, rel_index, self_mask, cross_mask[:, None, None, :], pos)
+        return DecoderPlan(cos_sin, rel_index, self_mask[:, None], cross_mask[:, None, None, :],
+                           pos + L if prefix else pos)
+
+    def previous_segment_kv(self, segments: torch.Tensor, cross_states, cross_mask: torch.Tensor | None
+                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The `decoder_previous_segment` prefix of the segment after each of `segments` [N, L, d] (the input
+        embeddings of complete segments): per decoder layer the self-attention (K, V) [N, H, L, d_h] of [BOS, segment[:-1]] at
+        positions -L..-1, causal, cross-attending to that segment's cross context (`cross_states`, `cross_mask`
+        as for `decode_chunks`). The stream paths keep them in front of the segment's own K/V
+        (docs/design.md#decoder-previous-segment)."""
+        L = self.config.segment_length
+        n = segments.shape[0]
+        bos = self.embed_tokens(torch.full((n, 1), self.config.bos_token_id, device=segments.device))
+        prefix = torch.cat([bos.to(segments.dtype), segments[:, :L - 1]], 1)
+        positions = torch.arange(-L, 0, device=segments.device).expand(n, -1)
+        cos_sin, rel_index = self._positions(positions, positions, self.embed_tokens.weight.dtype)
+        plan = DecoderPlan(cos_sin, rel_index, None, None if cross_mask is None else cross_mask[:, None, None, :],
+                           None)
+        _, self_kv, _, _ = self.decode_chunks(prefix, None, None, cross_states, None, plan=plan)
+        return self_kv
 
     def previous_segment_plan(self, continues: torch.Tensor, q_len: int, cross_mask: torch.Tensor | None,
                               dtype: torch.dtype) -> DecoderPlan:
@@ -681,6 +718,7 @@ class MemformerModel(MemformerPreTrainedModel):
         output_hidden_states: bool = False,
         relayout: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         plan: DecoderPlan | None = None,
+        prefix_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]],
                tuple[torch.Tensor, ...] | None]:
         """Run the decoder over N chunks at once.
@@ -693,6 +731,8 @@ class MemformerModel(MemformerPreTrainedModel):
             the states in that layout); the layer states are recorded in that layout, as nodes of the graph.
         plan: a ready plan whose self-attention covers exactly the q inputs (`previous_segment_plan`); `starts`,
             `lengths` and `cross_mask` are then not read.
+        prefix_valid: [N] bool with `starts` (`decoder_previous_segment`): `past` holds the previous segment's
+            prefix K/V at [0, L) (valid in these rows) and the own positions from L on (`_decoder_plan`).
         Returns normalised hidden states, per-layer self K/V buffers, per-layer cross K/V, all layer states."""
         if plan is not None:
             buffer_len = inputs_embeds.shape[1]
@@ -705,7 +745,7 @@ class MemformerModel(MemformerPreTrainedModel):
             buffer_len = q_len
         else:
             plan, buffer_len = self._decoder_plan(starts, lengths, inputs_embeds.shape[1], cross_mask,
-                                                  inputs_embeds.dtype)
+                                                  inputs_embeds.dtype, prefix_valid)
         all_hidden = [] if output_hidden_states else None
 
         def record(states: torch.Tensor) -> torch.Tensor:
@@ -780,8 +820,8 @@ class MemformerModel(MemformerPreTrainedModel):
             if memory_reset is not None:
                 reset = memory_reset.tolist()
                 started = [s and not r for s, r in zip(started, reset)]
-        if all(started):
-            return (fills[0] + 1, False) if len(set(fills)) == 1 else None
+        if all(started):  # (a decoder_previous_segment continuation needs the cached prefix: the general path)
+            return (fills[0] + 1, False) if len(set(fills)) == 1 and not cfg.decoder_previous_segment else None
         if any(started) or cfg.first_segment_context != "bos":
             return None
         first = (input_ids[:, 0] == cfg.bos_token_id).tolist()
@@ -792,7 +832,7 @@ class MemformerModel(MemformerPreTrainedModel):
         """The token grid of an aligned call (`_aligned_offset`): [B, C·L] with column j of the input at grid position
         offset + j, the cached partial segment at positions 1..fill for continued rows and BOS at position 0; and the
         decoder inputs [B, C, L] (each chunk starts with BOS: the token at that grid position only completed the
-        previous segment). Segment c is grid positions cL+1 .. (c+1)L."""
+        previous segment; with `decoder_previous_segment` that token, the true stream, and BOS only in chunk 0). Segment c is grid positions cL+1 .. (c+1)L."""
         L, (b, n), bos = self.config.segment_length, input_ids.shape, self.config.bos_token_id
         n_chunks = -(-(offset + n) // L)
         grid = input_ids.new_full((b, n_chunks * L), bos, dtype=torch.long)
@@ -800,7 +840,10 @@ class MemformerModel(MemformerPreTrainedModel):
         if not fresh and offset > 1:
             grid[:, 1:offset] = cache.segment_ids[:, : offset - 1]
         decoder_ids = grid.view(b, n_chunks, L).clone()
-        decoder_ids[:, :, 0] = bos
+        if self.config.decoder_previous_segment:  # the true stream: BOS only at the document's start
+            decoder_ids[:, 0, 0] = bos
+        else:
+            decoder_ids[:, :, 0] = bos
         return grid, decoder_ids
 
     def _forward_aligned(self, input_ids: torch.Tensor, cache: MemformerCache | None, offset: int, fresh: bool,
@@ -875,7 +918,17 @@ class MemformerModel(MemformerPreTrainedModel):
             cross_mask = torch.ones(b, len(chunks), width, dtype=torch.bool, device=device)
             cross_mask[:, 0] = first
             cross_mask = cross_mask.flatten(0, 1)
-        hidden, self_kv, cross_kv, _ = self.decode_chunks(dec_in, None, None, cross_kv, cross_mask)
+        starts = past = prefix_valid = None
+        if cfg.decoder_previous_segment:  # (fresh rows only, `_aligned_offset`) chunk c ≥ 1 reads segment c − 1
+            prefix_valid = (index > 0).repeat(b)
+            complete = F.pad(grid, (0, 1), value=bos)[:, 1: max(n_chunks - 1, 1) * L + 1].view(b, -1, L)
+            segments = complete[:, (index - 1).clamp(0, complete.shape[1] - 1)].flatten(0, 1)  # chunk 0: unused
+            prefix_kv = self.previous_segment_kv(self.embed_tokens(segments), cross_kv, cross_mask)
+            past = [(F.pad(k, (0, 0, 0, L)), F.pad(v, (0, 0, 0, L))) for k, v in prefix_kv]
+            starts = torch.zeros(b * len(chunks), dtype=torch.long, device=device)
+        hidden, self_kv, cross_kv, _ = self.decode_chunks(
+            dec_in, starts, None if starts is None else torch.full_like(starts, L), cross_kv, cross_mask, past,
+            prefix_valid=prefix_valid)
         hidden = hidden.view(b, len(chunks), L, -1)
 
         if len(chunks) == n_chunks:
@@ -894,6 +947,8 @@ class MemformerModel(MemformerPreTrainedModel):
             segment_ids = torch.zeros(b, L, dtype=torch.long, device=device)
             segment_ids[:, :fill] = grid[:, n_segments * L + 1: n_segments * L + 1 + fill]
             valid = (torch.arange(L, device=device) <= fill)[None, None, :, None]
+            if cfg.decoder_previous_segment:  # the prefix, then the segment's own positions
+                valid = torch.cat([torch.ones_like(valid), valid], 2)
             last = len(chunks) - 1
             pick = lambda t: t.view(b, len(chunks), *t.shape[1:])[:, last]  # noqa: E731
             last_mask = (cross_mask.view(b, len(chunks), width)[:, last] if cross_mask is not None
@@ -942,7 +997,15 @@ class MemformerModel(MemformerPreTrainedModel):
                 cache_layer.cross_values.copy_(torch.where(commit[:, None], v.to(cache_layer.cross_values.dtype),
                                                            cache_layer.cross_values))
             cache.cross_mask.copy_(cache.cross_mask | at_boundary[:, None])
-            tokens = torch.where(at_boundary, torch.full_like(tokens, cfg.bos_token_id), tokens)
+            if cfg.decoder_previous_segment:  # the new segment's prefix; its first input is the token just consumed
+                prefix_kv = self.previous_segment_kv(
+                    self.embed_tokens(cache.segment_ids), [(lay.cross_keys, lay.cross_values) for lay in cache.layers],
+                    cache.cross_mask)
+                for cache_layer, (pk, pv) in zip(cache.layers, prefix_kv):
+                    for buffer, new in ((cache_layer.keys, pk), (cache_layer.values, pv)):
+                        buffer[:, :, :L].copy_(torch.where(commit[:, None], new.to(buffer.dtype), buffer[:, :, :L]))
+            else:
+                tokens = torch.where(at_boundary, torch.full_like(tokens, cfg.bos_token_id), tokens)
             positions = torch.where(at_boundary, torch.zeros_like(fill), fill + 1)
         else:
             positions = fill + 1
@@ -1178,84 +1241,10 @@ class MemformerModel(MemformerPreTrainedModel):
             all_hidden = tuple(h[:, L:] for h in all_hidden)
         return hidden[:, L:], all_hidden
 
-    def _forward_documents(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states,
-                           output_memory_states, output_memory_attentions) -> MemformerModelOutput:
-        """Stream mode with `decoder_previous_segment` (docs/design.md#decoder-previous-segment): every row is a
-        document from its start (a leading BOS is its boot, else the boot is implicit), without padding or a cache.
-        The rows are laid out as the packers lay out a document and run cell by cell with the memory carried, so the
-        outputs are those of the training and evaluation cells; column j holds the state that predicts column j + 1."""
-        cfg = self.config
-        L = cfg.segment_length
-        unsupported = [name for name, given in (
-            ("past_key_values (a MemformerCache)", cache is not None), ("use_cache=True", use_cache is True),
-            ("inputs_embeds", inputs_embeds is not None), ("output_memory_states", output_memory_states),
-            ("output_memory_attentions", output_memory_attentions)) if given]
-        if input_ids is not None and input_ids.dim() == 2 and attention_mask is not None \
-                and not bool(attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool().all()):
-            unsupported.append("padding (attention_mask 0)")
-        if unsupported:
-            raise ValueError(f"decoder_previous_segment=True: the stream forward takes whole documents as input_ids "
-                             f"without padding and without a cache for now; got {', '.join(unsupported)} "
-                             "(generate() and MemformerCache do not carry the previous segment's tokens yet; training "
-                             "and evaluation run through MemformerTrainer).")
-        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError("Pass `input_ids` of shape (batch, sequence ≥ 1).")
-        self._check_ids(input_ids, "input_ids")
-        b, n = input_ids.shape
-        device, bos = input_ids.device, cfg.bos_token_id
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else bos
-        # row r's decoder inputs are its stream [BOS, document...]; column j is stream input j + offset_r
-        ids = input_ids.long()
-        offsets = (ids[:, 0] != bos).long()
-        implicit = torch.cat([ids.new_full((b, 1), bos), ids], 1)
-        count = n + offsets  # decoder inputs per row (n, or n + 1 with an implicit boot)
-        T = -(-(n + 1) // L)
-        grid = ids.new_full((b, T * L + 1), pad)
-        grid[:, :n + 1] = torch.where(offsets[:, None].bool(), implicit, torch.cat([ids, ids.new_full((b, 1), pad)], 1))
-        starts = torch.arange(T, device=device) * L
-        active = starts[None] < count[:, None]  # [B, T]; rows with fewer inputs end with inactive cells
-        position = starts[:, None] + torch.arange(L, device=device)  # [T, L]
-        decoder_ids = torch.where(position[None] < count[:, None, None], grid[:, position], pad)
-        encoder_ids = grid[:, (position - L + 1).clamp_min(0)]  # cell t ≥ 1 encodes the L targets before it
-        encoder_mask = active[:, :, None].expand(-1, -1, L).clone()
-        encoder_ids[:, 0], encoder_mask[:, 0] = pad, False  # the boot cell
-        if cfg.first_segment_context == "bos":
-            encoder_ids[:, 0, 0], encoder_mask[:, 0, 0] = bos, True
-        reset = ~active
-        reset[:, 0] = True
-        cells = {"encoder_input_ids": torch.where(encoder_mask, encoder_ids, pad), "encoder_attention_mask":
-                 encoder_mask, "decoder_input_ids": decoder_ids, "memory_reset": reset}
-        last_cell = active.sum(1) - 1
-        memory, states, layer_states, memories = None, [], [], []
-        for t in range(T):
-            out = self._forward_cell(cells["encoder_input_ids"][:, t], cells["encoder_attention_mask"][:, t],
-                                     cells["decoder_input_ids"][:, t], None, memory, cells["memory_reset"][:, t],
-                                     False, output_hidden_states, False, validate_inputs=False)
-            memory = out.memory
-            memories.append(memory)
-            states.append(out.last_hidden_state)
-            if output_hidden_states:
-                layer_states.append(out.hidden_states)
-        columns = (torch.arange(n, device=input_ids.device)[None] + offsets[:, None])[..., None]
-
-        def by_column(chunks: list[torch.Tensor]) -> torch.Tensor:
-            flat = torch.stack(chunks, 1).flatten(1, 2)  # [B, T·L, d]
-            return flat.gather(1, columns.expand(-1, -1, flat.shape[-1]))
-
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = tuple(by_column([s[i] for s in layer_states]) for i in range(len(layer_states[0])))
-        final = torch.stack(memories, 1)[torch.arange(b, device=input_ids.device), last_cell]
-        return MemformerModelOutput(last_hidden_state=by_column(states), hidden_states=hidden_states, memory=final,
-                                    output_mask=torch.ones(b, n, dtype=torch.bool, device=input_ids.device))
-
     def _forward_stream(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, memory_reset,
                         output_hidden_states, output_memory_states, output_memory_attentions, columns_to_keep,
                         replay_step, replay_memory):
         cfg = self.config
-        if cfg.decoder_previous_segment:
-            return self._forward_documents(input_ids, attention_mask, inputs_embeds, cache, use_cache,
-                                           output_hidden_states, output_memory_states, output_memory_attentions)
         L, d, H = cfg.segment_length, cfg.hidden_size, cfg.num_attention_heads
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` (or the cell-mode inputs).")
@@ -1440,17 +1429,39 @@ class MemformerModel(MemformerPreTrainedModel):
                 cross_kv_layers.append((torch.cat(parts_k)[inverse], torch.cat(parts_v)[inverse]))
             mparts = ([torch.stack(m_list)] if m_list else []) + ([cache.cross_mask[cont_rows]] if cont_parts else [])
             cross_mask = torch.cat(mparts)[inverse]
-            past = None
+            past = prefix_valid = None
+            if cfg.decoder_previous_segment:  # the prefix: computed for chunks after a complete segment, else cached
+                prefix_valid = torch.tensor([c.follows_segment for c in chs], dtype=torch.bool, device=device)
+                if cont_parts:
+                    prefix_valid[cont_parts] = cache.cross_mask[cont_rows, :L].all(1)
+                past = [torch.zeros(2, len(chs), H, 2 * L, cfg.head_dim, dtype=self.embed_tokens.weight.dtype,
+                                    device=device) for _ in self.decoder.layers]
+                after = [j for j, c in enumerate(chs) if c.follows_segment]
+                if after:
+                    index = torch.tensor(after, dtype=torch.long, device=device)
+                    segments = [next(src for row, src in plan.encodes[chs[j].enc] if row == chs[j].row) for j in after]
+                    seg_src, _ = pad_sources(segments, L)
+                    prefix_kv = self.previous_segment_kv(
+                        embed(rows[index], seg_src), [(k[index], v[index]) for k, v in cross_kv_layers],
+                        cross_mask[index])
+                    for buffers, (pk, pv) in zip(past, prefix_kv):
+                        buffers[0, index, :, :L] = pk.to(buffers.dtype)
+                        buffers[1, index, :, :L] = pv.to(buffers.dtype)
+                past = [(buffers[0], buffers[1]) for buffers in past]
             if cont_parts:
                 cont_index = torch.zeros(len(chs), dtype=torch.bool, device=device)
                 cont_index[cont_parts] = True
-                past = []
-                for lay in cache.layers:
-                    pk = torch.zeros(len(chs), H, L, cfg.head_dim, dtype=lay.keys.dtype, device=device)
-                    pv = torch.zeros_like(pk)
-                    pk[cont_index] = lay.keys[cont_rows]
-                    pv[cont_index] = lay.values[cont_rows]
-                    past.append((pk, pv))
+                new_past = []
+                for i, lay in enumerate(cache.layers):
+                    if past is None:
+                        pk = torch.zeros(len(chs), H, L, cfg.head_dim, dtype=lay.keys.dtype, device=device)
+                        pv = torch.zeros_like(pk)
+                    else:
+                        pk, pv = past[i]
+                    pk[cont_index] = lay.keys[cont_rows].to(pk.dtype)
+                    pv[cont_index] = lay.values[cont_rows].to(pv.dtype)
+                    new_past.append((pk, pv))
+                past = new_past
             # chunk outputs are scattered to their input columns
             flat_chunk, flat_pos, flat_row, flat_col = [], [], [], []
             for j, c in enumerate(chs):
@@ -1477,7 +1488,7 @@ class MemformerModel(MemformerPreTrainedModel):
 
             dec_hidden, self_kv, cross_kv, layer_states = self.decode_chunks(
                 embed(rows, src), starts, lengths, cross_kv_layers, cross_mask, past, output_hidden_states,
-                relayout=through_columns)
+                relayout=through_columns, prefix_valid=prefix_valid)
             hidden_out = scatter(dec_hidden)
             output_mask = torch.zeros(b, n, dtype=torch.bool, device=device).index_put((fr, fcol),
                                                                                       torch.ones_like(fr, dtype=torch.bool))
@@ -1583,10 +1594,6 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
         columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
         `cache.get_seq_length()`, so passing only the new ids (or `inputs_embeds`) is refused with a `ValueError`."""
-        if self.config.decoder_previous_segment:
-            raise ValueError("generate() does not support decoder_previous_segment=True yet: the cache does not carry "
-                             "the previous segment's tokens (the option runs in cell mode: MemformerTrainer training "
-                             "and evaluation).")
         if getattr(kwargs.get("generation_config"), "is_assistant", False):
             raise ValueError("MemformerForCausalLM cannot be an `assistant_model`: assisted decoding rolls the "
                              "assistant's cache back to the accepted tokens, and Memformer's memory writes cannot be "

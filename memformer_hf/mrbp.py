@@ -93,9 +93,6 @@ def memory_replay_backward(
     Returns:
         (loss, cache): the detached loss (as `model(...).loss` would report it) and the new carried cache.
     """
-    if getattr(_unwrap(model).config, "decoder_previous_segment", False):
-        raise ValueError("memory_replay_backward does not support decoder_previous_segment=True yet (it continues a "
-                         "MemformerCache); train with MemformerTrainer or cells_backward on packed cells.")
     if _dropout_active(model):
         raise ValueError("memory_replay_backward cannot replay dropout masks across a stream-mode forward; use "
                          "`cells_backward` (per-cell RNG replay, what MemformerTrainer runs) or set dropout to 0.")

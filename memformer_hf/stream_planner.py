@@ -20,13 +20,15 @@ from .configuration_memformer import MemformerConfig
 class Chunk:
     """A run of decoder positions of one row: `enc` is the encode step whose output it cross-attends to (None:
     the cached cross context), `start` its first position, `src` the input token sources, `cols` the output column
-    of each position (None: discarded)."""
+    of each position (None: discarded). `follows_segment`: the chunk starts the segment after a complete one (encode
+    step `enc`), whose prefix a `decoder_previous_segment` decoder reads."""
 
     row: int
     enc: int | None
     start: int
     src: list[int]
     cols: list[int | None]
+    follows_segment: bool = False
 
 
 @dataclass
@@ -44,8 +46,11 @@ def plan_stream(config: MemformerConfig, ids_cpu: torch.Tensor | None, mask_cpu:
                  fill: list[int], n_cols: int) -> StreamPlan:
     """Walk each row's new tokens through its segment grid.
 
-    Token sources index a per-row source row laid out as [cached partial segment (L) | new columns (n) | BOS]."""
+    Token sources index a per-row source row laid out as [cached partial segment (L) | new columns (n) | BOS]. A
+    segment's first decoder input is BOS, or with `decoder_previous_segment` the token that completed the segment
+    before (BOS only at a document's start)."""
     L, bos_src = config.segment_length, config.segment_length + n_cols
+    previous_segment = getattr(config, "decoder_previous_segment", False)
     bos_mode = config.first_segment_context == "bos"
     encodes: list[list[tuple[int, list[int]]]] = []
     chunks: list[Chunk] = []
@@ -89,7 +94,7 @@ def plan_stream(config: MemformerConfig, ids_cpu: torch.Tensor | None, mask_cpu:
                     chunks.append(current)
                 k = add_encode(segment)
                 segment = []
-                current = Chunk(r, k, 0, [bos_src], [c])
+                current = Chunk(r, k, 0, [L + c if previous_segment else bos_src], [c], follows_segment=True)
         if current.src:
             chunks.append(current)
         final_fill.append(len(segment))

@@ -700,23 +700,20 @@ def test_model_card_states_the_memory_effect_plainly():
     assert "not measured" in cli_report.memory_effect(float("nan"), 148.2)
 
 
-def test_decoder_previous_segment_trains_and_evaluates_but_does_not_generate(trained, tmp_path, capsys, monkeypatch):
-    """`decoder_previous_segment` runs in cell mode only: `train` refuses the after-training sample before any work,
-    `generate` refuses such a model in one line, and `eval` evaluates it (cell mode)."""
+def test_a_decoder_previous_segment_model_generates_and_evaluates(trained, tmp_path, capsys, monkeypatch):
+    """A model folder whose config sets `decoder_previous_segment` generates (with a saved state, continued) and
+    evaluates through the command line, and its perplexity differs from the same weights without the option."""
     out, _ = trained
     monkeypatch.chdir(out.parent)
-    assert cli.main(["train", "--output_dir", str(tmp_path / "run"), "--config_overrides",
-                     "decoder_previous_segment=true", "--max_steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--sample_max_new_tokens 0" in err, err
-    assert not (tmp_path / "run").exists()
     xl = tmp_path / "xl"
     shutil.copytree(out, xl)
     config = json.loads((xl / "config.json").read_text())
     (xl / "config.json").write_text(json.dumps({**config, "decoder_previous_segment": True}))
-    assert cli.main(["generate", "--model", str(xl), "--prompt", "KING"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "decoder_previous_segment=True" in err, err
+    state = str(tmp_path / "memory.safetensors")
+    for prompt in ("KING\nThe", " QUEEN"):
+        assert cli.main(["generate", "--model", str(xl), "--prompt", prompt, "--max_new_tokens", "40", "--state",
+                         state, "--do_sample", "false"]) == 0
+        assert capsys.readouterr().out.startswith(prompt)
     assert cli.main(["eval", "--model", str(xl), "--test_file", "test.jsonl", "--max_eval_tokens", "256",
                      "--output_json", str(tmp_path / "eval.json")]) == 0
     xl_ppl = json.loads((tmp_path / "eval.json").read_text())["test_ppl"]

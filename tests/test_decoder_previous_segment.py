@@ -7,8 +7,8 @@ the previous segment and its own.
   from the second cell on, so the previous segment is really read;
 * the packers build the true-stream decoder inputs, and a stream layout without them is refused;
 * MRBP equals full back-propagation through the window with the option, and the trainer trains with it;
-* the stream forward over whole documents (no cache) equals the cells; the paths that do not carry the previous
-  segment yet (the cache, generate, padding, embeddings) refuse it by name.
+* every stream path (aligned, general planner, token-by-token decoding, chunks through the cache, padded batches,
+  embeddings, generate(), saved states, memory_replay_backward) computes what the cells compute.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from test_warm_start import BOS, PAD, L, ids_with_bos, perturb, tiny_llama, warm
 
 from memformer_hf import MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells
+from memformer_hf.modeling_memformer import CACHE_KWARG
 from memformer_hf.mrbp import cells_backward
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 
@@ -171,51 +172,126 @@ def test_the_trainer_trains_with_the_option_and_refuses_a_layout_without_it(tmp_
         MemformerTrainer(model=model, args=args, train_dataset=stale)
 
 
-def test_the_stream_forward_equals_the_cells():
-    """`model(input_ids)` (whole documents, no cache) computes what the cells compute: with a leading BOS and with an
-    implicit boot, batched with rows of both kinds, with labels, and at the warm start equal to the backbone."""
-    llama = tiny_llama()
-    model = warm(llama, decoder_previous_segment=True)
-    doc = ids_with_bos(3 * L + 5, batch=1, seed=8)[0, 1:].tolist()
+def stream_logits(model, ids: torch.Tensor, splits: list[int] | None = None, **kwargs) -> torch.Tensor:
+    """Logits of `ids` fed through the cache in the calls `splits` (column boundaries; None: one call)."""
+    bounds = [0, *(splits or []), ids.shape[1]]
+    cache, out = None, []
     with torch.no_grad():
-        torch.testing.assert_close(model(torch.tensor([[BOS] + doc])).logits[0, :-1], llama_windows(llama, doc),
-                                   rtol=0, atol=1e-11)
+        for a, b in zip(bounds, bounds[1:]):
+            result = model(ids[:, a:b], **{CACHE_KWARG: cache}, **kwargs)
+            cache = result[CACHE_KWARG]
+            out.append(result.logits)
+    return torch.cat(out, 1)
+
+
+def perturbed(model):
+    """The new zero-initialised weights perturbed, so that the memory and the cross-attention reach the output."""
     for i, layer in enumerate(model.model.decoder.layers):
         perturb(layer.cross_attn.o_proj, seed=i)
     for i, layer in enumerate(model.model.encoder.layers):
         perturb(layer.memory_read.o_proj, seed=100 + i)
+    return model
+
+
+def test_every_stream_path_equals_the_cells():
+    """The stream paths compute what the cells compute (the previous segment's prefix kept in the cache): the
+    aligned path, the general planner, token-by-token decoding, irregular chunks through the cache, an implicit
+    boot, labels, and at the warm start the backbone."""
+    llama = tiny_llama()
+    model = warm(llama, decoder_previous_segment=True)
+    doc = ids_with_bos(3 * L + 5, batch=1, seed=8)[0, 1:].tolist()
+    ids = torch.tensor([[BOS] + doc])
+    torch.testing.assert_close(stream_logits(model, ids)[0, :-1], llama_windows(llama, doc), rtol=0, atol=1e-11)
+    perturbed(model)
     ref = cell_logits(model, doc)  # ref[i] predicts doc[i]
+    for splits in (None, list(range(1, ids.shape[1])), [5, 13, 14, 30], [L, 2 * L + 1]):
+        torch.testing.assert_close(stream_logits(model, ids, splits)[0, :-1], ref, rtol=0, atol=1e-12,
+                                   msg=str(splits))
+    model.model.use_fast_paths = False  # the general planner for every call
+    torch.testing.assert_close(stream_logits(model, ids)[0, :-1], ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stream_logits(model, ids, [3, L + 2])[0, :-1], ref, rtol=0, atol=1e-12)
+    model.model.use_fast_paths = True
     with torch.no_grad():
-        with_bos = model(torch.tensor([[BOS] + doc]))
-        implicit = model(torch.tensor([doc]))
-        torch.testing.assert_close(with_bos.logits[0, :-1], ref, rtol=0, atol=1e-12)
-        torch.testing.assert_close(implicit.logits[0, :-1], ref[1:], rtol=0, atol=1e-12)
-        torch.testing.assert_close(implicit.logits[0], with_bos.logits[0, 1:], rtol=0, atol=1e-12)
-        rows = torch.tensor([[BOS] + doc[:-1], doc])  # one row of each kind, the same length
-        both = model(rows)
-        for r in range(2):
-            torch.testing.assert_close(both.logits[r], model(rows[r: r + 1]).logits[0], rtol=0, atol=1e-12)
-            torch.testing.assert_close(both.memory[r], model(rows[r: r + 1]).memory[0], rtol=0, atol=1e-12)
-        ids = torch.tensor([[BOS] + doc])
+        torch.testing.assert_close(model(torch.tensor([doc])).logits[0, :-1], ref[1:], rtol=0, atol=1e-12)
+        embeds = model.get_input_embeddings()(torch.tensor([doc]))
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits[0, :-1], ref[1:], rtol=0, atol=1e-12)
         loss = model(ids, labels=ids).loss
-        expected = torch.nn.functional.cross_entropy(with_bos.logits[0, :-1], ids[0, 1:])
-        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-        states = model(ids, output_hidden_states=True).hidden_states
-        assert len(states) == len(model.model.decoder.layers) + 1
-        torch.testing.assert_close(model.lm_head(states[-1]), with_bos.logits, rtol=0, atol=1e-12)
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ref, ids[0, 1:]), rtol=1e-12, atol=0)
 
 
-def test_paths_without_the_previous_segment_refuse_the_option():
-    model = tiny_model().eval()
-    ids = torch.randint(2, 61, (1, 2 * L))
-    for kwargs in (dict(use_cache=True), dict(attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0)),
-                   dict(output_memory_states=True)):
-        with pytest.raises(ValueError, match="decoder_previous_segment"):
-            model(ids, **kwargs)
-    with pytest.raises(ValueError, match="decoder_previous_segment"):
-        model(inputs_embeds=model.get_input_embeddings()(ids))
-    with pytest.raises(ValueError, match="decoder_previous_segment"):
-        model.generate(ids, max_new_tokens=2)
+def test_padded_batches_generation_and_saved_states(tmp_path):
+    """Left-padded rows of different lengths equal each row alone; greedy generate() continues as the full
+    forward predicts; a state saved mid-segment and loaded again continues exactly."""
+    model = perturbed(warm(tiny_llama(), decoder_previous_segment=True))
+    a = ids_with_bos(2 * L + 3, batch=1, seed=11)
+    b = ids_with_bos(L - 2, batch=1, seed=12)
+    batch = torch.full((2, a.shape[1]), PAD)
+    batch[0] = a[0]
+    batch[1, -b.shape[1]:] = b[0]
+    mask = (torch.arange(a.shape[1]) >= a.shape[1] - b.shape[1]).long().expand(2, -1).clone()
+    mask[0] = 1
+    with torch.no_grad():
+        both = model(batch, attention_mask=mask).logits
+        torch.testing.assert_close(both[0], model(a).logits[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(both[1, -b.shape[1]:], model(b).logits[0], rtol=0, atol=1e-12)
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=L + 3, do_sample=False)
+        for r, prompt in enumerate((a, b)):
+            sequence = torch.cat([prompt[0], out[r, batch.shape[1]:]])[None]
+            predicted = model(sequence).logits[0, prompt.shape[1] - 1: -1].argmax(-1)
+            assert torch.equal(predicted, out[r, batch.shape[1]:]), r
+    ids = ids_with_bos(3 * L, batch=1, seed=13)
+    whole = stream_logits(model, ids)
+    cut = L + 3
+    with torch.no_grad():
+        first = model(ids[:, :cut])
+        path = str(tmp_path / "state.safetensors")
+        first[CACHE_KWARG].save_state(path)
+        loaded = type(first[CACHE_KWARG]).load_state(path, model.config)
+        rest = model(ids[:, cut:], **{CACHE_KWARG: loaded}).logits
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1), whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(position_embedding_type="simplified_rpe"), dict(cross_attention_rope=True),
+                                     dict(decoder_reads_memory=True), dict(first_segment_context="empty")])
+def test_stream_paths_equal_the_cells_with_other_options(options):
+    model = tiny_model(**options).eval()
+    doc = torch.randint(2, 61, (3 * L + 2,), generator=torch.Generator().manual_seed(3)).tolist()
+    boot = [BOS] if options.get("first_segment_context") != "empty" else []
+    ids = torch.tensor([boot + doc]) if boot else torch.tensor([doc])
+    cells = document_cells(doc, L, BOS, PAD, boot="empty" if not boot else "bos", decoder_previous_segment=True)
+    memory, ref = None, []
+    with torch.no_grad():
+        for t in range(cells["encoder_input_ids"].shape[0]):
+            result = model(**{k: v[t: t + 1] for k, v in cells.items() if k != "shift_labels"}, memory=memory)
+            memory = result.memory
+            ref.append(result.logits[0, : min(L, len(doc) - t * L)])
+    ref = torch.cat(ref)
+    offset = 0 if boot else 1  # without a BOS column, column j predicts doc[j + 1]
+    for splits in (None, [2, L + 1], list(range(1, ids.shape[1]))):
+        got = stream_logits(model, ids, splits)[0]
+        torch.testing.assert_close(got[: len(doc) - offset] if boot else got[:-1], ref[offset:], rtol=0, atol=1e-12,
+                                   msg=str(splits))
+
+
+def test_memory_replay_backward_equals_bptt_with_the_option():
+    from memformer_hf.mrbp import memory_replay_backward
+
+    model = tiny_model()
+    ids = torch.randint(2, 61, (2, 4 * L + 3), generator=torch.Generator().manual_seed(5))
+    ids[:, 0] = BOS
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mrbp_loss, _ = memory_replay_backward(model, ids, labels=ids)
+    assert math.isclose(float(mrbp_loss), float(loss.detach()), rel_tol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_the_config_option_round_trips_and_is_validated():
+    model = tiny_model()
     assert MemformerConfig.from_dict(model.config.to_dict()).decoder_previous_segment is True
     with pytest.raises(ValueError, match="decoder_previous_segment"):
         MemformerConfig(decoder_previous_segment="yes")

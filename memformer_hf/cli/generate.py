@@ -4,7 +4,6 @@ goes to stderr)."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -60,14 +59,6 @@ def _generate(gen: GenerateArguments, state_tmp: Path | None) -> int:
     from ..cache_memformer import MemformerCache
     from ..modeling_memformer import CACHE_KWARG
 
-    try:  # before the weights load: a folder whose config cannot be read fails there, with its own message
-        previous_segment = json.loads((Path(gen.model).expanduser() / "config.json").read_text()).get(
-            "decoder_previous_segment", False)
-    except (OSError, ValueError, AttributeError):
-        previous_segment = False
-    if previous_segment:
-        raise CliError(f"--model {gen.model}: its config sets decoder_previous_segment=True, which generate() does "
-                       "not support yet (such a model trains and evaluates, but the cache does not carry the previous segment)")
     model, tokenizer = corpus_io.load_model_folder(gen.model, gen.use_cpu)
     set_seed(gen.seed)
     kwargs = {k: getattr(gen, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",

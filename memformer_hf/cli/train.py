@@ -40,7 +40,6 @@ from .arguments import (
     check_output_path,
     check_positive,
     check_training_args,
-    config_overrides,
     flag_given,
     one_line,
     parse,
@@ -260,11 +259,6 @@ def cmd_train(argv: list[str]) -> int:
         except Exception as e:  # noqa: BLE001
             raise CliError(f"cannot load a Memformer config from {model_args.model_name_or_path}: "
                            f"{one_line(e)}") from None
-    previous_segment = config_overrides(model_args).get(
-        "decoder_previous_segment", getattr(pretrained_config, "decoder_previous_segment", False))
-    if previous_segment and report.sample_max_new_tokens:
-        raise CliError("decoder_previous_segment=True trains and evaluates but cannot generate yet, so the sample "
-                       "after training would fail: pass --sample_max_new_tokens 0")
     tokenizer, tokenizer_description = _tokenizer(model_args, data, corpus)
 
     # ---- model

@@ -131,10 +131,10 @@ class MemformerConfig(PretrainedConfig):
             L - 1 tokens] at positions -L..-1 followed by its own inputs, the first of which is that segment's last
             token (not BOS); only the own positions are scored. Each token thus sees L to 2L - 1 earlier tokens
             directly, and a warm start equals the backbone over such windows (docs/design.md#decoder-previous-
-            segment). The memory then has to carry what lies beyond the previous segment. Training and evaluation
-            (cell mode: `MemformerTrainer`, the stream packers with the matching layout) and the stream forward over
-            whole documents without a cache, for now: the cache, `generate()` and padded inputs refuse it. No
-            parameter is added.
+            segment). The memory then has to carry what lies beyond the previous segment. Every path supports it (the
+            cells of `MemformerTrainer` with the packers' matching layout, the stream forward, the cache, which keeps
+            the prefix's K/V in front of the segment's own: 2L self positions, and `generate()`). No parameter is
+            added.
     """
 
     model_type = "memformer"

@@ -204,18 +204,33 @@ def stream_cells(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def _validate_window(model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None) -> None:
-    """Check a whole window's token ids and the carried memory with one host sync (the cells then skip their own
-    per-call checks, which would each stop the host until the GPU catches up)."""
-    vocab = _unwrap(model).config.vocab_size
+    """Check a whole window's token ids, the carried memory and, with `decoder_previous_segment`, the decoder layout
+    (as `MemformerModel._decode_over_previous_segment` checks one cell) with one host sync (the cells then skip their
+    own per-call checks, which would each stop the host until the GPU catches up)."""
+    config = _unwrap(model).config
+    vocab = config.vocab_size
     ids = [cells["encoder_input_ids"]] + ([cells["decoder_input_ids"]] if "decoder_input_ids" in cells else [])
     low = torch.stack([t.min() for t in ids]).min()
     high = torch.stack([t.max() for t in ids]).max()
     finite = torch.isfinite(memory).all() if memory is not None else torch.ones((), dtype=torch.bool, device=low.device)
-    low, high, finite = torch.stack([low, high, finite.long().to(low.device)]).tolist()
+    broken = torch.zeros((), dtype=torch.long, device=low.device)
+    enc = cells["encoder_input_ids"]
+    if (getattr(config, "decoder_previous_segment", False) and "decoder_input_ids" in cells
+            and enc.shape[-1] == config.segment_length and cells["decoder_input_ids"].shape[-1]):
+        # a cell whose encoder input is a complete segment continues it: its first decoder input is that segment's last
+        enc_mask = cells.get("encoder_attention_mask")
+        continues = torch.ones_like(enc[..., 0], dtype=torch.bool) if enc_mask is None else enc_mask.bool().all(-1)
+        broken = (continues & (cells["decoder_input_ids"][..., 0] != enc[..., -1])).sum().to(low.device)
+    low, high, finite, broken = torch.stack([low, high, finite.long().to(low.device), broken]).tolist()
     if low < 0 or high >= vocab:
         raise ValueError(f"The window's token ids are outside [0, vocab_size={vocab}): min {low}, max {high}.")
     if not finite:
         raise ValueError("The carried memory contains NaN or inf values.")
+    if broken:
+        raise ValueError(f"decoder_previous_segment: {broken} cells of the window have a complete segment as encoder "
+                         "input, so the decoder continues it and their first decoder input must be that segment's "
+                         "last token (encoder_input_ids[..., -1]), not BOS; build the cells with "
+                         "decoder_previous_segment=True (StreamBatches, document_cells, ...).")
 
 
 def cell_batch(cells: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:

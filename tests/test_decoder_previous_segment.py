@@ -156,6 +156,18 @@ def test_mrbp_equals_bptt_with_the_option(position_embedding_type):
     assert grads["mrbp"][2]["model.writer.q_proj.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["mrbp", "bptt", "truncated"])
+def test_cells_backward_refuses_a_window_without_the_true_stream(mode):
+    """`cells_backward` runs its cells without per-cell checks (`validate_inputs=False`): the window check refuses
+    BOS-first cells (it trained on them silently)."""
+    model = tiny_model()
+    docs = [torch.randint(2, 61, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3 * L + 3, 2 * L)]
+    stale = StreamBatches(docs, segment_length=L, window=3, batch_size=2, bos_token_id=BOS, pad_token_id=PAD)[0]
+    cells = {k: v for k, v in stale.items() if k not in ("stream_ids", "window_index")}
+    with pytest.raises(ValueError, match="decoder_previous_segment: 3 cells .* last token"):
+        cells_backward(model, cells, None, mode=mode)
+    assert all(p.grad is None for p in model.parameters())
+
 def test_the_trainer_trains_with_the_option_and_refuses_a_layout_without_it(tmp_path):
     model = tiny_model().float()
     docs = [torch.randint(2, 61, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5 * L, 3 * L)]

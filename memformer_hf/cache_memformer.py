@@ -279,13 +279,20 @@ class MemformerCache(Cache):
             self.check_finite()
 
     def set_state(self, *, memory, cross_mask, segment_ids, fill, started, self_kv, cross_kv) -> None:
-        """Store a complete new state from outside the model (e.g. a custom decoder); checked on its next use."""
-        self.memory, self.cross_mask, self.segment_ids, self.fill, self.started = (
-            memory, cross_mask, segment_ids, fill, started)
+        """Store a complete new state from outside the model (e.g. a custom decoder): it replaces every field,
+        including the host copy of (started, fill) that the decode step reads. Refuses, as `load_state` does, a state
+        whose shapes, dtypes or values do not fit the config (`ValueError` naming the field; the self K/V hold 2L
+        positions with `decoder_previous_segment`)."""
+        self_kv, cross_kv = list(self_kv), list(cross_kv)
+        n = len(self.layers)
+        if len(self_kv) != n or len(cross_kv) != n:
+            raise ValueError(f"set_state: `self_kv` and `cross_kv` need one (K, V) pair per decoder layer ({n}), got "
+                             f"{len(self_kv)} and {len(cross_kv)}.")
+        tensors = [memory, cross_mask, segment_ids, fill, started] + [
+            t for (k, v), (ck, cv) in zip(self_kv, cross_kv) for t in (k, v, ck, cv)]
+        self._validate_state(dict(zip(self._names(n), tensors)), self.config, "set_state")
+        self._set_all_tensors(tensors)  # (drops the host copy of started/fill and the in-place ownership)
         self.segment_embeds = None
-        for layer, (k, v), (ck, cv) in zip(self.layers, self_kv, cross_kv):
-            layer.set_tensors([k, v, ck, cv])
-        self._trusted = None
 
     def host_state(self) -> tuple[list[bool], list[int]]:
         """(started, fill) per row as Python lists, without a device sync when the last write supplied them."""

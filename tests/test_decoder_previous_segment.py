@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_warm_start import BOS, PAD, L, ids_with_bos, perturb, tiny_llama, warm
 
-from memformer_hf import MemformerConfig, MemformerForCausalLM
+from memformer_hf import MemformerCache, MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells
 from memformer_hf.modeling_memformer import CACHE_KWARG
 from memformer_hf.mrbp import cells_backward
@@ -261,6 +261,31 @@ def test_padded_batches_generation_and_saved_states(tmp_path):
         loaded = type(first[CACHE_KWARG]).load_state(path, model.config)
         rest = model(ids[:, cut:], **{CACHE_KWARG: loaded}).logits
     torch.testing.assert_close(torch.cat([first.logits, rest], 1), whole, rtol=0, atol=1e-12)
+
+
+def test_set_state_replaces_the_whole_state_and_checks_the_layout():
+    """`set_state` into a cache that decoded before continues exactly (the host copy of the old fill does not
+    survive, and the tensors handed in are not written in place), and a self K/V of L positions (the layout without
+    the option) is refused by name instead of failing inside the decode step."""
+    model = perturbed(tiny_model()).eval()  # (the decode step runs in eval mode only)
+    ids = torch.randint(2, 61, (1, 3 * L), generator=torch.Generator().manual_seed(9))
+    ids[:, 0] = BOS
+    with torch.no_grad():
+        whole = model(ids).logits
+        source = model(ids[:, :L])[CACHE_KWARG]  # fill L - 1: the next token completes the segment
+        state = dict(memory=source.memory, cross_mask=source.cross_mask, segment_ids=source.segment_ids,
+                     fill=source.fill, started=source.started, self_kv=[(lay.keys, lay.values) for lay in source.layers],
+                     cross_kv=[(lay.cross_keys, lay.cross_values) for lay in source.layers])
+        before = [t.clone() for t in source._all_tensors()]
+        cache = model(ids[:, :2])[CACHE_KWARG]
+        model(ids[:, 2:3], **{CACHE_KWARG: cache})  # a decode step: fill 2 in the host copy, tensors owned in place
+        cache.set_state(**state)
+        out = [model(ids[:, j: j + 1], **{CACHE_KWARG: cache}).logits for j in range(L, L + 3)]
+    torch.testing.assert_close(torch.cat(out, 1), whole[:, L: L + 3], rtol=0, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(source._all_tensors(), before))
+    old_layout = {**state, "self_kv": [(k[:, :, L:], v[:, :, L:]) for k, v in state["self_kv"]]}
+    with pytest.raises(ValueError, match=r"set_state: `layers.0.keys` must be a float tensor of shape \(1, 2, 16, 8\)"):
+        MemformerCache(model.config).set_state(**old_layout)
 
 
 @pytest.mark.parametrize("options", [dict(position_embedding_type="simplified_rpe"), dict(cross_attention_rope=True),

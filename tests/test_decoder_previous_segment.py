@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from test_warm_start import BOS, PAD, L, ids_with_bos, perturb, tiny_llama, warm
+from test_warm_start import BOS, PAD, L, assert_mrbp_matches_bptt, ids_with_bos, perturb, tiny_llama, warm
 
 from memformer_hf import MemformerCache, MemformerConfig, MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches, document_cells
@@ -311,20 +311,9 @@ def test_stream_paths_equal_the_cells_with_other_options(options):
 
 
 def test_memory_replay_backward_equals_bptt_with_the_option():
-    from memformer_hf.mrbp import memory_replay_backward
-
-    model = tiny_model()
     ids = torch.randint(2, 61, (2, 4 * L + 3), generator=torch.Generator().manual_seed(5))
     ids[:, 0] = BOS
-    model.zero_grad()
-    loss = model(ids, labels=ids).loss
-    loss.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    mrbp_loss, _ = memory_replay_backward(model, ids, labels=ids)
-    assert math.isclose(float(mrbp_loss), float(loss.detach()), rel_tol=1e-12)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_mrbp_matches_bptt(tiny_model(), ids)
 
 
 def test_the_config_option_round_trips_and_is_validated():

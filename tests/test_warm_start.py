@@ -407,7 +407,13 @@ def test_llama_style_mrbp_step_matches_bptt():
         perturb(layer.cross_attn.o_proj, seed=i)
     for i, layer in enumerate(model.model.encoder.layers):
         perturb(layer.memory_read.o_proj, seed=50 + i)
-    ids = ids_with_bos(4 * L + 1, seed=6)
+    assert_mrbp_matches_bptt(model, ids_with_bos(4 * L + 1, seed=6))
+    assert model.model.writer.q_proj.weight.grad.any()  # gradient reached the writer through memory
+
+
+def assert_mrbp_matches_bptt(model, ids: torch.Tensor) -> None:
+    """`memory_replay_backward` gives the loss and the (finite) gradients of `model(ids, labels=ids).loss.backward()`
+    (float64); the MRBP gradients are left in `.grad`."""
     model.zero_grad()
     loss = model(ids, labels=ids).loss
     loss.backward()
@@ -418,7 +424,6 @@ def test_llama_style_mrbp_step_matches_bptt():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
-    assert model.model.writer.q_proj.weight.grad.any()  # gradient reached the writer through memory
 
 
 def test_readme_warm_start_snippet_runs():

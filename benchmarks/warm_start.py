@@ -46,7 +46,9 @@ on one H200 (bf16, whole model trained with --lr_backbone 3e-5): load + dequanti
 the speed probe 10 s, control fine-tuning + its evaluation 56-73 s, per variant: the init check 18-27 s (first variant
 only), training 60k tokens/s at L=128 and 72-77k at L=256/512, evaluation (carried + reset) + writer analysis
 17-45 s; with the third pass that now runs (another document's memory, `eval_foreign_memory`) 45 s on the first 35
-test documents at L=128 (the whole set with three passes was not timed; expect ~1.5x the two-pass time). Three variants of ~90 s training each with the control: 9 minutes (results/quality.md has the commands).
+test documents at L=128 (the whole set with three passes: 73-94 s with `decoder_previous_segment`, whose training
+runs at 36k tokens/s at L=128, 31k with a 12-layer encoder). Two variants fit one call side by side on an
+`nvidia-h200-x2` machine (`CUDA_VISIBLE_DEVICES=0` / `1`, one process each, ~5.5 minutes for a pair). Three variants of ~90 s training each with the control: 9 minutes (results/quality.md has the commands).
 The machine's start and the two GGUF calls cost 1-3 minutes of device time on top.
 """
 

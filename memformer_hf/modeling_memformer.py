@@ -671,6 +671,13 @@ class MemformerModel(MemformerPreTrainedModel):
         return DecoderPlan(cos_sin, rel_index, self_mask[:, None], cross_mask[:, None, None, :],
                            pos + L if prefix else pos)
 
+    def previous_segment_inputs(self, segments: torch.Tensor) -> torch.Tensor:
+        """The decoder inputs [N, L, d] that a `decoder_previous_segment` decoder reads at positions -L..-1 before
+        the segment after each of `segments` [N, L, d] (input embeddings): [BOS, segment[:-1]]; the segment's last
+        token is the next segment's first own input (docs/design.md#decoder-previous-segment)."""
+        bos = self.embed_tokens(torch.full((segments.shape[0], 1), self.config.bos_token_id, device=segments.device))
+        return torch.cat([bos.to(segments.dtype), segments[:, :-1]], 1)
+
     def previous_segment_kv(self, segments: torch.Tensor, cross_states, cross_mask: torch.Tensor | None
                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The `decoder_previous_segment` prefix of the segment after each of `segments` [N, L, d] (the input
@@ -680,8 +687,7 @@ class MemformerModel(MemformerPreTrainedModel):
         (docs/design.md#decoder-previous-segment)."""
         L = self.config.segment_length
         n = segments.shape[0]
-        bos = self.embed_tokens(torch.full((n, 1), self.config.bos_token_id, device=segments.device))
-        prefix = torch.cat([bos.to(segments.dtype), segments[:, :L - 1]], 1)
+        prefix = self.previous_segment_inputs(segments)
         positions = torch.arange(-L, 0, device=segments.device).expand(n, -1)
         cos_sin, rel_index = self._positions(positions, positions, self.embed_tokens.weight.dtype)
         plan = DecoderPlan(cos_sin, rel_index, None, None if cross_mask is None else cross_mask[:, None, None, :],
@@ -1220,10 +1226,10 @@ class MemformerModel(MemformerPreTrainedModel):
         b, q = dec_ids.shape
         if enc_ids.shape[1] == L:
             continues = enc_mask.all(1)
-            prefix = torch.cat([enc_ids.new_full((b, 1), self.config.bos_token_id), enc_ids[:, :L - 1]], 1)
-        else:  # a shorter encoder input is never a complete previous segment
+            prefix = self.previous_segment_inputs(self.embed_tokens(enc_ids))
+        else:  # a shorter encoder input is never a complete previous segment (the prefix is masked: any values)
             continues = torch.zeros(b, dtype=torch.bool, device=dec_ids.device)
-            prefix = dec_ids.new_full((b, L), self.config.bos_token_id)
+            prefix = self.embed_tokens(dec_ids.new_full((b, L), self.config.bos_token_id))
         if validate_inputs and enc_ids.shape[1] == L and q:
             broken = continues & (dec_ids[:, 0] != enc_ids[:, L - 1])
             if bool(broken.any()):
@@ -1234,7 +1240,7 @@ class MemformerModel(MemformerPreTrainedModel):
                     "(encoder_input_ids[:, -1]), not BOS; build the cells with decoder_previous_segment=True "
                     "(StreamBatches, document_cells, ...).")
         plan = self.previous_segment_plan(continues, q, context_mask, self.embed_tokens.weight.dtype)
-        window = self.embed_tokens(torch.cat([prefix.to(dec_ids.dtype), dec_ids], 1))
+        window = torch.cat([prefix, self.embed_tokens(dec_ids)], 1)
         hidden, _, _, all_hidden = self.decode_chunks(window, None, None, context, None,
                                                       output_hidden_states=output_hidden_states, plan=plan)
         if all_hidden is not None:

@@ -560,17 +560,15 @@ def probe_tokens_per_s(v, backbone, train, device, work: str, steps: int = 8) ->
     return v.batch * v.window * v.segment_length / per_step
 
 
-def init_reference_context(v) -> int:
-    """The backbone's window that variant `v` computes at initialisation: its segment (L), or with
-    `decoder_previous_segment` the previous segment and its own (2L, advancing by L)."""
-    return 2 * v.segment_length if v.decoder_previous_segment else v.segment_length
-
-
-def init_reference(v) -> str:
+def init_reference(v) -> tuple[str, int, str]:
+    """The backbone run that variant `v` computes at initialisation, as (its row name, its window, a short name):
+    its segment (windows of L), or with `decoder_previous_segment` the previous segment and its own (windows of 2L
+    advancing by L)."""
     L = v.segment_length
     if v.decoder_previous_segment:
-        return f"backbone, with the previous segment (windows of 2L={2 * L}, stride L)"
-    return f"backbone, segment-local (windows of L={L})"
+        return (f"backbone, with the previous segment (windows of 2L={2 * L}, stride L)", 2 * L,
+                "backbone with the previous segment")
+    return f"backbone, segment-local (windows of L={L})", L, "segment-local backbone"
 
 
 def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report: dict, out_dir: Path, work: str,
@@ -594,9 +592,9 @@ def run_variant(name: str, v, backbone, train, docs, device, rows: dict, report:
     if check_init:
         trainer.args.eval_no_memory = False
         init = ppl_row(trainer.evaluation_sums(docs)[""])
-        what = "backbone with the previous segment" if v.decoder_previous_segment else "segment-local backbone"
+        reference, _, what = init_reference(v)
         rows[f"{name}: at init (= {what})"] = init
-        local = rows[init_reference(v)]
+        local = rows[reference]
         report["init_vs_segment_local_rel_diff"] = abs(init["ppl"] / local["ppl"] - 1)
         log(f"[{name}] at init: ppl {init['ppl']:.3f} vs {what} {local['ppl']:.3f} (relative "
             f"difference {report['init_vs_segment_local_rel_diff']:.2e})")
@@ -689,8 +687,7 @@ def main(argv=None) -> dict:
         rows[f"backbone, context {c} (strided, stride {c // 2})"] = ppl_row(
             backbone_sums(backbone, docs, c, max(1, c // 2), args.bos_token_id, device, args.backbone_batch_tokens))
         log(f"backbone context {c}: ppl {next(reversed(rows.values()))['ppl']:.3f}")
-    for key, (L, context) in sorted({init_reference(v): (v.segment_length, init_reference_context(v))
-                                     for _, v in variants}.items()):
+    for (key, context, _), L in sorted({init_reference(v): v.segment_length for _, v in variants}.items()):
         rows[key] = ppl_row(backbone_sums(backbone, docs, context, L, args.bos_token_id, device,
                                           args.backbone_batch_tokens))
     report["timings"]["backbone_eval"] = time.time() - tic

@@ -504,6 +504,25 @@ def _as_row_flags(value: Any, name: str) -> torch.Tensor | None:
 _GRAPH_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def previous_segment_breaks(encoder_ids: torch.Tensor, encoder_mask: torch.Tensor | None, decoder_ids: torch.Tensor,
+                            segment_length: int) -> torch.Tensor:
+    """`decoder_previous_segment` cells [..., L] whose encoder input is a complete segment (all L tokens valid) but
+    whose first decoder input is not that segment's last token: the decoder continues the segment, so those inputs
+    are not the true stream (e.g. packed without `decoder_previous_segment=True`). Returns a bool tensor [...] on
+    the device, without a host sync."""
+    if encoder_ids.shape[-1] != segment_length or decoder_ids.shape[-1] == 0:
+        return torch.zeros(encoder_ids.shape[:-1], dtype=torch.bool, device=encoder_ids.device)
+    complete = (torch.ones_like(encoder_ids[..., 0], dtype=torch.bool) if encoder_mask is None
+                else encoder_mask.bool().all(-1))
+    return complete & (decoder_ids[..., 0] != encoder_ids[..., -1])
+
+
+PREVIOUS_SEGMENT_LAYOUT_ERROR = (
+    "decoder_previous_segment: {where} a complete segment as encoder input, so the decoder continues it and the first "
+    "decoder input must be that segment's last token (encoder_input_ids[..., -1]), not BOS; build the cells with "
+    "decoder_previous_segment=True (StreamBatches, document_cells, ...).")
+
+
 def _graph_state(model: nn.Module) -> tuple[StepGraphs, dict]:
     state = _GRAPH_STATE.get(model)
     if state is None:
@@ -627,16 +646,11 @@ class MemformerModel(MemformerPreTrainedModel):
         if prefix_valid is not None:
             L = self.config.segment_length
             buffer_len = L + int(starts.max()) + q_len
-            key_pos = torch.arange(buffer_len, device=device) - L
-            self_mask = (key_pos[None, None, :] <= positions[:, :, None]) & (
-                (key_pos >= 0)[None, None, :] | prefix_valid[:, None, None])
-            cos_sin, rel_index = self._positions(positions, key_pos.expand(len(starts), -1), dtype)
-            if cross_mask is not None and bool(cross_mask.all()):
-                cross_mask = None
-            plan = DecoderPlan(cos_sin, rel_index, self_mask[:, None],
-                               None if cross_mask is None else cross_mask[:, None, None, :], positions + L)
-            return plan, buffer_len
-        if bool((starts == 0).all()) and bool((lengths == q_len).all()):
+            write_index = positions + L
+            key_pos = (torch.arange(buffer_len, device=device) - L).expand(len(starts), -1)
+            self_mask = ((key_pos[:, None, :] <= positions[:, :, None])
+                         & ((key_pos >= 0) | prefix_valid[:, None])[:, None, :])[:, None]
+        elif bool((starts == 0).all()) and bool((lengths == q_len).all()):
             buffer_len, write_index, self_mask = q_len, None, None  # plain causal: flash/SDPA-eligible
             key_pos = positions
         else:
@@ -666,10 +680,16 @@ class MemformerModel(MemformerPreTrainedModel):
         key_pos = torch.arange(-L if prefix else 0, L, device=positions.device).expand(positions.shape[0], -1)
         self_mask = key_pos[:, None, :] <= pos[:, :, None]
         if prefix:
-            self_mask = self_mask & ((key_pos >= 0) | cross_mask[:, :L].all(1, keepdim=True))[:, None, :]
+            self_mask = self_mask & ((key_pos >= 0) | self.follows_segment(cross_mask)[:, None])[:, None, :]
         cos_sin, rel_index = self._positions(pos, key_pos, dtype)
         return DecoderPlan(cos_sin, rel_index, self_mask[:, None], cross_mask[:, None, None, :],
                            pos + L if prefix else pos)
+
+    def follows_segment(self, cross_mask: torch.Tensor) -> torch.Tensor:
+        """[N] bool: the segment whose cross keys are `cross_mask` [N, L (+K)] follows a complete segment (all L
+        encoder keys valid; not a document's boot segment), so a `decoder_previous_segment` decoder reads its prefix.
+        The cells' rule (a complete encoder input) on the cache's state."""
+        return cross_mask[:, :self.config.segment_length].all(1)
 
     def previous_segment_inputs(self, segments: torch.Tensor) -> torch.Tensor:
         """The decoder inputs [N, L, d] that a `decoder_previous_segment` decoder reads at positions -L..-1 before
@@ -1230,15 +1250,11 @@ class MemformerModel(MemformerPreTrainedModel):
         else:  # a shorter encoder input is never a complete previous segment (the prefix is masked: any values)
             continues = torch.zeros(b, dtype=torch.bool, device=dec_ids.device)
             prefix = self.embed_tokens(dec_ids.new_full((b, L), self.config.bos_token_id))
-        if validate_inputs and enc_ids.shape[1] == L and q:
-            broken = continues & (dec_ids[:, 0] != enc_ids[:, L - 1])
+        if validate_inputs:
+            broken = previous_segment_breaks(enc_ids, enc_mask, dec_ids, L)
             if bool(broken.any()):
-                rows = broken.nonzero().flatten().tolist()
-                raise ValueError(
-                    f"decoder_previous_segment: in rows {rows} the encoder input is a complete segment, so the "
-                    "decoder continues it and its first input must be that segment's last token "
-                    "(encoder_input_ids[:, -1]), not BOS; build the cells with decoder_previous_segment=True "
-                    "(StreamBatches, document_cells, ...).")
+                raise ValueError(PREVIOUS_SEGMENT_LAYOUT_ERROR.format(
+                    where=f"rows {broken.nonzero().flatten().tolist()} have"))
         plan = self.previous_segment_plan(continues, q, context_mask, self.embed_tokens.weight.dtype)
         window = torch.cat([prefix, self.embed_tokens(dec_ids)], 1)
         hidden, _, _, all_hidden = self.decode_chunks(window, None, None, context, None,
@@ -1439,7 +1455,7 @@ class MemformerModel(MemformerPreTrainedModel):
             if cfg.decoder_previous_segment:  # the prefix: computed for chunks after a complete segment, else cached
                 prefix_valid = torch.tensor([c.follows_segment for c in chs], dtype=torch.bool, device=device)
                 if cont_parts:
-                    prefix_valid[cont_parts] = cache.cross_mask[cont_rows, :L].all(1)
+                    prefix_valid[cont_parts] = self.follows_segment(cache.cross_mask[cont_rows])
                 past = [torch.zeros(2, len(chs), H, 2 * L, cfg.head_dim, dtype=self.embed_tokens.weight.dtype,
                                     device=device) for _ in self.decoder.layers]
                 after = [j for j, c in enumerate(chs) if c.follows_segment]

@@ -29,7 +29,13 @@ import torch
 from transformers.utils import logging
 
 from .graphs import is_sharded
-from .modeling_memformer import CACHE_KWARG, _graph_state, shift_labels_from
+from .modeling_memformer import (
+    CACHE_KWARG,
+    PREVIOUS_SEGMENT_LAYOUT_ERROR,
+    _graph_state,
+    previous_segment_breaks,
+    shift_labels_from,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -214,23 +220,16 @@ def _validate_window(model: torch.nn.Module, cells: dict[str, torch.Tensor], mem
     high = torch.stack([t.max() for t in ids]).max()
     finite = torch.isfinite(memory).all() if memory is not None else torch.ones((), dtype=torch.bool, device=low.device)
     broken = torch.zeros((), dtype=torch.long, device=low.device)
-    enc = cells["encoder_input_ids"]
-    if (getattr(config, "decoder_previous_segment", False) and "decoder_input_ids" in cells
-            and enc.shape[-1] == config.segment_length and cells["decoder_input_ids"].shape[-1]):
-        # a cell whose encoder input is a complete segment continues it: its first decoder input is that segment's last
-        enc_mask = cells.get("encoder_attention_mask")
-        continues = torch.ones_like(enc[..., 0], dtype=torch.bool) if enc_mask is None else enc_mask.bool().all(-1)
-        broken = (continues & (cells["decoder_input_ids"][..., 0] != enc[..., -1])).sum().to(low.device)
+    if getattr(config, "decoder_previous_segment", False) and "decoder_input_ids" in cells:
+        broken = previous_segment_breaks(cells["encoder_input_ids"], cells.get("encoder_attention_mask"),
+                                         cells["decoder_input_ids"], config.segment_length).sum().to(low.device)
     low, high, finite, broken = torch.stack([low, high, finite.long().to(low.device), broken]).tolist()
     if low < 0 or high >= vocab:
         raise ValueError(f"The window's token ids are outside [0, vocab_size={vocab}): min {low}, max {high}.")
     if not finite:
         raise ValueError("The carried memory contains NaN or inf values.")
     if broken:
-        raise ValueError(f"decoder_previous_segment: {broken} cells of the window have a complete segment as encoder "
-                         "input, so the decoder continues it and their first decoder input must be that segment's "
-                         "last token (encoder_input_ids[..., -1]), not BOS; build the cells with "
-                         "decoder_previous_segment=True (StreamBatches, document_cells, ...).")
+        raise ValueError(PREVIOUS_SEGMENT_LAYOUT_ERROR.format(where=f"{broken} cells of the window have"))
 
 
 def cell_batch(cells: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:

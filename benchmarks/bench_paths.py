@@ -49,6 +49,7 @@ import transformers  # noqa: E402
 from common import environment, median, memformer, param_counts, time_cuda  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from memformer_hf import MemformerConfig  # noqa: E402
 from memformer_hf.modeling_memformer import CACHE_KWARG  # noqa: E402
 from memformer_hf.mrbp import memory_replay_backward  # noqa: E402
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments  # noqa: E402
@@ -76,6 +77,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--time_budget", type=float, default=430.0,
                    help="seconds after start beyond which remaining measurements are skipped (results kept)")
     p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--memformer_options", default="",
+                   help="MemformerConfig overrides of every Memformer row, e.g. decoder_previous_segment=1,cross_attention_rope=1")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
     # train
     p.add_argument("--train_presets", default="small,v1-lm")
@@ -125,6 +128,7 @@ def parse() -> argparse.Namespace:
         args.eval_preset, args.eval_docs, args.eval_doc_tokens, args.eval_batch = "tiny", 4, 256, 4
         args.eval_check_docs = 1
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    MEMFORMER_OPTIONS.update(config_overrides(args.memformer_options, p))
     for s in args.sections:
         if s not in SECTIONS:
             p.error(f"unknown section {s!r}; choose from {SECTIONS}")
@@ -197,9 +201,24 @@ def random_ids(batch: int, n: int, vocab: int, seed: int, bos: bool = True) -> t
     return ids
 
 
+MEMFORMER_OPTIONS: dict = {}  # --memformer_options, applied to every Memformer row
+
+
+def config_overrides(text: str, parser: argparse.ArgumentParser) -> dict:
+    """`key=value,...` → MemformerConfig overrides, each value cast to the type of the config's default."""
+    defaults, out = MemformerConfig(), {}
+    for item in (x for x in text.split(",") if x):
+        key, _, value = item.partition("=")
+        if not hasattr(defaults, key):
+            parser.error(f"--memformer_options: MemformerConfig has no option {key!r}")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    return out
+
+
 def model_memformer(preset: str, vocab: int, seed: int = 0):
     torch.manual_seed(seed)
-    model = memformer(preset, vocab)
+    model = memformer(preset, vocab, **MEMFORMER_OPTIONS)
     model.generation_config.eos_token_id = None  # random weights: never stop early, N tokens are always generated
     return model
 
@@ -238,6 +257,7 @@ def describe(model) -> dict:
     else:
         shape = (f"d {c.hidden_size}, {c.encoder_layers}+{c.decoder_layers} layers, ffn {c.intermediate_size}, "
                  f"{c.num_attention_heads} heads, K {c.num_memory_slots}, L {c.segment_length}")
+        shape += "".join(f", {k}={v}" for k, v in MEMFORMER_OPTIONS.items())
     return dict(total=total, nonemb=ne, shape=shape, flops_params=ne + c.vocab_size * c.hidden_size)
 
 

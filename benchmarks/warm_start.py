@@ -391,11 +391,14 @@ def parse_args(argv=None):
     m.add_argument("--memory_write_temperature", type=float, default=0.5)
     m.add_argument("--forget_bias_init_scale", type=float, default=1.0)
     m.add_argument("--memory_write_self_bias_spread", type=float, default=0.0)
+    m.add_argument("--memory_prediction_loss", type=float, default=0.0,
+                   help="weight of the memory's bag-of-words loss in training (config memory_prediction_loss; 0: off)")
     for option, what in SWITCHES.items():
         m.add_argument(f"--{option}", type=int, default=0, help=f"1: {what} (config {option})")
     m.add_argument("--variant", action="append", default=None, metavar="NAME:key=value,...",
                    help="a Memformer variant to train and evaluate against the same controls (repeatable); keys: "
                         "segment_length, slots, encoder_layers, memory_write_*, forget_bias_init_scale, "
+                        "memory_prediction_loss, "
                         "train_tokens, batch, window, lr_*, train_no_memory (1: reset the "
                         "memory at every segment in training too, the trained no-memory ablation), "
                         + ", ".join(SWITCHES) + " (0/1)")
@@ -472,7 +475,7 @@ VARIANT_KEYS = {
     # name: (type, what it sets)
     "segment_length": int, "encoder_layers": int, "slots": int, "cross_attention_init": str,
     "memory_write_self_bias": float, "memory_write_self_bias_spread": float, "memory_write_temperature": float,
-    "forget_bias_init_scale": float, "train_tokens": int, "batch": int, "window": int, "lr_new": float,
+    "forget_bias_init_scale": float, "memory_prediction_loss": float, "train_tokens": int, "batch": int, "window": int, "lr_new": float,
     "lr_encoder": float, "lr_backbone": float, "train_no_memory": int, **dict.fromkeys(SWITCHES, int),
 }
 
@@ -509,7 +512,7 @@ def build_variant(v, backbone, device: torch.device):
     """The warm-started Memformer of variant `v` (its memory settings as config overrides)."""
     torch.manual_seed(v.seed)
     overrides = dict(memory_write_temperature=v.memory_write_temperature,
-                     forget_bias_init_scale=v.forget_bias_init_scale,
+                     forget_bias_init_scale=v.forget_bias_init_scale, memory_prediction_loss=v.memory_prediction_loss,
                      **{option: bool(getattr(v, option)) for option in SWITCHES})
     if v.memory_write_self_bias is not None:
         overrides.update(memory_write_self_bias=v.memory_write_self_bias,

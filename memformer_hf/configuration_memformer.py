@@ -135,6 +135,13 @@ class MemformerConfig(PretrainedConfig):
             cells of `MemformerTrainer` with the packers' matching layout, the stream forward, the cache, which keeps
             the prefix's K/V in front of the segment's own: 2L self positions, and `generate()`). No parameter is
             added.
+        memory_prediction_loss: a training aid beyond the paper (default 0.0: off, the paper). w > 0 adds
+            w × (a bag-of-words NLL) to the loss of every training cell (`MemformerTrainer`): the tokens the cell's
+            decoder predicts are scored under a mixture of K unigram distributions, one per slot of the memory the
+            cell *reads* (written by the earlier segments), through a new projection `memory_predictor` and the LM
+            head. The memory is thus pushed to hold what predicts the coming text beyond the segments the decoder
+            sees (docs/design.md#memory-prediction-loss). It changes no forward output: evaluation, the stream
+            forward, `memory_replay_backward` and `generate()` compute the LM loss only.
     """
 
     model_type = "memformer"
@@ -176,6 +183,7 @@ class MemformerConfig(PretrainedConfig):
         decoder_reads_memory: bool = False,
         cross_attention_rope: bool = False,
         decoder_previous_segment: bool = False,
+        memory_prediction_loss: float = 0.0,
         norm_type: str = "layernorm",
         mlp_type: str = "gelu_mlp",
         num_key_value_heads: int | None = None,
@@ -224,6 +232,7 @@ class MemformerConfig(PretrainedConfig):
         self.decoder_reads_memory = decoder_reads_memory
         self.cross_attention_rope = cross_attention_rope
         self.decoder_previous_segment = decoder_previous_segment
+        self.memory_prediction_loss = memory_prediction_loss
         self.norm_type = norm_type
         self.mlp_type = mlp_type
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
@@ -319,6 +328,9 @@ class MemformerConfig(PretrainedConfig):
         scale = self.forget_bias_init_scale
         _check(is_num(scale) and math.isfinite(scale) and scale > 0, "forget_bias_init_scale", scale,
                "a positive finite number")
+        weight = self.memory_prediction_loss
+        _check(is_num(weight) and math.isfinite(weight) and weight >= 0, "memory_prediction_loss", weight,
+               "a finite number >= 0 (0: off)")
         _check(scale <= MAX_FORGET_BIAS_INIT_SCALE, "forget_bias_init_scale", scale,
                f"at most {MAX_FORGET_BIAS_INIT_SCALE} (the float32 squared norm of the forgetting vector overflows "
                f"beyond it, and BMN would give zero slots instead of unit vectors)")

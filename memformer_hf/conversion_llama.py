@@ -39,7 +39,8 @@ from .modeling_memformer import MemformerForCausalLM
 CROSS_ATTENTION_INITS = ("self_attn", "random")
 # Name fragments of the parameters that a warm start creates (everything else is copied from the backbone).
 NEW_PARAMETER_PATTERNS = (".cross_attn.", ".cross_attn_norm.", ".memory_read.", ".memory_read_norm.",
-                          ".memory_kv_norm.", "model.writer.", "model.encoder.norm.", "model.decoder_memory_norm.")
+                          ".memory_kv_norm.", "model.writer.", "model.encoder.norm.", "model.decoder_memory_norm.",
+                          "memory_predictor.")
 _LLAMA_LIKE = "a LlamaForCausalLM-style model (model.embed_tokens, model.layers[i].{self_attn,mlp,...}, model.norm)"
 # Parameters of a backbone layer that the mapping copies; any other (q_norm / k_norm, extra norms) has no place.
 _LAYER_PARAMETERS = frozenset(
@@ -278,7 +279,7 @@ def memformer_from_llama(
 
 def warm_start_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """The parameters of a warm-started `MemformerForCausalLM` by origin: `"new"` (cross-attention, memory readers
-    and their norms, writer, encoder output norm, the decoder's memory norm with `decoder_reads_memory`), `"encoder"` (the copied encoder layers) and `"backbone"` (the
+    and their norms, writer, encoder output norm, the decoder's memory norm with `decoder_reads_memory`, the `memory_prediction_loss` head), `"encoder"` (the copied encoder layers) and `"backbone"` (the
     copied decoder, embeddings and head; a tied head counts once)."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"new": [], "encoder": [], "backbone": []}
     for name, p in model.named_parameters():

@@ -4,6 +4,8 @@
 * `MemoryWriter`: once per segment, each slot attends to itself and to the segment's final encoder states (write).
 * `BiasedMemoryNorm`: add the per-slot forgetting vector and L2-normalise each slot (forget); it also gives the
   initial memory m0 = normalize(forgetting vector).
+* `MemoryPredictor`: an optional training aid beyond the paper (`memory_prediction_loss`): the memory a cell reads
+  predicts the bag of words of the text the cell's decoder predicts.
 
 The memory is replayed for exact back-propagation through time in `mrbp.py`; the carried state lives in
 `cache_memformer.MemformerCache`. Formulas and the choices made where the paper is ambiguous: `docs/design.md`.
@@ -142,3 +144,22 @@ class MemoryWriter(nn.Module):
 
 
 __all__ = ["MemoryReader", "MemoryWriter", "BiasedMemoryNorm", "at_least_fp32"]
+
+
+class MemoryPredictor(nn.Module):
+    """The `memory_prediction_loss` head (beyond the paper, docs/design.md#memory-prediction-loss): each slot of a
+    memory M [N, K, d] gives a unigram distribution softmax(lm_head(P m_k)) over the vocabulary; their mixture
+    (1/K) Σ_k scores the tokens the cell's decoder predicts. Returns the summed NLL of the labelled tokens."""
+
+    def __init__(self, config: MemformerConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, memory: torch.Tensor, lm_head: nn.Module, shift_labels: torch.Tensor) -> torch.Tensor:
+        """memory [N, K, d], shift_labels [N, n] (-100: not scored) → summed NLL (a scalar, float32 or wider)."""
+        states = self.proj(memory.to(self.proj.weight.dtype) if not torch.is_autocast_enabled() else memory)
+        log_probs = torch.log_softmax(at_least_fp32(lm_head(states)), dim=-1)  # [N, K, V]
+        mixture = torch.logsumexp(log_probs, dim=1) - math.log(memory.shape[1])  # [N, V]
+        scored = shift_labels != -100
+        picked = mixture.gather(1, shift_labels.clamp_min(0))
+        return -(picked * scored).sum()

@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput, logging
 from .cache_memformer import MemformerCache, cross_length
 from .configuration_memformer import MemformerConfig
 from .graphs import GraphedStep, StepGraphs, graphs_usable
-from .memory import BiasedMemoryNorm, MemoryReader, MemoryWriter, at_least_fp32
+from .memory import BiasedMemoryNorm, MemoryPredictor, MemoryReader, MemoryWriter, at_least_fp32
 from .safe_loading import safetensors_only_from_pretrained
 from .stream_planner import StreamPlan, plan_stream
 
@@ -1199,18 +1199,7 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise ValueError(f"`{name}` must have shape (batch, ≤ segment_length={L}), got {tuple(t.shape)}.")
             if validate_inputs:
                 self._check_ids(t, name)
-        b = enc_ids.shape[0]
-        m0 = self.initial_memory(b)
-        if memory is None:
-            memory = m0
-        else:
-            if validate_inputs:
-                self._check_memory(memory, b, "memory")
-            memory = memory.to(self.memory_dtype)
-        if memory_reset is not None:
-            if memory_reset.shape != (b,):
-                raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")
-            memory = torch.where(memory_reset.to(memory.device).bool()[:, None, None], m0, memory)
+        memory = self.cell_memory(memory, memory_reset, enc_ids.shape[0], validate_inputs)
         enc_mask = (torch.ones_like(enc_ids, dtype=torch.bool) if enc_mask is None else enc_mask.bool())
         embeds = self.embed_tokens(enc_ids)
         write_probs = reads = None
@@ -1235,6 +1224,23 @@ class MemformerModel(MemformerPreTrainedModel):
             last_hidden_state=last_hidden, memory=new_memory, hidden_states=all_hidden,
             writer_attentions=(write_probs,) if output_memory_attentions else None,
             reader_attentions=(reads,) if output_memory_attentions else None)
+
+    def cell_memory(self, memory: torch.Tensor | None, memory_reset: torch.Tensor | None, batch_size: int,
+                    validate_inputs: bool = True) -> torch.Tensor:
+        """The memory a cell reads: `memory` (None: m0) with the rows flagged in `memory_reset` [B] set to m0."""
+        m0 = self.initial_memory(batch_size)
+        if memory is None:
+            memory = m0
+        else:
+            if validate_inputs:
+                self._check_memory(memory, batch_size, "memory")
+            memory = memory.to(self.memory_dtype)
+        if memory_reset is not None:
+            if memory_reset.shape != (batch_size,):
+                raise ValueError(f"`memory_reset` must have shape (batch,) = ({batch_size},), "
+                                 f"got {tuple(memory_reset.shape)}.")
+            memory = torch.where(memory_reset.to(memory.device).bool()[:, None, None], m0, memory)
+        return memory
 
     def _decode_over_previous_segment(self, enc_ids, enc_mask, dec_ids, context, context_mask,
                                       output_hidden_states: bool, validate_inputs: bool):
@@ -1598,6 +1604,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MemformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # training aid beyond the paper (memory_prediction_loss > 0): the memory a cell reads predicts its targets
+        self.memory_predictor = MemoryPredictor(config) if config.memory_prediction_loss > 0 else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -1605,6 +1613,14 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def memory_prediction_nll(self, memory: torch.Tensor | None, memory_reset: torch.Tensor | None,
+                              shift_labels: torch.Tensor) -> torch.Tensor:
+        """`memory_prediction_loss` × the summed bag-of-words NLL of a training cell's targets `shift_labels`
+        [B, L] under the memory the cell reads (`memory`, m0 where None or `memory_reset`); added to the cell's
+        summed LM NLL (docs/design.md#memory-prediction-loss)."""
+        read = self.model.cell_memory(memory, memory_reset, shift_labels.shape[0], validate_inputs=False)
+        return self.config.memory_prediction_loss * self.memory_predictor(read, self.lm_head, shift_labels)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -1760,6 +1776,9 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 scores = self.lm_head(hidden[selected])
                 scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
                 nll = F.cross_entropy(scores, shift_labels[selected], reduction="sum")
+                if cell_mode and self.training and self.memory_predictor is not None:
+                    nll = nll + self.memory_prediction_nll(kwargs.get("memory"), memory_reset,
+                                                           shift_labels)
                 loss = nll / torch.as_tensor(num_items_in_batch, device=nll.device).clamp_min(1)
         out = MemformerCausalLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, memory=outputs.memory,

@@ -294,6 +294,8 @@ class _TrainingCell(torch.nn.Module):
         logits = self.net.lm_head(out.last_hidden_state)
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(),
                                                 ignore_index=-100, reduction="sum")
+        if self.net.memory_predictor is not None and self.net.training:
+            nll = nll + self.net.memory_prediction_nll(memory, memory_reset, shift_labels)
         return nll / num_items.clamp_min(1), out.memory
 
 

@@ -68,12 +68,14 @@ def main() -> None:
     p.add_argument("--decoder_reads_memory", action="store_true")
     p.add_argument("--cross_attention_rope", action="store_true")
     p.add_argument("--decoder_previous_segment", action="store_true")
+    p.add_argument("--memory_prediction_loss", type=float, default=0.0, help="its weight (the training cells)")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = MemformerConfig.from_preset(args.preset, vocab_size=32768, bos_token_id=0, eos_token_id=None, pad_token_id=1,
                                       decoder_reads_memory=args.decoder_reads_memory,
                                       cross_attention_rope=args.cross_attention_rope,
-                                      decoder_previous_segment=args.decoder_previous_segment)
+                                      decoder_previous_segment=args.decoder_previous_segment,
+                                      memory_prediction_loss=args.memory_prediction_loss)
     model = MemformerForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
     ids = torch.randint(2, cfg.vocab_size, (4, args.tokens), device="cuda")
     ids[:, 0] = 0

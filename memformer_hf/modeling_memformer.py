@@ -1727,12 +1727,14 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             -100 and padded columns are ignored. Alternatively pass `shift_labels` (already aligned to the
             logits). `num_items_in_batch` divides the summed loss (Trainer gradient accumulation).
         Cell mode (MRBP): `encoder_input_ids`, `decoder_input_ids`, ..., `memory`, with `shift_labels` [B, L]
-            aligned to the decoder outputs.
+            aligned to the decoder outputs. In training mode the loss includes the `memory_prediction_loss` term
+            (when the config enables it) unless `memory_prediction=False`.
         See `MemformerModel.forward` for the other arguments.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        memory_prediction = kwargs.pop("memory_prediction", True)
         cell_mode = kwargs.get("encoder_input_ids") is not None
         source = input_ids if input_ids is not None else inputs_embeds
         if not cell_mode and (source is None or source.dim() < 2):
@@ -1776,7 +1778,7 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 scores = self.lm_head(hidden[selected])
                 scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
                 nll = F.cross_entropy(scores, shift_labels[selected], reduction="sum")
-                if cell_mode and self.training and self.memory_predictor is not None:
+                if cell_mode and self.training and memory_prediction and self.memory_predictor is not None:
                     nll = nll + self.memory_prediction_nll(kwargs.get("memory"), memory_reset,
                                                            shift_labels)
                 loss = nll / torch.as_tensor(num_items_in_batch, device=nll.device).clamp_min(1)

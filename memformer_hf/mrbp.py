@@ -136,7 +136,7 @@ def memory_replay_backward(
                 window = {k: v[:, a:a + (horizon or T)] for k, v in cells.items() if k != "shift_labels"}
                 window["shift_labels"] = cells["shift_labels"][:, a * L:(a + (horizon or T)) * L].contiguous()
                 loss, memory = cells_backward(model, window, memory, num_items_in_batch=num_items_in_batch,
-                                              backward=backward, loss_scale=loss_scale)
+                                              backward=backward, loss_scale=loss_scale, memory_prediction=False)
                 total = total + loss
         return total, new_cache
 
@@ -280,11 +280,13 @@ class _GradientInto:
 
 
 class _TrainingCell(torch.nn.Module):
-    """A training cell as a module over the model's parameters: cell-mode forward, LM head, summed NLL / count."""
+    """A training cell as a module over the model's parameters: cell-mode forward, LM head, summed NLL / count
+    (plus the `memory_prediction_loss` term in training mode, unless `memory_prediction=False`)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, memory_prediction: bool = True) -> None:
         super().__init__()
         self.net = model
+        self.memory_prediction = memory_prediction
 
     def forward(self, memory, encoder_input_ids, encoder_attention_mask, decoder_input_ids, decoder_attention_mask,
                 memory_reset, shift_labels, num_items):
@@ -294,7 +296,7 @@ class _TrainingCell(torch.nn.Module):
         logits = self.net.lm_head(out.last_hidden_state)
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(),
                                                 ignore_index=-100, reduction="sum")
-        if self.net.memory_predictor is not None and self.net.training:
+        if self.memory_prediction and self.net.memory_predictor is not None and self.net.training:
             nll = nll + self.net.memory_prediction_nll(memory, memory_reset, shift_labels)
         return nll / num_items.clamp_min(1), out.memory
 
@@ -310,9 +312,10 @@ class TrainingCellGraph:
     `model.model.use_cuda_graphs` is on; one graph per (batch, segment length, dtypes, autocast) and model parameters
     (moving, casting or replacing them drops the graphs)."""
 
-    def __init__(self, model: torch.nn.Module, example: dict[str, torch.Tensor], memory: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, example: dict[str, torch.Tensor], memory: torch.Tensor,
+                 memory_prediction: bool = True) -> None:
         self.model = model
-        cell = _TrainingCell(model)
+        cell = _TrainingCell(model, memory_prediction)
         # The graphs differentiate with respect to detached aliases of the trainable parameters (same storage, so
         # optimizer updates are seen), created here: the parameters' own gradient accumulators may live on another
         # stream (DDP keeps them alive), which would break the capture. A hook adds each alias's gradient into its
@@ -354,8 +357,8 @@ class TrainingCellGraph:
         return _CellOutput(loss, new_memory)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None
-                  ) -> TrainingCellGraph | None:
+    def for_model(cls, model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None,
+                  memory_prediction: bool = True) -> TrainingCellGraph | None:
         """The model's graphed cell for this window's shapes, or None when graphs do not apply."""
         if not graphed_cells_apply(model, cells) or not torch.is_grad_enabled():
             return None
@@ -365,13 +368,13 @@ class TrainingCellGraph:
         example = {k: v.clone() for k, v in cell_batch(cells, 0).items()}
         b = example["encoder_input_ids"].shape[0]
         key = ("train-cell", tuple(example["encoder_input_ids"].shape), tuple(example["decoder_input_ids"].shape),
-               core.memory_dtype)
+               core.memory_dtype, memory_prediction)
         m = torch.zeros(b, core.config.num_memory_slots, core.config.hidden_size, dtype=core.memory_dtype,
                         device=device, requires_grad=True)
         try:
             graphs = _graph_state(model)[0]
             graphs.drop_if_stale(model)
-            graphed = graphs.get(key, lambda: cls(model, example, m))
+            graphed = graphs.get(key, lambda: cls(model, example, m, memory_prediction))
         except RuntimeError as e:  # e.g. an op that cannot be captured: train eagerly (and say so once)
             logger.warning_once(f"Training cells run eagerly: capturing them as CUDA graphs failed ({e}).")
             core.use_cuda_graphs = False
@@ -418,6 +421,7 @@ def cells_backward(
     loss_scale: float = 1.0,
     grad_scale: Callable[[], float] | None = None,
     seeds: list[int] | None = None,
+    memory_prediction: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Back-propagate one window of T cells per row and return (detached loss, new carried memory).
 
@@ -437,6 +441,8 @@ def cells_backward(
         grad_scale: returns the current fp16 loss scale; the memory gradient is unscaled with it before it is
             injected again, and non-finite values are zeroed (the optimizer step is then skipped by the scaler).
         seeds: one RNG seed per cell (drawn here when dropout is active and none are given).
+        memory_prediction: in training mode, add the `memory_prediction_loss` term to each cell's loss (when the
+            config enables it); `memory_replay_backward` passes False (the gradient of the stream forward's loss).
     """
     if mode not in MODES:
         raise ValueError(f"Unknown training mode {mode!r}; choose one of {MODES}.")
@@ -445,6 +451,7 @@ def cells_backward(
     context = context or contextlib.nullcontext
     T = cells["encoder_input_ids"].shape[1]
     device = cells["encoder_input_ids"].device
+    extra = {} if memory_prediction else {"memory_prediction": False}
     weights = _cell_weights(cells, loss_weighting)
     if weights is None and num_items_in_batch is None:
         num_items_in_batch = (cells["shift_labels"] != -100).sum()
@@ -454,7 +461,8 @@ def cells_backward(
 
     _validate_window(model, cells, memory)
     with context():  # captured under the caller's autocast setting, as the cells will run
-        graphed = TrainingCellGraph.for_model(model, cells, memory) if seeds is None and mode != "bptt" else None
+        graphed = (TrainingCellGraph.for_model(model, cells, memory, memory_prediction)
+                   if seeds is None and mode != "bptt" else None)
 
     def run(t: int, mem: torch.Tensor | None, critical_path_only: bool = False):
         with seeded(seed_of(t), device), context():
@@ -468,7 +476,7 @@ def cells_backward(
             if graphed is not None:
                 out = graphed(batch, mem, n_items)
             else:
-                out = model(**batch, memory=mem, num_items_in_batch=n_items)
+                out = model(**batch, memory=mem, num_items_in_batch=n_items, **extra)
             objective = out.loss * (loss_scale if weights is None else weights[t] * loss_scale)
             return out, objective
 

@@ -13,7 +13,7 @@ from helpers import BOS, PAD, assert_config_refused, tiny_memformer_config
 
 from memformer_hf import MemformerForCausalLM
 from memformer_hf.data_streams import StreamBatches
-from memformer_hf.mrbp import _TrainingCell, cells_backward
+from memformer_hf.mrbp import _TrainingCell, cells_backward, memory_replay_backward
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
 
 WEIGHT = 0.7
@@ -132,3 +132,22 @@ def test_the_trainer_trains_the_predictor(tmp_path):
 def test_a_bad_weight_is_refused(tmp_path, value):
     assert_config_refused(tmp_path, {"memory_prediction_loss": value}, "memory_prediction_loss",
                           "memory_prediction_loss")
+
+
+def test_memory_replay_backward_computes_the_lm_loss_only():
+    """memory_replay_backward is the gradient of the stream forward's loss, which has no auxiliary term, also in
+    training mode on aligned input (where it runs the cell engine)."""
+    model = model_with(WEIGHT).train()
+    ids = torch.randint(3, 50, (2, 17), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = BOS
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    loss, _ = memory_replay_backward(model, ids)
+    assert float(loss) == pytest.approx(float(out.loss.detach()), rel=1e-10)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == reference.keys()  # the predictor gets no gradient from the stream loss
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-8, atol=1e-10, msg=name)

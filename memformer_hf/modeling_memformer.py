@@ -1619,7 +1619,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         """`memory_prediction_loss` × the summed bag-of-words NLL of a training cell's targets `shift_labels`
         [B, L] under the memory the cell reads (`memory`, m0 where None or `memory_reset`); added to the cell's
         summed LM NLL (docs/design.md#memory-prediction-loss)."""
-        read = self.model.cell_memory(memory, memory_reset, shift_labels.shape[0], validate_inputs=False)
+        read = self.model.cell_memory(memory, _as_row_flags(memory_reset, "memory_reset"), shift_labels.shape[0],
+                                      validate_inputs=False)
         return self.config.memory_prediction_loss * self.memory_predictor(read, self.lm_head, shift_labels)
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -151,3 +151,14 @@ def test_memory_replay_backward_computes_the_lm_loss_only():
     assert got.keys() == reference.keys()  # the predictor gets no gradient from the stream loss
     for name, g in reference.items():
         torch.testing.assert_close(got[name], g, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_a_training_cell_takes_memory_reset_as_a_list_of_bools():
+    """The forward takes `memory_reset` as a bool/int tensor or a list of bools; so does the auxiliary term."""
+    model = model_with(WEIGHT).train()
+    cell = cell_inputs(window(model), 1)
+    memory = torch.nn.functional.normalize(torch.randn(2, 3, 16, dtype=torch.float64), dim=-1)
+    expected = model(**{**cell, "memory_reset": torch.tensor([True, False])}, memory=memory).loss
+    for reset in ([True, False], [1, 0], torch.tensor([1, 0])):
+        got = model(**{**cell, "memory_reset": reset}, memory=memory).loss
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

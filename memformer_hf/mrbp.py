@@ -364,6 +364,8 @@ class TrainingCellGraph:
             return None
         core = model.model
         device = cells["encoder_input_ids"].device
+        # whether the cell adds the memory_prediction_loss term: a graph replays the branch taken at its capture
+        memory_prediction = memory_prediction and model.training and getattr(model, "memory_predictor", None) is not None
         # make_graphed_callables keeps the sample tensors as its static inputs: never the caller's (views of) cells
         example = {k: v.clone() for k, v in cell_batch(cells, 0).items()}
         b = example["encoder_input_ids"].shape[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import BOS, PAD, assert_config_refused, tiny_memformer_config
 
-from memformer_hf import MemformerForCausalLM
+from memformer_hf import MemformerForCausalLM, mrbp
 from memformer_hf.data_streams import StreamBatches
 from memformer_hf.mrbp import _TrainingCell, cells_backward, memory_replay_backward
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
@@ -162,3 +162,66 @@ def test_a_training_cell_takes_memory_reset_as_a_list_of_bools():
     for reset in ([True, False], [1, 0], torch.tensor([1, 0])):
         got = model(**{**cell, "memory_reset": reset}, memory=memory).loss
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the training cells run as CUDA graphs on a GPU only")
+def test_graphed_training_cells_add_the_term_in_training_mode_only():  # pragma: no cover - CPU CI
+    """The graphed cells (CUDA) compute what the eager ones do, in training mode (with the term) and in eval mode
+    (without it), whichever mode the graph was captured in first; memory_replay_backward's graphed cells leave the
+    term out."""
+    cells = {k: v.cuda() for k, v in window(model_with(WEIGHT)).items()}
+    runs = {}
+    for graphs in (True, False):
+        model = model_with(WEIGHT).float().cuda()
+        model.model.use_cuda_graphs = graphs
+        for training in (True, False, True):
+            model.train(training)
+            model.zero_grad(set_to_none=True)
+            loss, memory = cells_backward(model, cells, None)
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            runs.setdefault(graphs, []).append((float(loss), memory, grads))
+        ids = torch.randint(3, 50, (2, 17), generator=torch.Generator().manual_seed(2)).cuda()
+        ids[:, 0] = BOS
+        model.train()
+        reference = float(model(ids, labels=ids).loss)
+        loss, _ = memory_replay_backward(model, ids)
+        assert float(loss) == pytest.approx(reference, rel=1e-5), f"graphs={graphs}"
+    for (graphed, eager) in zip(runs[True], runs[False]):
+        assert graphed[0] == pytest.approx(eager[0], rel=1e-5)
+        torch.testing.assert_close(graphed[1], eager[1], rtol=1e-5, atol=1e-6)
+        assert graphed[2].keys() == eager[2].keys()
+        for name, g in eager[2].items():
+            torch.testing.assert_close(graphed[2][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert runs[False][0][0] > runs[False][1][0]  # the training loss holds the term, the eval loss not
+
+
+def test_the_graphed_cell_is_keyed_on_whether_it_adds_the_term(monkeypatch):
+    """A CUDA graph replays the branches taken when it was captured: the graphed training cell of a model captured
+    in training mode (with the term) must not be replayed in eval mode (without it), nor the reverse. Emulated on
+    the CPU: a stand-in for the capture that fixes the mode it saw."""
+    def capture(self, model, example, memory, memory_prediction=True):
+        self.model, self.aliases = model, []
+        cell, captured_in = _TrainingCell(model, memory_prediction), model.training
+
+        def replay(*args):
+            was = model.training
+            model.train(captured_in)
+            try:
+                return cell(*args)
+            finally:
+                model.train(was)
+        self.graphed = replay
+
+    model = model_with(WEIGHT)
+    cells = window(model)
+    eager = {}
+    for training in (True, False):
+        model.train(training)
+        eager[training] = float(cells_backward(model, cells, None)[0])
+    assert eager[True] > eager[False]
+    monkeypatch.setattr(mrbp, "graphed_cells_apply", lambda model, cells: True)
+    monkeypatch.setattr(mrbp.TrainingCellGraph, "__init__", capture)
+    for training in (True, False, True):
+        model.train(training)
+        # (the graphed cell sums the LM NLL in float32)
+        assert float(cells_backward(model, cells, None)[0]) == pytest.approx(eager[training], rel=1e-6), training

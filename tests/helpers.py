@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -27,6 +28,25 @@ TINY_MEMFORMER = dict(
     initializer_range=0.3,  # SHARP init (docs/design.md#testing): with 0.02 the logits ignore the memory
 )
 CELL_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "decoder_attention_mask")
+
+
+def assert_cells_mrbp_matches_bptt(model: torch.nn.Module, cells: dict[str, torch.Tensor]
+                                   ) -> tuple[float, dict[str, torch.Tensor]]:
+    """`cells_backward` over one window: MRBP gives BPTT's loss, carried memory and gradients (float64); returns the
+    MRBP loss and gradients by parameter name."""
+    from memformer_hf.mrbp import cells_backward
+
+    results = {}
+    for mode in ("bptt", "mrbp"):
+        model.zero_grad()
+        loss, memory = cells_backward(model, cells, None, mode=mode)
+        results[mode] = (float(loss), memory, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_b, memory_b, grads_b), (loss_m, memory_m, grads_m) = results["bptt"], results["mrbp"]
+    assert math.isclose(loss_m, loss_b, rel_tol=1e-12)
+    torch.testing.assert_close(memory_m, memory_b, rtol=0, atol=1e-12)
+    for name, g in grads_b.items():
+        torch.testing.assert_close(grads_m[name], g, rtol=1e-9, atol=1e-12, msg=name)
+    return loss_m, grads_m
 
 
 # ================================================================================================ models

@@ -83,6 +83,13 @@ class MemformerTrainingArguments(TrainingArguments):
         "help": "Also report perplexity with each segment read against the memory another evaluation stream carries "
                 "at that step (another document's, at ≥ 2 streams): below it, the memory holds information about its "
                 "own document, not only a state the model expects."})
+    encoder_learning_rate: float | None = field(default=None, metadata={
+        "help": "For a model warm-started from a Llama-family backbone (conversion_llama): the learning rate of the "
+                "encoder layers copied from it (0: frozen; None: learning_rate). learning_rate is then the rate of the "
+                "new blocks (memory readers and writer, cross-attention)."})
+    backbone_learning_rate: float | None = field(default=None, metadata={
+        "help": "For a warm-started model: the learning rate of the copied decoder, embeddings and head (0: frozen; "
+                "None: learning_rate)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are built for the "
                                                                          "model by the stream packer."})
 
@@ -96,6 +103,10 @@ class MemformerTrainingArguments(TrainingArguments):
             raise ValueError(f"mrbp_loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.mrbp_loss_weighting!r}.")
         if self.eval_window < 1:
             raise ValueError(f"eval_window must be >= 1, got {self.eval_window}.")
+        for name in ("encoder_learning_rate", "backbone_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: frozen) or None, got {value!r}.")
         if self.label_smoothing_factor:
             raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor} is not supported by MemformerTrainer: "
                              "its MRBP cells compute the plain token cross-entropy; leave it at 0.")
@@ -353,6 +364,45 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                 logger.warning(f"train_dataset was built with length_epochs={train_dataset.length_epochs}: its shorter "
                                "epochs end with windows without tokens, which still take optimizer steps; "
                                "MemformerTrainer follows each epoch's own length, so build it with length_epochs=1.")
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer (`--optim`, its weight-decay split); with `encoder_learning_rate` or
+        `backbone_learning_rate`, one learning rate per origin of a warm-started model's parameters
+        (`conversion_llama.warm_start_parameter_groups`: new blocks at `learning_rate`, copied encoder layers,
+        copied decoder / embeddings / head); a rate of 0 freezes its parameters (`requires_grad=False`)."""
+        args = self.args
+        if self.optimizer is not None or (args.encoder_learning_rate is None and args.backbone_learning_rate is None):
+            return super().create_optimizer(model)
+        from .conversion_llama import warm_start_parameter_groups
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or \
+                optimizer_kwargs.keys() & {"params", "model", "optimizer_dict"}:
+            raise ValueError(f"encoder_learning_rate / backbone_learning_rate need an optimizer built from parameter "
+                             f"groups; optim={args.optim!r} builds its own.")
+        rates = {"new": args.learning_rate,
+                 "encoder": args.learning_rate if args.encoder_learning_rate is None else args.encoder_learning_rate,
+                 "backbone": args.learning_rate if args.backbone_learning_rate is None else args.backbone_learning_rate}
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = []
+        for origin, named in warm_start_parameter_groups(opt_model).items():
+            if rates[origin] == 0:
+                for _, p in named:
+                    p.requires_grad_(False)
+                continue
+            trainable = [(n, p) for n, p in named if p.requires_grad]
+            for decayed in (True, False):
+                params = [p for n, p in trainable if (n in decay) == decayed]
+                if params:
+                    groups.append({"params": params, "lr": rates[origin],
+                                   "weight_decay": args.weight_decay if decayed else 0.0})
+        if not groups:
+            raise ValueError("every parameter group has learning rate 0: nothing would train.")
+        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "lr")}
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:

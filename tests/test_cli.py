@@ -720,3 +720,54 @@ def test_a_decoder_previous_segment_model_generates_and_evaluates(trained, tmp_p
     assert cli.main(["eval", "--model", str(out), "--test_file", "test.jsonl", "--max_eval_tokens", "256",
                      "--output_json", str(tmp_path / "paper.json")]) == 0
     assert math.isfinite(xl_ppl) and xl_ppl != json.loads((tmp_path / "paper.json").read_text())["test_ppl"]
+
+
+def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkeypatch, capsys):
+    """`--init_from_llama`: the backbone's tokenizer and weights (safetensors), the memory options, and per-group
+    learning rates: with the copied encoder and backbone frozen they are still the Llama's after training, while the
+    new blocks (zero-output cross-attention at the start) have trained. Refusals for flags the backbone fixes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from memformer_hf import MemformerForCausalLM
+
+    out, _ = trained
+    monkeypatch.chdir(corpus)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+    backbone = tmp_path / "llama"
+    llama.save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    warm = tmp_path / "warm"
+    common = ["train", "--init_from_llama", str(backbone), "--train_file", "train.jsonl", "--validation_file",
+              "valid.jsonl", "--test_file", "test.jsonl", "--output_dir", str(warm)]
+    assert cli.main([*common, "--encoder_layers", "2", "--num_memory_slots", "4", "--segment_length", "16",
+                     "--config_overrides", "decoder_previous_segment=true,cross_attention_rope=true",
+                     "--learning_rate", "1e-2", "--encoder_learning_rate", "0", "--backbone_learning_rate", "0",
+                     "--max_steps", "3", "--per_device_train_batch_size", "2", "--mrbp_window", "2",
+                     "--max_eval_tokens", "256", "--sample_max_new_tokens", "8", "--heatmap_segments", "8"]) == 0
+    model = MemformerForCausalLM.from_pretrained(warm)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.decoder_layers, cfg.encoder_layers, cfg.segment_length) == (32, 3, 2, 16)
+    assert cfg.decoder_previous_segment and cfg.cross_attention_rope and cfg.bos_token_id == tok.bos_token_id
+    source = llama.model
+    assert torch.equal(model.model.embed_tokens.weight, source.embed_tokens.weight)
+    for i in range(3):
+        assert torch.equal(model.model.decoder.layers[i].self_attn.q_proj.weight, source.layers[i].self_attn.q_proj.weight)
+        assert model.model.decoder.layers[i].cross_attn.o_proj.weight.abs().sum() > 0  # zero at the start
+    for i in range(2):
+        assert torch.equal(model.model.encoder.layers[i].self_attn.v_proj.weight, source.layers[i].self_attn.v_proj.weight)
+    metrics = json.loads((warm / "metrics.json").read_text())
+    assert metrics["trained_how"] == f"warm-started from `{backbone}`"
+    assert math.isfinite(metrics["metrics"]["test_ppl"])
+    capsys.readouterr()
+    for extra, message in ((["--hidden_size", "64"], "--hidden_size cannot be combined with --init_from_llama"),
+                           (["--preset", "tiny"], "--preset cannot be combined with --init_from_llama"),
+                           (["--gguf_file", "x.gguf"], "--gguf_file x.gguf: no such file"),
+                           (["--encoder_layers", "9"], "encoder layers must be backbone layer indices")):
+        assert cli.main([*common, *extra]) == 2
+        assert message in capsys.readouterr().err

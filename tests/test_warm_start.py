@@ -540,3 +540,34 @@ def test_benchmark_marks_variants_cut_or_skipped_by_the_time_limits(tmp_path, mo
     text = (tmp_path / "warm_start_tiny.md").read_text()
     assert "| short (cut) |" in text and "Cut by the time budget: short (" in text
     assert "Not run (past --deadline_s 1000000): late." in text
+
+
+def test_the_trainer_takes_one_learning_rate_per_origin(tmp_path):
+    """`encoder_learning_rate` / `backbone_learning_rate`: the optimizer's groups follow
+    `warm_start_parameter_groups` (every trainable parameter once, at its origin's rate, decay as the Trainer
+    splits it); a rate of 0 freezes its parameters; bad values are refused."""
+    model = warm(tiny_llama()).float()
+    docs = [ids_with_bos(n, batch=1, seed=n)[0, 1:].tolist() for n in (4 * L, 3 * L)]
+
+    def trainer(**rates) -> MemformerTrainer:
+        args = MemformerTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, mrbp_window=2,
+                                          learning_rate=1e-2, weight_decay=0.1, report_to=[], disable_tqdm=True,
+                                          use_cpu=True, **rates)
+        return MemformerTrainer(model=model, args=args, train_dataset=docs)
+
+    groups = warm_start_parameter_groups(model)
+    optimizer = trainer(encoder_learning_rate=1e-3, backbone_learning_rate=1e-4).create_optimizer()
+    rate_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(rate_of) == len(list(model.parameters()))
+    for origin, rate in (("new", 1e-2), ("encoder", 1e-3), ("backbone", 1e-4)):
+        assert {rate_of[id(p)] for _, p in groups[origin]} == {rate}, origin
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.model.writer.q_proj.weight) in decayed and id(model.model.decoder.norm.weight) not in decayed
+
+    frozen = trainer(backbone_learning_rate=0.0)
+    optimizer = frozen.create_optimizer()
+    assert not any(p.requires_grad for _, p in groups["backbone"])
+    assert len({id(p) for g in optimizer.param_groups for p in g["params"]}) == len(groups["new"] + groups["encoder"])
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="backbone_learning_rate must be a finite number >= 0"):
+            MemformerTrainingArguments(output_dir=str(tmp_path), backbone_learning_rate=bad)

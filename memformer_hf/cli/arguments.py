@@ -57,6 +57,16 @@ class ModelArguments:
                 "--tokenizer_name_or_path is given)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "A tokenizer folder to use instead of training a byte-level BPE on the train split."})
+    init_from_llama: str | None = field(default=None, metadata={
+        "help": "Warm-start from a local Llama-family model folder (safetensors weights, or --gguf_file) and use its "
+                "tokenizer: its layers become the decoder, its first --encoder_layers the encoder, new memory blocks "
+                "start at zero output (docs/design.md#warm-start). Sizes come from the backbone; set K, L, "
+                "--encoder_layers and memory options (e.g. --config_overrides decoder_previous_segment=true,"
+                "cross_attention_rope=true), and per-group rates with --encoder_learning_rate / "
+                "--backbone_learning_rate."})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "With --init_from_llama: the GGUF file inside that folder to load (dequantized) instead of "
+                "safetensors."})
     vocab_size: int = field(default=4096, metadata={
         "help": "Vocabulary of the byte-level BPE trained on the train split (the model's embedding is rounded up "
                 "to a multiple of 128)."})
@@ -342,10 +352,21 @@ def check_data_args(data: DataArguments, args=None) -> None:
 def check_model_args(model_args: ModelArguments) -> None:
     if model_args.model_name_or_path is None:
         check_choice("preset", model_args.preset, list(PRESETS))
-    for flag in ("model_name_or_path", "tokenizer_name_or_path"):
+    for flag in ("model_name_or_path", "tokenizer_name_or_path", "init_from_llama"):
         value = getattr(model_args, flag)
         if value is not None and not Path(value).expanduser().is_dir():
             raise CliError(f"--{flag} {value}: no such directory (the Hub is not reachable; pass a local folder)")
+    if model_args.gguf_file is not None:
+        if model_args.init_from_llama is None:
+            raise CliError("--gguf_file needs --init_from_llama (the folder that holds it)")
+        if not (Path(model_args.init_from_llama).expanduser() / model_args.gguf_file).is_file():
+            raise CliError(f"--gguf_file {model_args.gguf_file}: no such file in {model_args.init_from_llama}")
+    if model_args.init_from_llama is not None:
+        given = [f"--{k}" for k in ("model_name_or_path", "tokenizer_name_or_path", *BACKBONE_FIXED_FIELDS)
+                 if getattr(model_args, k) is not None]
+        if given:
+            raise CliError(f"{', '.join(given)} cannot be combined with --init_from_llama (the backbone fixes its "
+                           f"sizes and tokenizer)")
     if model_args.vocab_size < 260 or model_args.vocab_size > 2 ** 20:
         raise CliError(f"--vocab_size must be in [260, 1048576] (256 byte symbols plus special tokens), "
                        f"got {model_args.vocab_size}")
@@ -388,6 +409,10 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
             raise CliError(f"--config_overrides {key}={value}: {one_line(e)}") from None
         out[key] = getattr(scratch, key)
     return out
+
+
+# the sizes a warm start takes from its backbone (--init_from_llama)
+BACKBONE_FIXED_FIELDS = ("hidden_size", "decoder_layers", "num_attention_heads", "intermediate_size")
 
 
 def config_overrides(model_args: ModelArguments) -> dict[str, Any]:

@@ -272,11 +272,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
                                    pad_token=SPECIAL_PAD, clean_up_tokenization_spaces=False)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as e:  # noqa: BLE001
         raise CliError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
     if tok.bos_token_id is None and tok.eos_token_id is None:

@@ -40,6 +40,7 @@ from .arguments import (
     check_output_path,
     check_positive,
     check_training_args,
+    config_overrides,
     flag_given,
     one_line,
     parse,
@@ -136,12 +137,22 @@ def _rule(title: str) -> None:
     logger.info(f"\n== {title} " + "=" * max(0, 76 - len(title)))
 
 
+def _origin(model_args: ModelArguments, markdown: bool = False) -> str:
+    """Where the weights started: the preset (from scratch), a continued model, or a warm-start backbone."""
+    q = "`" if markdown else ""
+    if model_args.model_name_or_path:
+        return f"continued from {q}{model_args.model_name_or_path}{q}"
+    if model_args.init_from_llama:
+        gguf = f" ({q}{model_args.gguf_file}{q})" if model_args.gguf_file else ""
+        return f"warm-started from {q}{model_args.init_from_llama}{q}{gguf}"
+    return "trained from scratch" if markdown else model_args.preset
+
+
 def _training_settings(args, config, model_args, tokenizer, train_summary: str, total_steps, tokens_per_step) -> list:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     return [
-        ("preset", model_args.preset if not model_args.model_name_or_path else f"continued from "
-                                                                                f"{model_args.model_name_or_path}"),
+        ("preset", _origin(model_args)),
         ("hidden size d / heads", f"{config.hidden_size} / {config.num_attention_heads}"),
         ("encoder / decoder layers", f"{config.encoder_layers} / {config.decoder_layers}"),
         ("memory slots K", config.num_memory_slots),
@@ -165,9 +176,9 @@ def _training_settings(args, config, model_args, tokenizer, train_summary: str, 
 def _tokenizer(model_args: ModelArguments, data: DataArguments, corpus: dict[str, Any]):
     """The tokenizer (loaded, or a byte-level BPE trained on the train split; streamed: on its first documents) and
     its description."""
-    tok_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tok_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or model_args.init_from_llama
     if tok_path:
-        tokenizer = corpus_io.load_tokenizer(tok_path)
+        tokenizer = corpus_io.load_tokenizer(tok_path, model_args.gguf_file)
         return tokenizer, f"loaded from `{tok_path}` ({len(tokenizer)} tokens)"
     t = time.time()
     texts = corpus["train"]
@@ -180,6 +191,27 @@ def _tokenizer(model_args: ModelArguments, data: DataArguments, corpus: dict[str
                    f"`{corpus_io.SPECIAL_BOS_EOS}` = BOS = EOS, `{corpus_io.SPECIAL_PAD}` pads)")
     logger.info(f"tokenizer: {description}, {time.time() - t:.1f}s")
     return tokenizer, description
+
+
+def _warm_start(model_args: ModelArguments, tokenizer):
+    """`memformer_from_llama` on the backbone folder (safetensors only, or the GGUF file), with the given K, L,
+    encoder depth and config overrides (docs/design.md#warm-start)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..conversion_llama import memformer_from_llama
+
+    path = model_args.init_from_llama
+    source = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {"use_safetensors": True}
+    try:
+        llama = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **source)
+    except Exception as e:  # noqa: BLE001
+        raise CliError(f"cannot load a backbone from {path}: {one_line(e)}") from None
+    try:
+        return memformer_from_llama(llama, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, **config_overrides(model_args))
+    except (ValueError, TypeError) as e:
+        raise CliError(f"--init_from_llama {path}: {one_line(e)}") from None
 
 
 def _train_data(data: DataArguments, corpus: dict[str, Any], tokenizer, config, args):
@@ -219,6 +251,10 @@ def cmd_train(argv: list[str]) -> int:
             raise CliError(f"--{name} has no effect unless --{strategy} steps (here --{strategy} is {chosen!r})")
     check_training_args(args)
     check_model_args(model_args)
+    for flag in ("preset", "vocab_size"):
+        if model_args.init_from_llama and flag_given(argv, flag):
+            raise CliError(f"--{flag} cannot be combined with --init_from_llama (the backbone fixes the sizes and "
+                           "the tokenizer)")
     check_data_args(data, args)
     check_output_path("output_dir", args.output_dir, directory=True)
     check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)
@@ -262,11 +298,14 @@ def cmd_train(argv: list[str]) -> int:
     tokenizer, tokenizer_description = _tokenizer(model_args, data, corpus)
 
     # ---- model
-    config = build_config(model_args, tokenizer, pretrained_config)
+    warm = _warm_start(model_args, tokenizer) if model_args.init_from_llama else None
+    config = warm.config if warm is not None else build_config(model_args, tokenizer, pretrained_config)
     corpus_io.check_tokenizer_fits(tokenizer, config.vocab_size,
                                    model_args.tokenizer_name_or_path or model_args.model_name_or_path
-                                   or "the trained tokenizer")
-    if pretrained_config is not None:
+                                   or model_args.init_from_llama or "the trained tokenizer")
+    if warm is not None:
+        model = warm
+    elif pretrained_config is not None:
         try:
             model = MemformerForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
         except Exception as e:  # noqa: BLE001
@@ -405,8 +444,7 @@ def cmd_train(argv: list[str]) -> int:
     record = {"metrics": metrics, "settings": dict(settings), "versions": reports.versions(),
               "config": config.to_diff_dict(), "corpus": corpus_description, "sample_prompt": report.sample_prompt,
               "sample": sample, "command": " ".join([PROG, "train", *map(shlex.quote, argv)]),
-              "trained_how": (f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
-                              else "trained from scratch"),
+              "trained_how": _origin(model_args, markdown=True),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": reports.device_description(args.device), "log_history": trainer.state.log_history,
               "step_losses": step_losses}

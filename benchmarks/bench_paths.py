@@ -49,7 +49,7 @@ import transformers  # noqa: E402
 from common import environment, median, memformer, param_counts, time_cuda  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from memformer_hf import MemformerConfig  # noqa: E402
+from memformer_hf.cli.arguments import CliError, parse_config_overrides  # noqa: E402
 from memformer_hf.modeling_memformer import CACHE_KWARG  # noqa: E402
 from memformer_hf.mrbp import memory_replay_backward  # noqa: E402
 from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments  # noqa: E402
@@ -78,7 +78,7 @@ def parse() -> argparse.Namespace:
                    help="seconds after start beyond which remaining measurements are skipped (results kept)")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--memformer_options", default="",
-                   help="MemformerConfig overrides of every Memformer row, e.g. decoder_previous_segment=1,cross_attention_rope=1")
+                   help="MemformerConfig overrides of every Memformer row, e.g. decoder_previous_segment=true,cross_attention_rope=true")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
     # train
     p.add_argument("--train_presets", default="small,v1-lm")
@@ -128,7 +128,10 @@ def parse() -> argparse.Namespace:
         args.eval_preset, args.eval_docs, args.eval_doc_tokens, args.eval_batch = "tiny", 4, 256, 4
         args.eval_check_docs = 1
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    MEMFORMER_OPTIONS.update(config_overrides(args.memformer_options, p))
+    try:  # typed like the command line's --config_overrides
+        MEMFORMER_OPTIONS.update(parse_config_overrides(args.memformer_options))
+    except CliError as e:
+        p.error(f"--memformer_options: {e}")
     for s in args.sections:
         if s not in SECTIONS:
             p.error(f"unknown section {s!r}; choose from {SECTIONS}")
@@ -202,18 +205,6 @@ def random_ids(batch: int, n: int, vocab: int, seed: int, bos: bool = True) -> t
 
 
 MEMFORMER_OPTIONS: dict = {}  # --memformer_options, applied to every Memformer row
-
-
-def config_overrides(text: str, parser: argparse.ArgumentParser) -> dict:
-    """`key=value,...` → MemformerConfig overrides, each value cast to the type of the config's default."""
-    defaults, out = MemformerConfig(), {}
-    for item in (x for x in text.split(",") if x):
-        key, _, value = item.partition("=")
-        if not hasattr(defaults, key):
-            parser.error(f"--memformer_options: MemformerConfig has no option {key!r}")
-        kind = type(getattr(defaults, key))
-        out[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
-    return out
 
 
 def model_memformer(preset: str, vocab: int, seed: int = 0):

@@ -1,5 +1,8 @@
 """Warm start: a Memformer built from a pretrained Llama-family decoder (`LlamaForCausalLM`), docs/design.md#warm-start.
 
+Accepted backbones: the transformers classes in `VERIFIED_BACKBONES` (Llama, Mistral, Granite, SmolLM3) with
+settings that are Llama's computation; anything else is a `ValueError` naming the model type or setting.
+
     from memformer_hf.conversion_llama import memformer_from_llama
     memformer = memformer_from_llama(llama, num_memory_slots=32, segment_length=128, encoder_layers=4)
 
@@ -50,10 +53,80 @@ _LAYER_PARAMETERS = frozenset(
 # Config options of Llama variants that must be 1 (Granite's multipliers) or absent (soft-capping) to map exactly.
 _IDENTITY_OPTIONS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
 _ABSENT_OPTIONS = ("attn_logit_softcapping", "final_logit_softcapping")
+# The transformers classes (model_type: class name) whose whole forward is Llama's computation once the config and
+# module checks below pass; each is checked to equal its warm start in tests/test_warm_start.py. Other families can
+# pass every check and still compute something else in code no config field shows, so they are refused.
+VERIFIED_BACKBONES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "granite": "GraniteForCausalLM",
+                      "smollm3": "SmolLM3ForCausalLM"}
+# What such families do differently (for the error message).
+_HIDDEN_DIFFERENCES = {
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text", "vaultgemma"),
+                    "scales the embeddings by sqrt(hidden_size), and its RMSNorm gain is (1 + weight)"),
+    **dict.fromkeys(("helium", "ernie4_5"), "rotates interleaved dimension pairs (RoPE's rotate_every_two), not "
+                                            "Llama's rotate_half halves"),
+}
 
 
 def _llama_config_value(config: Any, name: str, default: Any = None) -> Any:
-    return getattr(config, name, default)
+    """`config.name` (default when absent); a setting that is not one value (per-layer configs) is a `ValueError`."""
+    try:
+        return getattr(config, name, default)
+    except Exception as e:  # noqa: BLE001  (e.g. transformers' AmbiguousGlobalPerLayerAttributeError)
+        raise ValueError(f"memformer_from_llama: cannot read the backbone's config.{name} as one value "
+                         f"({type(e).__name__}: {e}); Memformer's layers all share one setting.") from None
+
+
+def _check_model_type(llama: nn.Module, config: Any) -> None:
+    """Raise `ValueError` unless `llama` is one of the transformers classes in `VERIFIED_BACKBONES`."""
+    model_type = getattr(config, "model_type", None)
+    cls = type(llama)
+    want = VERIFIED_BACKBONES.get(model_type)
+    if want is None:
+        why = _HIDDEN_DIFFERENCES.get(model_type, "its forward may compute something the mapping does not reproduce")
+        raise ValueError(f"memformer_from_llama: the backbone's model_type={model_type!r} ({cls.__name__}) is not a "
+                         f"family the warm start is verified to map exactly: {why}. Verified: "
+                         f"{', '.join(VERIFIED_BACKBONES.values())}.")
+    if cls.__name__ != want or not cls.__module__.startswith("transformers.models."):
+        raise ValueError(f"memformer_from_llama: the backbone is {cls.__module__}.{cls.__name__} with "
+                         f"model_type={model_type!r}; only transformers' own {want} is verified to map exactly "
+                         "(a subclass or remote-code class may compute something else).")
+
+
+def _check_rope(config: Any) -> None:
+    """Raise `ValueError` unless the backbone rotates by plain RoPE over the whole head, the same in every layer."""
+    rope = _llama_config_value(config, "rope_parameters") or {}
+    nested = sorted(k for k, v in dict(rope).items() if isinstance(v, dict))
+    if nested:
+        raise ValueError(f"memformer_from_llama: the backbone has RoPE settings per layer type ({nested}); "
+                         "Memformer's layers share one RoPE.")
+    legacy = _llama_config_value(config, "rope_scaling")
+    for where, params in (("rope_parameters", dict(rope)), ("rope_scaling", dict(legacy or {}))):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        partial = params.get("partial_rotary_factor", 1.0)
+        if rope_type != "default" or partial != 1.0:
+            what = f"rope_type={rope_type!r}" if rope_type != "default" else f"partial_rotary_factor={partial!r}"
+            raise ValueError(f"memformer_from_llama: the backbone uses {what} ({where}); only plain RoPE ('default', "
+                             "over the whole head) maps exactly onto Memformer's in-segment positions.")
+    partial = _llama_config_value(config, "partial_rotary_factor", 1.0)
+    if partial is not None and partial != 1.0:
+        raise ValueError(f"memformer_from_llama: the backbone uses partial_rotary_factor={partial!r}; only plain RoPE "
+                         "('default', over the whole head) maps exactly onto Memformer's in-segment positions.")
+
+
+def _check_biases(layer: nn.Module, config: Any) -> None:
+    """Raise `ValueError` unless the attention and MLP projections all have biases or none, as the config's
+    `attention_bias` / `mlp_bias` (what the Memformer config is built from) say."""
+    for flag, module, names in (("attention_bias", layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp_bias", layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        biases = {name: getattr(getattr(module, name), "bias", None) is not None for name in names}
+        if len(set(biases.values())) != 1:
+            raise ValueError(f"memformer_from_llama: the backbone has {flag.split('_')[0]} biases on some projections "
+                             f"only ({biases}); Memformer's `{flag}` covers all of them.")
+        said = bool(_llama_config_value(config, flag, False))
+        if said != biases[names[0]]:
+            raise ValueError(f"memformer_from_llama: the backbone's config says {flag}={said} but its projections "
+                             f"{'have' if biases[names[0]] else 'have no'} biases; the Memformer config would not "
+                             "match its weights.")
 
 
 def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
@@ -67,31 +140,30 @@ def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
         if not hasattr(layer, attr):
             raise ValueError(f"memformer_from_llama: backbone layers have no `{attr}`; it needs {_LLAMA_LIKE}.")
     for attr in ("gate_proj", "up_proj", "down_proj"):
-        if not hasattr(layer.mlp, attr):
+        if not isinstance(getattr(layer.mlp, attr, None), nn.Linear):
             raise ValueError(f"memformer_from_llama: the backbone's MLP has no `{attr}` (a SwiGLU MLP is needed).")
+    for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not isinstance(getattr(layer.self_attn, attr, None), nn.Linear):
+            raise ValueError(f"memformer_from_llama: the backbone's attention has no `{attr}` projection (e.g. "
+                             f"multi-head latent attention); it needs {_LLAMA_LIKE}.")
     d, heads = config.hidden_size, config.num_attention_heads
     head_dim = _llama_config_value(config, "head_dim") or d // heads
     if head_dim * heads != d:
         raise ValueError(f"memformer_from_llama: the backbone's head_dim={head_dim} x {heads} heads != hidden_size={d}; "
                          "Memformer's heads split the model width.")
-    rope = dict(_llama_config_value(config, "rope_parameters") or {})
-    rope_type = rope.get("rope_type", "default")
-    partial = _llama_config_value(config, "partial_rotary_factor", 1.0)
-    if rope_type != "default" or partial != 1.0:
-        what = f"rope_type={rope_type!r}" if rope_type != "default" else f"partial_rotary_factor={partial!r}"
-        raise ValueError(f"memformer_from_llama: the backbone uses {what}; only plain RoPE ('default', over the whole "
-                         "head) maps exactly onto Memformer's in-segment positions.")
+    _check_rope(config)
     act = _llama_config_value(config, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise ValueError(f"memformer_from_llama: the backbone's hidden_act={act!r} is not one of {ACTIVATIONS}.")
-    attn = layer.self_attn
-    biases = {name: getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    if len(set(biases.values())) != 1:
-        raise ValueError(f"memformer_from_llama: the backbone has attention biases on some projections only "
-                         f"({biases}); Memformer's `attention_bias` covers all four.")
-    if _llama_config_value(config, "sliding_window") not in (None, 0):
-        raise ValueError("memformer_from_llama: the backbone uses sliding-window attention; Memformer's decoder "
-                         "attends to the whole segment.")
+    _check_biases(layer, config)
+    window = _llama_config_value(config, "sliding_window")
+    if window not in (None, 0) and _llama_config_value(config, "use_sliding_window", True) is not False:
+        raise ValueError(f"memformer_from_llama: the backbone uses sliding-window attention (sliding_window={window}); "
+                         "Memformer's decoder attends to the whole segment.")
+    kinds = sorted(set(_llama_config_value(config, "layer_types") or ()) - {"full_attention"})
+    if kinds:
+        raise ValueError(f"memformer_from_llama: the backbone has layers of type {kinds}; every Memformer layer is "
+                         "full attention.")
     for name in _IDENTITY_OPTIONS:
         value = _llama_config_value(config, name)
         if value is not None and value != 1:
@@ -101,6 +173,14 @@ def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
         if _llama_config_value(config, name) is not None:
             raise ValueError(f"memformer_from_llama: the backbone uses {name}={_llama_config_value(config, name)!r}, "
                              "which Memformer's blocks do not have.")
+    if bool(_llama_config_value(config, "tie_word_embeddings", False)):
+        head = llama.get_output_embeddings() if hasattr(llama, "get_output_embeddings") else None
+        emb = inner.embed_tokens.weight
+        weight = getattr(head, "weight", None)
+        if weight is None or not (weight is emb or (weight.shape == emb.shape and (
+                emb.is_meta or weight.is_meta or torch.equal(weight, emb)))):
+            raise ValueError("memformer_from_llama: the backbone's config says tie_word_embeddings=True but its "
+                             "output head is not its input embedding; a tied Memformer would lose the head.")
     eps = float(_llama_config_value(config, "rms_norm_eps", 1e-6))
     for i, block in enumerate(inner.layers):
         extra = sorted(n for n, _ in block.named_parameters() if n not in _LAYER_PARAMETERS)
@@ -111,12 +191,16 @@ def _check_backbone(llama: nn.Module) -> tuple[Any, Any]:
         if scaling is not None and not math.isclose(float(scaling), head_dim ** -0.5, rel_tol=1e-6):
             raise ValueError(f"memformer_from_llama: backbone layer {i} scales attention scores by {scaling!r}, not "
                              f"1/sqrt(head_dim={head_dim}) as Memformer does.")
+        if getattr(block.self_attn, "sliding_window", None) is not None:
+            raise ValueError(f"memformer_from_llama: backbone layer {i} uses sliding-window attention (window "
+                             f"{block.self_attn.sliding_window}); Memformer's decoder attends to the whole segment.")
         if not getattr(block.self_attn, "use_rope", True):
             raise ValueError(f"memformer_from_llama: backbone layer {i} has no RoPE (a NoPE layer); every Memformer "
                              "self-attention layer rotates by RoPE.")
         for name in ("input_layernorm", "post_attention_layernorm"):
             _check_rms_norm(getattr(block, name), eps, f"layers[{i}].{name}")
     _check_rms_norm(inner.norm, eps, "norm")
+    _check_model_type(llama, config)
     return inner, config
 
 
@@ -226,7 +310,7 @@ def memformer_from_llama(
     pad_token_id: int | None = None,
     **config_overrides: Any,
 ) -> MemformerForCausalLM:
-    """A `MemformerForCausalLM` warm-started from `llama` (a `LlamaForCausalLM` or a model of the same layout), in
+    """A `MemformerForCausalLM` warm-started from `llama` (a `LlamaForCausalLM` or another of `VERIFIED_BACKBONES`), in
     its dtype and on its device; the mapping is in the module docstring and docs/design.md#warm-start.
 
     num_memory_slots / segment_length: K and L of the new model.
@@ -292,5 +376,5 @@ def warm_start_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, n
     return groups
 
 
-__all__ = ["CROSS_ATTENTION_INITS", "memformer_config_from_llama", "memformer_from_llama",
+__all__ = ["CROSS_ATTENTION_INITS", "VERIFIED_BACKBONES", "memformer_config_from_llama", "memformer_from_llama",
            "warm_start_parameter_groups"]

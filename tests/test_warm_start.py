@@ -24,7 +24,7 @@ from helpers import assert_config_refused, tiny_memformer_config
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from memformer_hf import MemformerForCausalLM
-from memformer_hf.conversion_llama import memformer_from_llama, warm_start_parameter_groups
+from memformer_hf.conversion_llama import VERIFIED_BACKBONES, memformer_from_llama, warm_start_parameter_groups
 from memformer_hf.memory import at_least_fp32
 from memformer_hf.modeling_memformer import CACHE_KWARG
 from memformer_hf.mrbp import memory_replay_backward
@@ -277,6 +277,10 @@ def test_warm_start_mapping_and_parameter_groups():
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
     (dict(head_dim=16), "head_dim"),
     (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act"),
+    (dict(rope_parameters={"type": "linear", "rope_theta": 1e4, "factor": 2.0}), r"rope_type='linear'"),  # legacy key
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                           "full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
+     r"RoPE settings per layer type \(\['full_attention'\]\)"),
 ])
 def test_warm_start_refuses_backbones_it_cannot_map_exactly(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -296,8 +300,11 @@ def tiny_variant(config_cls: str, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn_like(p))
     for module in model.modules():
-        if type(module).__name__ in ("GraniteRMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"):
+        if type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "GraniteRMSNorm", "Qwen3RMSNorm",
+                                     "SmolLM3RMSNorm", "HeliumRMSNorm", "Ernie4_5RMSNorm"):
             module.forward = types.MethodType(_f64_rms_norm, module)
     return model
 
@@ -312,6 +319,14 @@ def tiny_variant(config_cls: str, **overrides):
      r"layers\[0\]\.input_layernorm \(GemmaRMSNorm\) does not compute"),
     ("Olmo", dict(), r"layers\[0\]\.input_layernorm \(OlmoLayerNorm, parameters \[\]\) is not an RMSNorm"),
     ("SmolLM3", dict(num_hidden_layers=4), r"layer 3 has no RoPE"),
+    ("Helium", dict(head_dim=8), r"model_type='helium' \(HeliumForCausalLM\) is not a family .*rotate_every_two"),
+    ("Ernie4_5", dict(head_dim=8), r"model_type='ernie4_5' .*rotate_every_two"),
+    ("Mistral", dict(sliding_window=4), r"sliding-window attention \(sliding_window=4\)"),
+    ("SmolLM3", dict(num_hidden_layers=4, no_rope_layers=[1] * 4, use_sliding_window=True, sliding_window=4),
+     r"sliding_window=4"),
+    ("Qwen2", dict(), r"attention biases on some projections only"),
+    ("Llama", dict(mlp_bias=False), None),  # the config says no MLP biases, the layers get some (below)
+    ("DeepseekV3", dict(), r"attention has no `q_proj` projection"),
 ])
 def test_warm_start_refuses_llama_variants_it_cannot_map_exactly(variant, overrides, message):
     """Llama-layout backbones whose blocks compute something else were converted without an error into a
@@ -319,23 +334,79 @@ def test_warm_start_refuses_llama_variants_it_cannot_map_exactly(variant, overri
     scaling and multipliers, Qwen3's q/k norms, Gemma's `(1 + weight)` norms, OLMo's weightless LayerNorm (an
     AttributeError), SmolLM3's NoPE layers. Each is now refused naming the cause; the same classes with the
     Llama-equivalent settings are still accepted and exact (test below)."""
+    backbone = tiny_variant(variant, **overrides)
+    if message is None:
+        for layer in backbone.model.layers:
+            layer.mlp.up_proj.bias = torch.nn.Parameter(torch.ones(48, dtype=torch.float64))
+        message = r"mlp biases on some projections only \(\{'gate_proj': False, 'up_proj': True"
     with pytest.raises(ValueError, match=message):
-        memformer_from_llama(tiny_variant(variant, **overrides), num_memory_slots=4, segment_length=L,
-                             encoder_layers=2)
+        memformer_from_llama(backbone, num_memory_slots=4, segment_length=L, encoder_layers=2)
+
+
+@pytest.mark.parametrize("variant", ["Helium", "Ernie4_5"])
+def test_unverified_families_would_not_map_exactly(variant, monkeypatch):
+    """Helium and Ernie 4.5 pass every config and module check (same names, shapes, norms and RoPE settings) yet
+    rotate interleaved dimension pairs, which no config field shows: converted anyway (by listing them as verified)
+    the Memformer's logits differ from theirs by more than 1, so refusing unverified families is needed."""
+    backbone = tiny_variant(variant, head_dim=8)
+    monkeypatch.setitem(VERIFIED_BACKBONES, backbone.config.model_type, type(backbone).__name__)
+    model = warm(backbone)
+    ids = ids_with_bos(L)
+    with torch.no_grad():
+        assert (model(ids).logits - backbone(ids).logits).abs().max() > 1.0
+
+
+def test_warm_start_refuses_a_subclass_or_an_untied_head():
+    """Only transformers' own classes are verified (a subclass may change the forward), and a head that the config
+    says is tied but is not would be lost by the tied Memformer."""
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):  # computes something else than Llama
+            out = super().forward(*args, **kwargs)
+            out.logits = 2 * out.logits
+            return out
+
+    llama = tiny_llama()
+    sub = ScaledLlama(llama.config)
+    with pytest.raises(ValueError, match=r"ScaledLlama with model_type='llama'; only transformers' own "
+                                         r"LlamaForCausalLM"):
+        memformer_from_llama(sub, segment_length=L)
+    tied = tiny_llama(tie=True)
+    tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach() + 0.1)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=True but its output head is not its input embedding"):
+        memformer_from_llama(tied, segment_length=L)
+    biased = tiny_llama(attention_bias=True)
+    biased.config.attention_bias = False
+    with pytest.raises(ValueError, match=r"config says attention_bias=False but its projections have biases"):
+        memformer_from_llama(biased, segment_length=L)
 
 
 @pytest.mark.parametrize("variant,overrides", [
     ("Granite", dict(attention_multiplier=8 ** -0.5)),  # multipliers 1, scaling 1/sqrt(d_h): Llama's function
     ("SmolLM3", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 1])),  # RoPE in every layer
+    ("SmolLM3", dict(num_hidden_layers=4, no_rope_layers=[1] * 4, sliding_window=4)),  # unused: use_sliding_window=False
+    ("Mistral", dict(sliding_window=None)),  # Llama without a window
+    ("Llama", dict(attention_bias=True, mlp_bias=True)),  # random biases on all seven projections
 ])
 def test_warm_start_accepts_llama_variants_with_llama_settings(variant, overrides):
+    """Every family in `VERIFIED_BACKBONES` is covered here: its warm start equals it at initialisation."""
     backbone = tiny_variant(variant, **overrides)
+    assert backbone.config.model_type in VERIFIED_BACKBONES
     model = warm(backbone)
     ids = ids_with_bos(L)
     with torch.no_grad():
         got, ref = model(ids).logits, backbone(ids).logits
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-11)
     assert ref.abs().max() > 1.0
+
+
+def test_every_verified_family_has_an_equality_test():
+    """`VERIFIED_BACKBONES` lists exactly the families the equality test above converts (plus Llama, the main
+    tests), so that a family is never listed without being checked."""
+    marks = test_warm_start_accepts_llama_variants_with_llama_settings.pytestmark
+    tested = {getattr(transformers, f"{args[0]}Config").model_type
+              for m in marks if m.name == "parametrize" for args in m.args[1]}
+    assert tested == set(VERIFIED_BACKBONES)
 
 
 def test_warm_start_refuses_a_norm_eps_other_than_the_config_one():

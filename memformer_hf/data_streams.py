@@ -39,6 +39,7 @@ __all__ = [
     "IGNORE_INDEX",
     "BootMode",
     "load_documents",
+    "text_document_ids",
     "tokenize_documents",
     "check_vocab",
     "document_cells",
@@ -442,6 +443,16 @@ def document_ids(ids: Any, where: str, attention_mask: Any = None, labels: Any =
     if bos_token_id is not None and t.numel() and int(t[0]) == bos_token_id:
         t = t[1:]
     return t
+
+
+def text_document_ids(ids: Sequence[int], bos_token_id: int | None) -> list[int]:
+    """The tokens of one text (:func:`tokenize_documents`, no special tokens) as a document for the packers, which
+    drop a leading ``bos_token_id`` as the document's boot (:func:`document_ids`): a text whose own first token is
+    that BOS gets a boot BOS in front, so that its BOS stays a target, as when the text is tokenized with
+    ``add_special_tokens=True`` (one BOS added); other texts are unchanged. ``bos_token_id`` None (an empty boot):
+    nothing is dropped, nothing added."""
+    ids = list(ids)
+    return [bos_token_id, *ids] if bos_token_id is not None and ids and ids[0] == bos_token_id else ids
 
 
 def _boot_bos(bos_token_id: int, boot: str) -> int | None:
@@ -970,7 +981,9 @@ class IterableStreamBatches(_StreamLayout, torch.utils.data.IterableDataset):
             index = next(i for i, c in pending if isinstance(c, str))
             raise ValueError(f"IterableStreamBatches: document {index} of pass {pass_index} is text; pass "
                              "tokenizer= (or documents of token ids)")
-        encoded = iter(tokenize_documents(texts, self.tokenizer) if texts else [])
+        boot = _boot_bos(self.bos_token_id, self.boot)
+        encoded = iter([text_document_ids(ids, boot) for ids in tokenize_documents(texts, self.tokenizer)]
+                       if texts else [])
         return [(pass_index, index, None if content is None else
                  self._checked(next(encoded) if isinstance(content, str) else content, pass_index, index))
                 for index, content in pending]

@@ -325,3 +325,29 @@ def test_a_split_dataset_by_node_share_is_read_whole(tmp_path):
     with pytest.raises(ValueError, match=r"split_dataset_by_node\(rank=1, world_size=2\) but this process is rank 0 "
                                          "of 2"):
         tr._pack_stream(share, SimpleNamespace(**{**vars(run), "process_index": 0}), None)
+
+
+def test_text_starting_with_the_bos_string_keeps_its_bos_on_both_paths():
+    """A text whose first token is the BOS string gives the same documents whether streamed as text (tokenized
+    without special tokens) or as `input_ids` tokenized with `add_special_tokens=True` (one BOS added, dropped as the
+    boot): every token of the text is a target, its own BOS included (the text path dropped it, the ids path kept
+    it). Ordinary texts, and the CLI's in-memory documents (`trainer_documents`), give the same documents too."""
+    from tokenizers import processors
+
+    from memformer_hf.cli.corpus import trainer_documents
+
+    tok = word_tokenizer(50)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="w1 $A", special_tokens=[("w1", BOS)])
+    texts = ["w1 w5 w6 w7 w8 w9", "w33 w34 w35 w36 w37", "w1 w1 w38 w39", "w40 w1 w43"]  # no w1 / w2 in a word
+    expected = [[int(w[1:]) for w in t.split()] for t in texts]  # the text's tokens, all of them
+    assert tok(texts[0])["input_ids"] == [BOS] + expected[0]  # the tokenizer adds a BOS, as Llama's does
+    kw = layout(1, 1, 2, passes=1)
+    from_text = list(IterableStreamBatches(texts, tokenizer=tok, **kw))
+    from_ids = list(IterableStreamBatches([{"input_ids": tok(t)["input_ids"]} for t in texts], **kw))
+    assert_same_batches(from_text, from_ids)
+    assert stream_documents(from_text, 2)[0] == expected
+    config = SimpleNamespace(bos_token_id=BOS, first_segment_context="bos")
+    in_memory = StreamBatches(trainer_documents(expected, config), shuffle=False, **layout(1, 1, 2))
+    assert_same_batches([in_memory[i] for i in range(len(in_memory))], from_text)
+    # an empty boot drops nothing, so nothing is added either
+    assert trainer_documents(expected, SimpleNamespace(bos_token_id=BOS, first_segment_context="empty")) == expected

@@ -310,6 +310,15 @@ def prepare_documents(texts: list[str], tokenizer, max_tokens: int | None = None
     return docs
 
 
+def trainer_documents(docs: list[list[int]], config) -> list[list[int]]:
+    """`prepare_documents`' token ids as the trainer reads documents: a text whose own first token is BOS keeps it
+    as a target (`data_streams.text_document_ids`), as the streamed path does, instead of losing it as the boot."""
+    from ..data_streams import text_document_ids
+
+    boot = config.bos_token_id if config.first_segment_context == "bos" else None
+    return [text_document_ids(d, boot) for d in docs]
+
+
 def unigram_ppl(train_docs: list[list[int]], eval_docs: list[list[int]], vocab_size: int) -> float:
     """Perplexity of an add-one unigram model fitted on the train tokens (the no-context baseline)."""
     counts = Counter(t for d in train_docs for t in d)

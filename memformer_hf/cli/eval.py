@@ -71,7 +71,8 @@ def cmd_eval(argv: list[str]) -> int:
                     f"{description}")
     t = time.time()
     prefix = "eval" if ev.split == "validation" else ev.split
-    metrics = trainer.evaluate_documents(docs, metric_key_prefix=prefix)
+    metrics = trainer.evaluate_documents(corpus_io.trainer_documents(docs, model.config),
+                                           metric_key_prefix=prefix)
     metrics[f"{prefix}_seconds"] = time.time() - t
     if not main_process:
         return 0

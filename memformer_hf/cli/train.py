@@ -220,7 +220,7 @@ def _train_data(data: DataArguments, corpus: dict[str, Any], tokenizer, config, 
     world size). Also the documents the unigram baseline is fitted on (streamed: the first ones) and a summary."""
     if not data.streaming:
         docs = corpus_io.prepare_documents(corpus["train"], tokenizer)
-        return docs, docs, f"{len(docs)} / {sum(map(len, docs)):,}"
+        return corpus_io.trainer_documents(docs, config), docs, f"{len(docs)} / {sum(map(len, docs)):,}"
     from datasets.distributed import split_dataset_by_node
 
     from ..data_streams import IterableStreamBatches
@@ -318,6 +318,7 @@ def cmd_train(argv: list[str]) -> int:
 
     docs = {split: corpus_io.prepare_documents(texts, tokenizer, data.max_eval_tokens)
             for split, texts in corpus.items() if split != "train"}
+    eval_docs = {split: corpus_io.trainer_documents(d, config) for split, d in docs.items()}  # what the trainer reads
     train_data, unigram_docs, train_summary = _train_data(data, corpus, tokenizer, config, args)
     if not data.streaming:
         logger.info(f"{'train':>10}: {len(train_data):5d} documents, {sum(map(len, train_data)):>10,} tokens")
@@ -338,7 +339,7 @@ def cmd_train(argv: list[str]) -> int:
     if args.per_device_eval_batch_size > len(docs["validation"]):  # no all-padding evaluation streams
         args.per_device_eval_batch_size = len(docs["validation"])
     try:
-        trainer = CliTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=docs["validation"],
+        trainer = CliTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_docs["validation"],
                              processing_class=tokenizer)
     except ValueError as e:
         raise CliError(one_line(e)) from None
@@ -384,10 +385,10 @@ def cmd_train(argv: list[str]) -> int:
     # (later versions, which record `_initial_global_step`, divide by the run's own steps already)
     if resumed_at and steps_run > 0 and "train_loss" in metrics and not hasattr(trainer, "_initial_global_step"):
         metrics["train_loss"] *= trainer.state.global_step / steps_run
-    metrics.update(trainer.evaluate_documents(docs["validation"], metric_key_prefix="eval"))
+    metrics.update(trainer.evaluate_documents(eval_docs["validation"], metric_key_prefix="eval"))
     metrics["eval_unigram_ppl"] = corpus_io.unigram_ppl(unigram_docs, docs["validation"], config.vocab_size)
     if "test" in docs:
-        metrics.update(trainer.evaluate_documents(docs["test"], metric_key_prefix="test"))
+        metrics.update(trainer.evaluate_documents(eval_docs["test"], metric_key_prefix="test"))
         metrics["test_unigram_ppl"] = corpus_io.unigram_ppl(unigram_docs, docs["test"], config.vocab_size)
     metrics["eval_seconds"] = time.time() - t_eval
     if main_process:

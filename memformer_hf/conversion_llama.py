@@ -40,6 +40,12 @@ from .configuration_memformer import ACTIVATIONS, MemformerConfig
 from .modeling_memformer import MemformerForCausalLM
 
 CROSS_ATTENTION_INITS = ("self_attn", "random")
+# MemformerConfig fields that memformer_config_from_llama takes from the backbone: an override would break the copy of
+# the weights or make the copied decoder compute something else than the backbone.
+_BACKBONE_FIELDS = frozenset(("vocab_size", "hidden_size", "decoder_layers", "num_attention_heads", "num_key_value_heads",
+                              "intermediate_size", "activation_function", "norm_type", "rms_norm_eps", "mlp_type",
+                              "attention_bias", "mlp_bias", "tie_word_embeddings", "position_embedding_type",
+                              "rope_parameters"))
 # Name fragments of the parameters that a warm start creates (everything else is copied from the backbone).
 NEW_PARAMETER_PATTERNS = (".cross_attn.", ".cross_attn_norm.", ".memory_read.", ".memory_read_norm.",
                           ".memory_kv_norm.", "model.writer.", "model.encoder.norm.", "model.decoder_memory_norm.",
@@ -270,7 +276,8 @@ def memformer_config_from_llama(
     """The `MemformerConfig` of a warm start from a backbone with `llama_config`: Llama layer shapes (RMSNorm, SwiGLU,
     grouped KV heads, RoPE theta, biases, tying), its vocabulary and special tokens (`pad_token_id` defaults to the
     backbone's pad, else its EOS), every decoder layer, and `overrides` for the memory settings (e.g.
-    `memory_write_self_bias`, `forget_bias_init_scale`, `memory_write_temperature`)."""
+    `memory_write_self_bias`, `forget_bias_init_scale`, `memory_write_temperature`); an override of a field taken
+    from the backbone (sizes, norm, MLP, positions, vocabulary, tying) is a ValueError."""
     c = llama_config
     rope = dict(_llama_config_value(c, "rope_parameters") or {})
     theta = rope.get("rope_theta", _llama_config_value(c, "rope_theta", 1e4))
@@ -292,6 +299,10 @@ def memformer_config_from_llama(
         first_segment_context="bos", attention_dropout=0.0, hidden_dropout=0.0,
         initializer_range=float(_llama_config_value(c, "initializer_range", 0.02)),
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    fixed = sorted(k for k in overrides if MemformerConfig.attribute_map.get(k, k) in _BACKBONE_FIELDS)
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)}: taken from the backbone by the warm start (its weights and computation "
+                         f"fix them); override only the memory settings, K, L and the encoder depth.")
     kwargs.update(overrides)
     return MemformerConfig(**kwargs)
 

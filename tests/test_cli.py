@@ -771,3 +771,31 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
                            (["--encoder_layers", "9"], "encoder layers must be backbone layer indices")):
         assert cli.main([*common, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):
+    """`--config_overrides hidden_size=...` or `--position_embedding_type` with `--init_from_llama`: one line naming
+    the field (before: a RuntimeError traceback from the weight copy, or a silently different computation)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memformer_hf.cli import corpus as corpus_io
+
+    _write_jsonl(tmp_path / "train.jsonl", 3, 20, seed=0)
+    _write_jsonl(tmp_path / "valid.jsonl", 1, 10, seed=1)
+    monkeypatch.chdir(tmp_path)
+    tok = corpus_io.train_bpe_tokenizer([json.loads(line)["text"] for line in open("train.jsonl")], 300)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    common = ["train", "--init_from_llama", "llama", "--encoder_layers", "1", "--train_file", "train.jsonl",
+              "--validation_file", "valid.jsonl", "--output_dir", str(tmp_path / "out")]
+    for extra, field in ((["--config_overrides", "hidden_size=64"], "hidden_size"),
+                         (["--position_embedding_type", "none"], "position_embedding_type"),
+                         (["--config_overrides", "rms_norm_eps=0.1"], "rms_norm_eps")):
+        assert cli.main([*common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--init_from_llama llama: {field}" in err and "taken from the backbone" in err, err
+    assert not (tmp_path / "out").exists()

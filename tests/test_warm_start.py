@@ -642,3 +642,17 @@ def test_the_trainer_takes_one_learning_rate_per_origin(tmp_path):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="backbone_learning_rate must be a finite number >= 0"):
             MemformerTrainingArguments(output_dir=str(tmp_path), backbone_learning_rate=bad)
+
+
+@pytest.mark.parametrize("override", [dict(hidden_size=64), dict(position_embedding_type="none"),
+                                      dict(rms_norm_eps=0.1), dict(num_hidden_layers=2), dict(hidden_act="gelu"),
+                                      dict(tie_word_embeddings=False), dict(vocab_size=512)])
+def test_warm_start_refuses_overrides_of_what_the_backbone_fixes(override):
+    """A config override of a field the mapping takes from the backbone (sizes, norm, MLP, positions, vocabulary,
+    tying) would break the copy (a shape error) or silently make the decoder compute something else than the
+    backbone: it is refused, naming the field; memory options still pass."""
+    (name,) = override
+    with pytest.raises(ValueError, match=rf"{name}.*taken from the backbone"):
+        warm(tiny_llama(), **override)
+    model = warm(tiny_llama(), memory_write_temperature=0.25, decoder_previous_segment=True, hidden_dropout=0.1)
+    assert (model.config.memory_write_temperature, model.config.decoder_previous_segment) == (0.25, True)

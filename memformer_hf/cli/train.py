@@ -255,6 +255,10 @@ def cmd_train(argv: list[str]) -> int:
         if model_args.init_from_llama and flag_given(argv, flag):
             raise CliError(f"--{flag} cannot be combined with --init_from_llama (the backbone fixes the sizes and "
                            "the tokenizer)")
+    for name in ("encoder_learning_rate", "backbone_learning_rate"):  # the groups would split a random model by name
+        if getattr(args, name) is not None and not (model_args.init_from_llama or model_args.model_name_or_path):
+            raise CliError(f"--{name} needs --init_from_llama (or --model_name_or_path of a warm-started model): a "
+                           "model trained from scratch has no copied encoder or backbone")
     check_data_args(data, args)
     check_output_path("output_dir", args.output_dir, directory=True)
     check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)

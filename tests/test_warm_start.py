@@ -656,3 +656,18 @@ def test_warm_start_refuses_overrides_of_what_the_backbone_fixes(override):
         warm(tiny_llama(), **override)
     model = warm(tiny_llama(), memory_write_temperature=0.25, decoder_previous_segment=True, hidden_dropout=0.1)
     assert (model.config.memory_write_temperature, model.config.decoder_previous_segment) == (0.25, True)
+
+
+def test_per_origin_rates_refuse_a_model_with_peft_adapters(tmp_path):
+    """With LoRA adapters, `warm_start_parameter_groups` counts an adapter inside a copied layer as "backbone" or
+    "encoder": backbone_learning_rate=0 froze the decoder's adapters while training the others. Refused, and nothing
+    is frozen."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(warm(tiny_llama()).float(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    docs = [ids_with_bos(n, batch=1, seed=n)[0, 1:].tolist() for n in (4 * L, 3 * L)]
+    args = MemformerTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, mrbp_window=2,
+                                      report_to=[], disable_tqdm=True, use_cpu=True, backbone_learning_rate=0.0)
+    with pytest.raises(ValueError, match="adapters"):
+        MemformerTrainer(model=model, args=args, train_dataset=docs).create_optimizer()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable

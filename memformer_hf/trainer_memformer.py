@@ -382,7 +382,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                              "parameters by origin; with peft adapters, an adapter inside a copied layer would count "
                              "as encoder / backbone (a rate of 0 would freeze it). Train the adapters at learning_rate "
                              "(peft already freezes the base weights) and leave these rates unset.")
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
+        optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
+                                           else self.get_optimizer_cls_and_kwargs(args, opt_model))
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or \
                 optimizer_kwargs.keys() & {"params", "model", "optimizer_dict"}:
             raise ValueError(f"encoder_learning_rate / backbone_learning_rate need an optimizer built from parameter "

@@ -671,3 +671,18 @@ def test_per_origin_rates_refuse_a_model_with_peft_adapters(tmp_path):
     with pytest.raises(ValueError, match="adapters"):
         MemformerTrainer(model=model, args=args, train_dataset=docs).create_optimizer()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
+def test_per_origin_rates_keep_the_trainers_optimizer_class(tmp_path):
+    """`Trainer(optimizer_cls_and_kwargs=...)` with per-origin rates: that optimizer, with its own arguments, takes the
+    groups (it was replaced by `--optim`'s AdamW)."""
+    model = warm(tiny_llama()).float()
+    docs = [ids_with_bos(n, batch=1, seed=n)[0, 1:].tolist() for n in (4 * L, 3 * L)]
+    args = MemformerTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, mrbp_window=2,
+                                      learning_rate=1e-2, report_to=[], disable_tqdm=True, use_cpu=True,
+                                      encoder_learning_rate=1e-3)
+    trainer = MemformerTrainer(model=model, args=args, train_dataset=docs,
+                               optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1e-2, "momentum": 0.5}))
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.SGD and {g["momentum"] for g in optimizer.param_groups} == {0.5}
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-2, 1e-3}

@@ -410,6 +410,31 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """As the Trainer's, refusing a checkpoint whose optimizer groups or their rates are not this run's (e.g. other
+        `encoder_learning_rate` / `backbone_learning_rate`): torch raises on a different group layout, and on the same
+        layout it would keep the checkpoint's rates in place of the ones asked for."""
+        groups = getattr(self.optimizer, "param_groups", None)
+        if checkpoint is None or groups is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+        def layout(gs) -> list[tuple[int, float]]:
+            return [(len(g["params"]), g.get("initial_lr", g["lr"])) for g in gs]
+
+        asked = layout(groups)
+        advice = (f"resume_from_checkpoint {checkpoint}: the checkpoint's optimizer has other parameter groups or "
+                  "per-group learning rates than this run (learning_rate / encoder_learning_rate / "
+                  "backbone_learning_rate); resume with the checkpoint's rates")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as e:
+            if "parameter group" not in str(e):
+                raise
+            raise ValueError(f"{advice} ({e}).") from e
+        loaded = layout(self.optimizer.param_groups)
+        if loaded != asked:
+            raise ValueError(f"{advice}: (parameters, rate) per group {loaded} there, {asked} here.")
+
     # ------------------------------------------------------------------------------------------------ data
     def _pack(self, documents: list[list[int]], args: MemformerTrainingArguments, **overrides: Any) -> StreamBatches:
         seed = args.seed if args.data_seed is None else args.data_seed  # data_seed=0 is a seed, not "unset"

@@ -686,3 +686,23 @@ def test_per_origin_rates_keep_the_trainers_optimizer_class(tmp_path):
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is torch.optim.SGD and {g["momentum"] for g in optimizer.param_groups} == {0.5}
     assert {g["lr"] for g in optimizer.param_groups} == {1e-2, 1e-3}
+
+
+def test_a_resume_with_other_per_origin_rates_is_refused(tmp_path):
+    """Resuming with other per-origin rates: a different group layout was a bare torch ValueError ("different number
+    of parameter groups"), and the same layout at other rates silently kept the checkpoint's rates. Both are refused,
+    naming the rates; the same rates resume."""
+    docs = [ids_with_bos(n, batch=1, seed=n)[0, 1:].tolist() for n in (4 * L, 3 * L)]
+
+    def train(max_steps: int, resume: bool, **rates):
+        args = MemformerTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, mrbp_window=2,
+                                          learning_rate=1e-2, report_to=[], disable_tqdm=True, use_cpu=True,
+                                          max_steps=max_steps, save_strategy="steps", save_steps=1, **rates)
+        trainer = MemformerTrainer(model=warm(tiny_llama()).float(), args=args, train_dataset=docs)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1") if resume else None)
+
+    train(1, False, encoder_learning_rate=1e-3, backbone_learning_rate=0.0)
+    for rates in (dict(encoder_learning_rate=1e-3), dict(encoder_learning_rate=5e-4, backbone_learning_rate=0.0)):
+        with pytest.raises(ValueError, match="per-group learning rates"):
+            train(2, True, **rates)
+    train(2, True, encoder_learning_rate=1e-3, backbone_learning_rate=0.0)

@@ -370,8 +370,9 @@ def cmd_train(argv: list[str]) -> int:
         resumed_at = int(json.loads(state_file.read_text()).get("global_step", 0)) if state_file.is_file() else 0
     try:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except ValueError as e:  # streamed: a document read only now that does not fit, a checkpoint of another run
-        if not data.streaming:
+    except ValueError as e:  # streamed: a document read only now that does not fit, a checkpoint of another run;
+        # a checkpoint whose optimizer groups / rates are not this run's
+        if not (data.streaming or (args.resume_from_checkpoint and str(e).startswith("resume_from_checkpoint "))):
             raise
         raise CliError(one_line(e)) from None
     train_seconds = time.time() - t_train

@@ -385,9 +385,15 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
                                            else self.get_optimizer_cls_and_kwargs(args, opt_model))
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or \
-                optimizer_kwargs.keys() & {"params", "model", "optimizer_dict"}:
-            raise ValueError(f"encoder_learning_rate / backbone_learning_rate need an optimizer built from parameter "
-                             f"groups; optim={args.optim!r} builds its own.")
+                optimizer_kwargs.keys() & {"params", "model", "optimizer_dict"} or "bitsandbytes" in str(optimizer_cls):
+            raise ValueError(f"encoder_learning_rate / backbone_learning_rate need a torch optimizer built from "
+                             f"parameter groups; optim={args.optim!r} builds its own (or, 8-bit, needs the Trainer's "
+                             f"own setup).")
+        flat = next((n for n, _ in opt_model.named_parameters() if "_flat_param" in n), None)
+        if flat is not None:
+            raise ValueError(f"encoder_learning_rate / backbone_learning_rate find a parameter's origin by its name, "
+                             f"but the model's parameters are flattened ({flat!r}: FSDP1 without use_orig_params); "
+                             f"use FSDP2 or use_orig_params=True.")
         rates = {"new": args.learning_rate,
                  "encoder": args.learning_rate if args.encoder_learning_rate is None else args.encoder_learning_rate,
                  "backbone": args.learning_rate if args.backbone_learning_rate is None else args.backbone_learning_rate}

@@ -767,6 +767,7 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
         assert torch.equal(model.model.encoder.layers[i].self_attn.v_proj.weight, source.layers[i].self_attn.v_proj.weight)
     metrics = json.loads((warm / "metrics.json").read_text())
     assert metrics["trained_how"] == f"warm-started from `{backbone}`"
+    assert metrics["settings"]["learning rate: copied encoder / backbone (0: frozen)"] == "0.0 / 0.0"
     assert math.isfinite(metrics["metrics"]["test_ppl"])
     capsys.readouterr()
     for extra, message in ((["--hidden_size", "64"], "--hidden_size cannot be combined with --init_from_llama"),

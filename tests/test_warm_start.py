@@ -687,6 +687,15 @@ def test_per_origin_rates_keep_the_trainers_optimizer_class(tmp_path):
     assert type(optimizer) is torch.optim.SGD and {g["momentum"] for g in optimizer.param_groups} == {0.5}
     assert {g["lr"] for g in optimizer.param_groups} == {1e-2, 1e-3}
 
+    class Flattened(torch.nn.Module):  # FSDP1 without use_orig_params: names no longer say a parameter's origin
+        def __init__(self) -> None:
+            super().__init__()
+            self._flat_param = torch.nn.Parameter(torch.zeros(3))
+
+    trainer.optimizer = None
+    with pytest.raises(ValueError, match="flattened .*_flat_param"):
+        trainer.create_optimizer(Flattened())
+
 
 def test_a_resume_with_other_per_origin_rates_is_refused(tmp_path):
     """Resuming with other per-origin rates: a different group layout was a bare torch ValueError ("different number

@@ -143,9 +143,6 @@ class MemoryWriter(nn.Module):
             return self.norm(new, self.forget_bias.to(dtype)), probs
 
 
-__all__ = ["MemoryReader", "MemoryWriter", "BiasedMemoryNorm", "at_least_fp32"]
-
-
 class MemoryPredictor(nn.Module):
     """The `memory_prediction_loss` head (beyond the paper, docs/design.md#memory-prediction-loss): each slot of a
     memory M [N, K, d] gives a unigram distribution softmax(lm_head(P m_k)) over the vocabulary; their mixture
@@ -163,3 +160,6 @@ class MemoryPredictor(nn.Module):
         scored = shift_labels != -100
         picked = mixture.gather(1, shift_labels.clamp_min(0))
         return -(picked * scored).sum()
+
+
+__all__ = ["MemoryReader", "MemoryWriter", "BiasedMemoryNorm", "MemoryPredictor", "at_least_fp32"]

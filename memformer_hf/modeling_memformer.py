@@ -1614,6 +1614,11 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    def adds_memory_prediction(self, requested: bool = True) -> bool:
+        """Whether a training cell's loss includes the `memory_prediction_loss` term now: `requested` (False from
+        `memory_replay_backward`), training mode, and the option on."""
+        return requested and self.training and self.memory_predictor is not None
+
     def memory_prediction_nll(self, memory: torch.Tensor | None, memory_reset: torch.Tensor | None,
                               shift_labels: torch.Tensor) -> torch.Tensor:
         """`memory_prediction_loss` × the summed bag-of-words NLL of a training cell's targets `shift_labels`
@@ -1779,7 +1784,7 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 scores = self.lm_head(hidden[selected])
                 scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
                 nll = F.cross_entropy(scores, shift_labels[selected], reduction="sum")
-                if cell_mode and self.training and memory_prediction and self.memory_predictor is not None:
+                if cell_mode and self.adds_memory_prediction(memory_prediction):
                     nll = nll + self.memory_prediction_nll(kwargs.get("memory"), memory_reset,
                                                            shift_labels)
                 loss = nll / torch.as_tensor(num_items_in_batch, device=nll.device).clamp_min(1)

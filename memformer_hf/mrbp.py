@@ -296,7 +296,7 @@ class _TrainingCell(torch.nn.Module):
         logits = self.net.lm_head(out.last_hidden_state)
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(),
                                                 ignore_index=-100, reduction="sum")
-        if self.memory_prediction and self.net.memory_predictor is not None and self.net.training:
+        if self.net.adds_memory_prediction(self.memory_prediction):
             nll = nll + self.net.memory_prediction_nll(memory, memory_reset, shift_labels)
         return nll / num_items.clamp_min(1), out.memory
 
@@ -365,7 +365,7 @@ class TrainingCellGraph:
         core = model.model
         device = cells["encoder_input_ids"].device
         # whether the cell adds the memory_prediction_loss term: a graph replays the branch taken at its capture
-        memory_prediction = memory_prediction and model.training and getattr(model, "memory_predictor", None) is not None
+        memory_prediction = model.adds_memory_prediction(memory_prediction)
         # make_graphed_callables keeps the sample tensors as its static inputs: never the caller's (views of) cells
         example = {k: v.clone() for k, v in cell_batch(cells, 0).items()}
         b = example["encoder_input_ids"].shape[0]

@@ -93,6 +93,13 @@ class MemformerTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are built for the "
                                                                          "model by the stream packer."})
 
+    def origin_learning_rates(self) -> dict[str, float]:
+        """The learning rate of each origin of a warm-started model's parameters (`warm_start_parameter_groups`):
+        `learning_rate` for the new blocks, and for the copied encoder / backbone where their rate is unset."""
+        return {"new": self.learning_rate,
+                "encoder": self.learning_rate if self.encoder_learning_rate is None else self.encoder_learning_rate,
+                "backbone": self.learning_rate if self.backbone_learning_rate is None else self.backbone_learning_rate}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mrbp_window < 1:
@@ -394,9 +401,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
             raise ValueError(f"encoder_learning_rate / backbone_learning_rate find a parameter's origin by its name, "
                              f"but the model's parameters are flattened ({flat!r}: FSDP1 without use_orig_params); "
                              f"use FSDP2 or use_orig_params=True.")
-        rates = {"new": args.learning_rate,
-                 "encoder": args.learning_rate if args.encoder_learning_rate is None else args.encoder_learning_rate,
-                 "backbone": args.learning_rate if args.backbone_learning_rate is None else args.backbone_learning_rate}
+        rates = args.origin_learning_rates()
         decay = set(self.get_decay_parameter_names(opt_model))
         groups = []
         for origin, named in warm_start_parameter_groups(opt_model).items():

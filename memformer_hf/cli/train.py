@@ -148,10 +148,6 @@ def _origin(model_args: ModelArguments, markdown: bool = False) -> str:
     return "trained from scratch" if markdown else model_args.preset
 
 
-def _rate(value: float | None, args) -> float:
-    return args.learning_rate if value is None else value
-
-
 def _training_settings(args, config, model_args, tokenizer, train_summary: str, total_steps, tokens_per_step) -> list:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
@@ -172,7 +168,7 @@ def _training_settings(args, config, model_args, tokenizer, train_summary: str, 
         ("train documents / tokens", train_summary),
         ("learning rate, schedule, warmup", f"{args.learning_rate}, {schedule}, {args.warmup_steps}"),
         *([("learning rate: copied encoder / backbone (0: frozen)",
-            f"{_rate(args.encoder_learning_rate, args)} / {_rate(args.backbone_learning_rate, args)}")]
+            "{encoder} / {backbone}".format(**args.origin_learning_rates()))]
           if args.encoder_learning_rate is not None or args.backbone_learning_rate is not None else []),
         ("weight decay, max grad norm", f"{args.weight_decay}, {args.max_grad_norm}"),
         ("precision", precision),

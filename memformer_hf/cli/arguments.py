@@ -114,7 +114,7 @@ class DataArguments:
         "help": "Read the data as a `datasets` IterableDataset (load_dataset(..., streaming=True)): the train split "
                 "is tokenized as it is dealt to the streams and never held in memory (`train` needs --max_steps > 0 and a "
                 "validation split or --validation_file); the validation / test splits are read up to "
-                "--max_eval_documents."})
+                "--max_eval_documents (`eval --split train` needs it, or --max_train_documents)."})
     streaming_sample_documents: int = field(default=10000, metadata={
         "help": "With --streaming: the byte-level BPE and the unigram baseline are fitted on the first N documents "
                 "of the train stream."})

@@ -38,6 +38,9 @@ def cmd_eval(argv: list[str]) -> int:
         raise CliError("--streaming_sample_documents does nothing in `memformer-hf eval` (it sets what `train` fits "
                        "its tokenizer on); bound the documents with --max_eval_documents")
     check_data_args(data)
+    if data.streaming and ev.split == "train" and not (data.max_eval_documents or data.max_train_documents):
+        raise CliError("--streaming true --split train: evaluation reads the documents into memory, and a streamed "
+                       "train split may be larger than memory or endless: bound it with --max_eval_documents N")
     check_positive("per_device_eval_batch_size", ev.per_device_eval_batch_size)
     check_positive("eval_window", ev.eval_window)
     check_output_path("output_json", ev.output_json)  # before the evaluation, not after it

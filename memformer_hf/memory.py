@@ -63,7 +63,12 @@ class BiasedMemoryNorm(nn.Module):
         self.eps = eps
 
     def initial_memory(self, forget_bias: torch.Tensor) -> torch.Tensor:
-        return forget_bias / forget_bias.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        """m₀ = v / ‖v‖₂ per slot, a unit vector for every nonzero row however short (ε is not applied: each row is
+        first divided by its largest |entry|, so its squared norm cannot underflow); a zero row has no direction
+        and gives (1, ..., 1) / √d."""
+        peak = forget_bias.abs().amax(dim=-1, keepdim=True)
+        unit = F.normalize(forget_bias / torch.where(peak > 0, peak, 1), dim=-1)
+        return torch.where(peak > 0, unit, forget_bias.shape[-1] ** -0.5)
 
     def forward(self, memory: torch.Tensor, forget_bias: torch.Tensor) -> torch.Tensor:
         if self.use_forget_bias:

@@ -297,6 +297,37 @@ def test_repeated_bmn_without_input_converges_to_m0():
     assert dists[0] > 1e-2 and dists[-1] < 1e-9
 
 
+def test_m0_is_unit_for_short_and_zero_forgetting_vectors():
+    """m0 divided the forgetting vector by max(‖v‖, 1e-6), so a row shorter than 1e-6 gave a shorter slot: a valid
+    `forget_bias_init_scale=1e-7` started every slot at norm ≈ 0.1, a zeroed row at 0 (docs/design.md#bmn: every
+    slot lies on the unit sphere). m0 = v / ‖v‖ is now a unit vector for every nonzero row however short (float32
+    too, where the squares of a 1e-30 row underflow); a zero row, which has no direction, gives (1, ..., 1) / √d.
+    Other rows and their gradients are those of v / ‖v‖."""
+    model = build_tiny_memformer()
+    writer = model.model.writer
+    with torch.no_grad():
+        writer.forget_bias[0].mul_(1e-9)
+        writer.forget_bias[1].zero_()
+    weights = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    m0 = model.model.initial_memory(1)[0]
+    (m0 * weights).sum().backward()
+    v = writer.forget_bias.detach().clone().requires_grad_(True)
+    expected = v / v.norm(dim=-1, keepdim=True)
+    (expected[[0, 2]] * weights[[0, 2]]).sum().backward()
+    torch.testing.assert_close(m0[[0, 2]], expected[[0, 2]], atol=1e-15, rtol=0)
+    torch.testing.assert_close(m0[1], torch.full((16,), 16 ** -0.5, dtype=torch.float64), atol=0, rtol=0)
+    torch.testing.assert_close(writer.forget_bias.grad[2], v.grad[2], atol=1e-14, rtol=0)
+    torch.testing.assert_close(writer.forget_bias.grad[0], v.grad[0], atol=0, rtol=1e-12)  # ~1e9: a short row turns fast
+    assert (writer.forget_bias.grad[1] == 0).all()
+    with torch.no_grad():
+        out = model(rand_ids(9), output_memory_states=True)
+    for state in out.memory_states:
+        torch.testing.assert_close(state.norm(dim=-1), torch.ones(1, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+    for scale in (1e-7, 1e-30):
+        small = build_tiny_memformer(dtype=torch.float32, forget_bias_init_scale=scale)
+        torch.testing.assert_close(small.model.initial_memory(1).norm(dim=-1), torch.ones(1, 3), atol=1e-6, rtol=0)
+
+
 WRITER_VARIANTS = {
     "default": {},
     "heads4_tau0.3": dict(memory_write_heads=4, memory_write_temperature=0.3),

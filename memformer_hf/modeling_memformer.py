@@ -1173,6 +1173,21 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise ValueError(f"`{name}` holds token ids outside [0, vocab_size={self.config.vocab_size}): "
                                  f"min {low}, max {high}.")
 
+    def _check_inputs_embeds(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        """Refuse NaN, inf, or values beyond ±sqrt(max / d) / 2 of the normalisation dtype (at least float32) at real
+        positions: the first reach the memory and every later segment, the others overflow a norm's sum of d squared
+        deviations (NaN logits). Pads are never read. One host sync."""
+        norm_dtype = torch.float64 if inputs_embeds.dtype == torch.float64 else torch.float32
+        limit = (torch.finfo(norm_dtype).max / inputs_embeds.shape[-1]) ** 0.5 / 2
+        in_range = inputs_embeds.abs() <= min(limit, torch.finfo(inputs_embeds.dtype).max)  # False for NaN and inf
+        if bool((in_range.all(-1) | ~mask).all()):
+            return
+        if not bool((torch.isfinite(inputs_embeds).all(-1) | ~mask).all()):
+            raise ValueError("`inputs_embeds` contains NaN or inf values at real (attention_mask 1) positions.")
+        raise ValueError(f"`inputs_embeds` holds values beyond ±{limit:.3g} at real (attention_mask 1) positions: the "
+                         f"normalisation layers' sums of their squares would overflow "
+                         f"{str(norm_dtype).removeprefix('torch.')} (NaN outputs).")
+
     def _check_memory(self, memory: torch.Tensor, batch_size: int, name: str) -> None:
         expected = (batch_size, self.config.num_memory_slots, self.config.hidden_size)
         if memory.dim() != 3 or memory.shape[1:] != expected[1:]:
@@ -1295,9 +1310,8 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise ValueError(f"`attention_mask` must have shape (batch, ≥ sequence) = ({b}, {n}), "
                                  f"got {tuple(attention_mask.shape)}.")
             mask = attention_mask[:, attention_mask.shape[1] - n:].bool()  # generate passes past + new columns
-        if inputs_embeds is not None and not bool((torch.isfinite(inputs_embeds).all(-1) | ~mask.to(device)).all()):
-            # a real position's NaN / inf would reach the memory and every later segment (pads are never read)
-            raise ValueError("`inputs_embeds` contains NaN or inf values at real (attention_mask 1) positions.")
+        if inputs_embeds is not None:
+            self._check_inputs_embeds(inputs_embeds, mask.to(device))
         if memory_reset is not None:
             if memory_reset.shape != (b,):
                 raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")

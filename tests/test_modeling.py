@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -728,6 +729,32 @@ def test_nonfinite_inputs_embeds_are_refused_pads_are_not_read(value):
         clean = model(inputs_embeds=embeds, attention_mask=mask)
     torch.testing.assert_close(out.logits[1, 3:], clean.logits[1, 3:], rtol=0, atol=0)
     assert torch.isfinite(out.logits[:, 3:]).all()
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
+def test_inputs_embeds_whose_squares_overflow_are_refused(norm_type):
+    """Finite float32 `inputs_embeds` of 1e20 ran through: the normalisation layers' squares overflow to inf and the
+    logits and the memory were NaN, silently. Values beyond sqrt(finfo.max / d) / 2 (where a norm's sum of d squared
+    deviations can overflow) are refused naming the bound; up to it the outputs are finite, and a pad position is
+    still never read."""
+    model = build_tiny_memformer(dtype=torch.float32, norm_type=norm_type)
+    limit = (torch.finfo(torch.float32).max / 16) ** 0.5 / 2
+    largest = torch.full((2, 6, 16), limit)
+    largest[..., ::2] *= -1  # alternating signs: the largest deviations from the mean
+    largest[1, :, 0] = 1.0
+    with torch.no_grad():
+        out = model(inputs_embeds=largest)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.memory).all()
+        for bad in (largest * 1.01, torch.full((2, 6, 16), 1e20)):
+            with pytest.raises(ValueError, match=re.escape(f"`inputs_embeds` holds values beyond ±{limit:.3g} at real")):
+                model(inputs_embeds=bad)
+        mask = torch.ones(2, 6, dtype=torch.long)
+        mask[1, :2] = 0
+        padded = largest.clone()
+        padded[1, :2] = 1e30
+        out = model(inputs_embeds=padded, attention_mask=mask)
+        clean = model(inputs_embeds=largest, attention_mask=mask)
+    torch.testing.assert_close(out.logits[1, 2:], clean.logits[1, 2:], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("position_embedding_type", ["rope", "simplified_rpe"])

@@ -127,9 +127,9 @@ class MemformerCache(Cache):
     - `started` [B] bool: the row has consumed its boot segment.
 
     `consumed` counts input columns (pad columns included) fed since creation; it is what `get_seq_length()` returns,
-    which is how `generate()` knows which columns are new. Memory writes cannot be undone, so `crop` is refused. The
-    cache left by beam search does not match the returned sequences and is marked stale (`mark_stale`): using or
-    saving it raises until `reset()`.
+    which is how `generate()` knows which columns are new. Memory writes cannot be undone, so `crop` is refused. A
+    cache reordered during `generate()` (`reorder_cache`: beam search, also Hub `custom_generate` beam decoding) does
+    not match the returned sequences and is marked stale (`mark_stale`): using or saving it raises until `reset()`.
 
     A state that comes from outside the model (`load_state`, `set_state`, a tensor assigned or modified in place) is
     checked once for NaN/inf on its next use (`check_compatible`: one reduction, one host synchronisation); a state
@@ -161,6 +161,7 @@ class MemformerCache(Cache):
         self._trusted: list | None = None  # stamps of the tensors last written by the model (or verified finite)
         self._checked_config: MemformerConfig | None = None  # the config object last checked compatible
         self._stale: str | None = None  # why the state does not belong to the sequences it was returned with
+        self.reorders = 0  # `reorder_cache` calls (generate() marks a cache reordered during it stale)
 
     # ----------------------------------------------------------------------------------------------- state access
     @property
@@ -375,6 +376,7 @@ class MemformerCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: every per-row tensor follows its hypothesis."""
         self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.reorders += 1
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))

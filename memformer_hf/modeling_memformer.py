@@ -1651,7 +1651,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         """`GenerationMixin.generate`. With a filled `MemformerCache`, `input_ids` must be the whole sequence (the
         columns the cache consumed, then the new ones): generate() feeds the model only the columns after the first
-        `cache.get_seq_length()`, so passing only the new ids (or `inputs_embeds`) is refused with a `ValueError`."""
+        `cache.get_seq_length()`, so passing only the new ids (or `inputs_embeds`) is refused with a `ValueError`. A
+        cache that a beam loop reordered during the call (`reorder_cache`) is marked stale when it returns."""
         if getattr(kwargs.get("generation_config"), "is_assistant", False):
             raise ValueError("MemformerForCausalLM cannot be an `assistant_model`: assisted decoding rolls the "
                              "assistant's cache back to the accepted tokens, and Memformer's memory writes cannot be "
@@ -1674,7 +1675,20 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 f"model only the columns after the first {consumed}.")
         if "memory_reset" in kwargs:  # a tensor, so that generate() expands it with the rows (num_return_sequences)
             kwargs["memory_reset"] = _as_row_flags(kwargs["memory_reset"], "memory_reset")
-        return super().generate(inputs, *args, **kwargs)
+        reorders = cache.reorders if isinstance(cache, MemformerCache) else 0
+        out = super().generate(inputs, *args, **kwargs)
+        # any beam loop (`_beam_search`, or Hub `custom_generate` code such as group and constrained beam search)
+        # leaves the cache with the beams running at its last step, not the returned sequences
+        returned = getattr(out, CACHE_KWARG, None)
+        for state, before in ((cache, reorders), (returned, reorders if returned is cache else 0)):
+            if isinstance(state, MemformerCache) and state.reorders > before:
+                state.mark_stale(
+                    "This MemformerCache was reordered by beam search in generate() (num_beams > 1, also group, "
+                    "constrained or other custom_generate beam decoding): it holds the state of the beams still "
+                    "running at its last step, not of the returned sequences. Continue by generating from the "
+                    "returned sequences without it (or call `cache.reset()`); greedy and sampled generation return a "
+                    "cache that matches their sequences.")
+        return out
 
     def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
         """`GenerationMixin._prefill` with stream semantics: `memory_reset` restarts its rows once, before the prompt
@@ -1712,19 +1726,6 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         finally:
             model_kwargs["attention_mask"] = mask
         return outputs
-
-    def _beam_search(self, *args: Any, **model_kwargs: Any):
-        """`GenerationMixin._beam_search`; the cache it leaves holds the beams still running at the last step, not
-        the returned sequences, so it is marked stale: continuing from it or saving it raises."""
-        out = super()._beam_search(*args, **model_kwargs)
-        for cache in (model_kwargs.get(CACHE_KWARG), getattr(out, CACHE_KWARG, None)):
-            if isinstance(cache, MemformerCache):
-                cache.mark_stale(
-                    "This MemformerCache comes from beam search: it holds the state of the beams still running at "
-                    "its last step, not of the returned sequences. Continue by generating from the returned "
-                    "sequences without it (or call `cache.reset()`); greedy and sampled generation return a cache "
-                    "that matches their sequences.")
-        return out
 
     def forward(
         self,

@@ -720,6 +720,35 @@ def test_cache_after_beam_search_refuses_to_continue(model):
     torch.testing.assert_close(cont.sequences, gen(model, ids, max_new_tokens=4).sequences, atol=0, rtol=0)
 
 
+def test_cache_after_a_custom_generate_beam_loop_refuses_to_continue(model):
+    """Group and constrained beam search are Hub `custom_generate` code in transformers 5: they run their own beam
+    loop (reordering the cache with `reorder_cache`), not `_beam_search`, so the cache they left was not marked stale
+    and continuing from it silently used the wrong beams' memory. A cache reordered during generate() is now marked:
+    here by a local custom_generate running a beam loop of its own. One that was not reordered continues."""
+    from transformers.generation.utils import GenerationMixin
+
+    def own_beam_loop(model, *args, **kwargs):
+        return GenerationMixin._beam_search(model, *args, **kwargs)
+
+    def own_greedy_loop(model, *args, **kwargs):
+        return GenerationMixin._sample(model, *args, **kwargs)
+
+    ids = rand_ids(6, seed=72)
+    mine = MemformerCache(model.config)
+    out = gen(model, ids, num_beams=2, num_return_sequences=2, max_new_tokens=7, past_key_values=mine,
+              custom_generate=own_beam_loop)
+    assert out[CACHE_KWARG] is mine
+    full = torch.cat([out.sequences, rand_ids(3, batch=2, seed=73, boot=False)], 1)
+    with pytest.raises(ValueError, match="reordered by beam search"):
+        gen(model, full, past_key_values=mine, max_new_tokens=4)
+    with pytest.raises(ValueError, match="reordered by beam search"):
+        mine.save_state("unused.safetensors")
+    greedy = gen(model, ids, max_new_tokens=7, custom_generate=own_greedy_loop)
+    full = torch.cat([greedy.sequences, rand_ids(3, seed=73, boot=False)], 1)
+    cont = gen(model, full, past_key_values=greedy[CACHE_KWARG], max_new_tokens=4)
+    torch.testing.assert_close(cont.sequences, gen(model, full, max_new_tokens=4).sequences, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("chunk", [None, 3], ids=["prefill", "chunked_prefill"])
 def test_generate_memory_reset_applies_to_the_prompt_only(model, chunk):
     """`generate(memory_reset=...)` was passed to every forward, so each generated token started a new document.

@@ -61,6 +61,39 @@ def check_training_cells(cfg: MemformerConfig) -> None:
               f"max|memory diff| {(mg_ - me_).abs().max().item():.3e}")
 
 
+def check_evaluation(cfg: MemformerConfig) -> None:
+    """`MemformerTrainer.evaluation_sums` (the Trainer's evaluation: whole cells without autograd, each one captured
+    graph) graphed vs eager, bf16 autocast as `--bf16` runs it, with the memory carried and reset; and its speed."""
+    import tempfile
+    import time
+
+    from memformer_hf.trainer_memformer import MemformerTrainer, MemformerTrainingArguments
+
+    docs = [torch.randint(2, cfg.vocab_size, (4096,)).tolist() for _ in range(32)]
+    torch.manual_seed(1)
+    model = MemformerForCausalLM(cfg).cuda()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = MemformerTrainingArguments(output_dir=tmp, per_device_eval_batch_size=16, eval_window=16, bf16=True,
+                                          eval_no_memory=True, report_to=[], disable_tqdm=True)
+        trainer = MemformerTrainer(model=model, args=args, eval_dataset=docs)
+        for graphs in (True, False):
+            model.model.use_cuda_graphs = graphs
+            trainer.evaluation_sums(docs[:16])  # warm-up (captures)
+            torch.cuda.synchronize()
+            tic = time.perf_counter()
+            sums = trainer.evaluation_sums(docs)
+            seconds = time.perf_counter() - tic
+            results[graphs] = ({k: (v.nll.double(), v.tokens) for k, v in sums.items()}, seconds)
+    (g, tg), (e, te) = results[True], results[False]
+    tokens = sum(map(len, docs))
+    for key in g:
+        diff = ((g[key][0] - e[key][0]).abs().max() / e[key][0].abs().max()).item()
+        print(f"evaluation_sums{key or ' (carried)'} 32 docs x 4096, 16 streams, bf16: NLL sums rel diff {diff:.3e}; "
+              f"tokens equal {torch.equal(g[key][1], e[key][1])}")
+    print(f"evaluation speed (carried + reset): graphed {2 * tokens / tg:,.0f} tokens/s vs eager {2 * tokens / te:,.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="v1-lm")
@@ -108,6 +141,7 @@ def main() -> None:
     embeds_check = (torch.equal(by_ids.sequences[:, prompt.shape[1]:], by_embeds.sequences),
                     max(float((x.float() - y.float()).abs().max()) for x, y in zip(by_ids.logits, by_embeds.logits)))
     check_training_cells(cfg)
+    check_evaluation(cfg)
     (lg, mg, sg, gg, replays_g), (le, me, se, ge, replays_e) = runs[True], runs[False]
     print(f"prefill {tuple(ids.shape)}: max|logits graphed - eager| {(lg - le).abs().max().item():.3e} "
           f"(logit std {le.std().item():.3f}); max|memory diff| {(mg - me).abs().max().item():.3e}")

@@ -1216,6 +1216,18 @@ class MemformerModel(MemformerPreTrainedModel):
                 self._check_ids(t, name)
         memory = self.cell_memory(memory, memory_reset, enc_ids.shape[0], validate_inputs)
         enc_mask = (torch.ones_like(enc_ids, dtype=torch.bool) if enc_mask is None else enc_mask.bool())
+        if validate_inputs and self.config.decoder_previous_segment and not critical_path_only:
+            self._check_previous_segment_layout(enc_ids, enc_mask, dec_ids)
+        if not (critical_path_only or output_hidden_states or output_memory_attentions):
+            if self._use_graphs(enc_ids.device):  # the whole cell is one captured graph (evaluation)
+                inputs = (enc_ids, enc_mask, dec_ids, memory)
+                key = ("cell", tuple(enc_ids.shape), tuple(dec_ids.shape), memory.dtype)
+                step = self._step_graphs.get(key, lambda: GraphedStep(self._cell_step, inputs))
+                last_hidden, new_memory = (t.clone() for t in step(*inputs))  # the next replay overwrites them
+            else:
+                last_hidden, new_memory = self._cell_step(enc_ids, enc_mask, dec_ids, memory)
+            return MemformerModelOutput(last_hidden_state=last_hidden, memory=new_memory)
+        # analysis outputs, or the critical path alone (MRBP's forward sweep)
         embeds = self.embed_tokens(enc_ids)
         write_probs = reads = None
         if output_memory_attentions:
@@ -1227,18 +1239,32 @@ class MemformerModel(MemformerPreTrainedModel):
                 hidden, new_memory = (hidden if critical_path_only else hidden.clone()), new_memory.clone()
         last_hidden = all_hidden = None
         if not critical_path_only:
-            context, context_mask = self.cross_context(hidden, new_memory, enc_mask)
-            if self.config.decoder_previous_segment:
-                last_hidden, all_hidden = self._decode_over_previous_segment(
-                    enc_ids, enc_mask, dec_ids, context, context_mask, output_hidden_states, validate_inputs)
-            else:
-                last_hidden, _, _, all_hidden = self.decode_chunks(
-                    self.embed_tokens(dec_ids), None, None, context, context_mask,
-                    output_hidden_states=output_hidden_states)
+            last_hidden, all_hidden = self._decode_cell(enc_ids, enc_mask, dec_ids, hidden, new_memory,
+                                                        output_hidden_states)
         return MemformerModelOutput(
             last_hidden_state=last_hidden, memory=new_memory, hidden_states=all_hidden,
             writer_attentions=(write_probs,) if output_memory_attentions else None,
             reader_attentions=(reads,) if output_memory_attentions else None)
+
+    def _cell_step(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor, dec_ids: torch.Tensor, memory: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cell without analysis outputs: (the decoder's normalised hidden states, M'). Fixed shapes and no host
+        sync (the inputs are validated before), so that without autograd on CUDA it runs as one captured graph."""
+        hidden, new_memory = self._encode_step(self.embed_tokens(enc_ids), memory, enc_mask)
+        return self._decode_cell(enc_ids, enc_mask, dec_ids, hidden, new_memory)[0], new_memory
+
+    def _decode_cell(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor, dec_ids: torch.Tensor, hidden: torch.Tensor,
+                     new_memory: torch.Tensor, output_hidden_states: bool = False
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """A cell's decoder over `dec_ids`, cross-attending to the encoder output H (and M' with
+        `decoder_reads_memory`); with `decoder_previous_segment` over the previous segment first."""
+        context, context_mask = self.cross_context(hidden, new_memory, enc_mask)
+        if self.config.decoder_previous_segment:
+            return self._decode_over_previous_segment(enc_ids, enc_mask, dec_ids, context, context_mask,
+                                                      output_hidden_states)
+        last_hidden, _, _, all_hidden = self.decode_chunks(self.embed_tokens(dec_ids), None, None, context,
+                                                           context_mask, output_hidden_states=output_hidden_states)
+        return last_hidden, all_hidden
 
     def cell_memory(self, memory: torch.Tensor | None, memory_reset: torch.Tensor | None, batch_size: int,
                     validate_inputs: bool = True) -> torch.Tensor:
@@ -1257,8 +1283,17 @@ class MemformerModel(MemformerPreTrainedModel):
             memory = torch.where(memory_reset.to(memory.device).bool()[:, None, None], m0, memory)
         return memory
 
+    def _check_previous_segment_layout(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor, dec_ids: torch.Tensor
+                                       ) -> None:
+        """`decoder_previous_segment`: a row continuing a complete segment must start its decoder input with that
+        segment's last token (`previous_segment_breaks`). One host sync."""
+        broken = previous_segment_breaks(enc_ids, enc_mask, dec_ids, self.config.segment_length)
+        if bool(broken.any()):
+            raise ValueError(PREVIOUS_SEGMENT_LAYOUT_ERROR.format(
+                where=f"rows {broken.nonzero().flatten().tolist()} have"))
+
     def _decode_over_previous_segment(self, enc_ids, enc_mask, dec_ids, context, context_mask,
-                                      output_hidden_states: bool, validate_inputs: bool):
+                                      output_hidden_states: bool):
         """The `decoder_previous_segment` decoder of one cell (docs/design.md#decoder-previous-segment): a row whose
         encoder input is a complete segment p (all L tokens valid) continues it: the decoder runs over
         [BOS, p_0..p_{L-2}] at positions -L..-1, then its own inputs, the first of which must be p_{L-1}; only the
@@ -1271,11 +1306,6 @@ class MemformerModel(MemformerPreTrainedModel):
         else:  # a shorter encoder input is never a complete previous segment (the prefix is masked: any values)
             continues = torch.zeros(b, dtype=torch.bool, device=dec_ids.device)
             prefix = self.embed_tokens(dec_ids.new_full((b, L), self.config.bos_token_id))
-        if validate_inputs:
-            broken = previous_segment_breaks(enc_ids, enc_mask, dec_ids, L)
-            if bool(broken.any()):
-                raise ValueError(PREVIOUS_SEGMENT_LAYOUT_ERROR.format(
-                    where=f"rows {broken.nonzero().flatten().tolist()} have"))
         plan = self.previous_segment_plan(continues, q, context_mask, self.embed_tokens.weight.dtype)
         window = torch.cat([prefix, self.embed_tokens(dec_ids)], 1)
         hidden, _, _, all_hidden = self.decode_chunks(window, None, None, context, None,

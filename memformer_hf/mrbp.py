@@ -211,7 +211,7 @@ def stream_cells(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 def _validate_window(model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None) -> None:
     """Check a whole window's token ids, the carried memory and, with `decoder_previous_segment`, the decoder layout
-    (as `MemformerModel._decode_over_previous_segment` checks one cell) with one host sync (the cells then skip their
+    (as `MemformerModel._check_previous_segment_layout` checks one cell) with one host sync (the cells then skip their
     own per-call checks, which would each stop the host until the GPU catches up)."""
     config = _unwrap(model).config
     vocab = config.vocab_size

@@ -315,8 +315,8 @@ def backbone_sums(model, docs: list[list[int]], context: int, stride: int, bos: 
         ids, targets, position = ids.to(device), targets.to(device), position.to(device)
         with autocast:
             logits = model(ids[:, :-1]).logits
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
-                                                reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                                reduction="none").view_as(targets)
         sums.add(nll, targets.ne(-100), PerplexitySums.buckets(position, edges))
     return PerplexitySums(sums.nll.cpu(), sums.tokens.cpu())
 

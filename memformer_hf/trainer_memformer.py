@@ -727,7 +727,8 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
     @contextlib.contextmanager
     def _cell_context(self) -> Iterator[None]:
         """Around every cell: the Trainer's loss context and accelerate's autocast. (accelerate applies mixed
-        precision by wrapping the model's `forward`; the graphed training cells call the model's parts directly.)"""
+        precision by wrapping the model's `forward` when it prepares the model; the graphed training cells call the
+        model's parts directly, and a Trainer that only evaluates never prepares it.)"""
         with self.compute_loss_context_manager(), self.accelerator.autocast():
             yield
 
@@ -819,7 +820,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
                         given = None if carried_in[t] is None else carried_in[t].roll(1, dims=0)
                     elif kind == "carried":
                         carried_in.append(given)
-                    with self.compute_loss_context_manager():  # ids were checked when packed: no sync per cell
+                    with self._cell_context():  # ids were checked when packed: no sync per cell
                         out = model(**cell, memory=given, validate_inputs=False)
                     if kind != "foreign":
                         memory[suffix] = out.memory

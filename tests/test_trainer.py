@@ -941,6 +941,23 @@ def test_mixed_precision_autocast_on_cpu(tmp_path, monkeypatch, precision):
     assert any(got[s] != fp32[s] for s in fp32)  # it really ran in another precision
 
 
+def test_evaluation_runs_under_the_mixed_precision_it_is_given(tmp_path):
+    """`bf16=True`: a Trainer that only evaluates (as `memformer-hf eval --bf16 true`) evaluates under autocast,
+    as one that trained does (it evaluated in float32 before: only the training cells entered accelerate's
+    autocast)."""
+    docs = make_docs(2, 6, 3, 22)
+    try:
+        tr = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "bf16", bf16=True), eval_dataset=docs)
+    except (ValueError, ImportError) as e:  # pragma: no cover - depends on the accelerate / torch build
+        pytest.skip(f"bf16 on CPU is not supported by this transformers/accelerate/torch build: {e}")
+    seen = set()
+    tr.model.model.encoder.layers[0].ffn.fc1.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    got = tr.evaluate()
+    assert torch.bfloat16 in seen, seen
+    ref = MemformerTrainer(model=make_model(0), args=targs(tmp_path / "fp32"), eval_dataset=docs).evaluate()
+    assert got["eval_ppl"] == pytest.approx(ref["eval_ppl"], rel=5e-2) and got["eval_ppl"] != ref["eval_ppl"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="fp16 needs CUDA: on CPU accelerate applies neither fp16 autocast nor a GradScaler "
                            "(fp16=True silently trains in fp32), so the loss scaling / memory-gradient unscaling "

@@ -20,6 +20,8 @@ control of `warm_start.py`), the model a trained Memformer's decoder is closer t
 
     # CPU smoke run: a tiny random Llama on the first test documents, < 1 minute
     python benchmarks/cache_ceiling.py --tiny
+    # CPU: what the bag-of-words target of `memory_prediction_loss` could reach (unigram vs ideal document cache)
+    python benchmarks/cache_ceiling.py --bag_of_words
     # device (the GGUF parts and tokens of benchmarks/warm_start.py --pack_for_device, see its docstring)
     PYTHONPATH=/tmp/site:$PWD python benchmarks/cache_ceiling.py --gguf_parts P0,P1 --tokens tokens.npz \\
         --finetune_tokens 4882432 --output_dir $OUT
@@ -149,6 +151,31 @@ def table(res: dict, what: str) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def bag_of_words_baselines(train: list[list[int]], vocab: int, L: int, docs: int = 60, seed: int = 0) -> str:
+    """The targets of `memory_prediction_loss` (a segment's tokens as a bag of words) scored by the train split's
+    unigram and by the ideal document cache (λ · counts of the document before the segment + (1 − λ) · unigram), in
+    nats per token, on `docs` random train documents (first 16,384 tokens): what that loss's memory could reach."""
+    flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in train])
+    g = np.bincount(flat, minlength=vocab) + 0.1
+    g = g / g.sum()
+    lams = (0.0, 0.2, 0.4, 0.6, 0.8)
+    nll = dict.fromkeys(lams, 0.0)
+    n = 0
+    for d in np.random.default_rng(seed).choice(len(train), min(docs, len(train)), replace=False):
+        doc = np.asarray(train[d][:16384], dtype=np.int64)
+        counts = np.zeros(vocab)
+        for s in range(0, len(doc) - L, L):
+            if s:
+                seg = doc[s: s + L]
+                for lam in lams:
+                    nll[lam] -= np.log(lam * counts[seg] / counts.sum() + (1 - lam) * g[seg]).sum()
+                n += len(seg)
+            counts += np.bincount(doc[s: s + L], minlength=vocab)
+    rows = [f"| train unigram | {nll[0.0] / n:.3f} |"] + [
+        f"| document cache, λ = {lam} | {nll[lam] / n:.3f} |" for lam in lams[1:]]
+    return "| bag-of-words target scored by | nats / token |\n|---|---:|\n" + "\n".join(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -163,11 +190,16 @@ def main(argv=None) -> None:
     p.add_argument("--bos_token_id", type=int, default=SMOLLM2_BOS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=None)
+    p.add_argument("--bag_of_words", action="store_true", help="only print bag_of_words_baselines (CPU, seconds)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     blob = np.load(args.tokens)
     train_flat = blob["train_flat"].astype(np.int64)
     test = unpack_tokens(blob["test_flat"], blob["test_offsets"])
+    if args.bag_of_words:
+        print(bag_of_words_baselines(unpack_tokens(blob["train_flat"], blob["train_offsets"]), 49152,
+                                     args.segment_length))
+        return
     if args.tiny:
         args.min_doc_tokens, args.max_doc_tokens, args.max_eval_docs = 1024, 1024, args.max_eval_docs or 4
     docs = [d[: args.max_doc_tokens] for d in test if len(d) >= args.min_doc_tokens]

@@ -7,7 +7,8 @@ sets the speed. `GraphedStep` captures one step once and replays it: one launch 
 
 Graphs are only used without autograd and in eval mode, on CUDA. A captured graph reads the parameters at the
 addresses they had when it was captured, so `StepGraphs` keys every graph by the parameters' addresses as well as
-the shapes and drops stale graphs when the model is moved, cast or has its parameters replaced.
+the shapes and drops stale graphs when the model is moved, cast or has its parameters replaced; likewise when the
+adapters of peft tuner layers are switched (`adapter_state`).
 """
 
 from __future__ import annotations
@@ -62,14 +63,20 @@ class StepGraphs:
     def __init__(self) -> None:
         self._graphs: dict[tuple, GraphedStep] = {}
         self._params_key: tuple | None = None
+        self._tuner_layers: list[torch.nn.Module] = []
+        self._adapter_state: tuple = ()
 
     def drop_if_stale(self, module: torch.nn.Module) -> None:
-        """Drop every graph if `module`'s parameters moved, were cast or replaced since the graphs were captured.
-        Called once per forward (it walks the parameters), before the `get` calls of that forward."""
+        """Drop every graph if `module`'s parameters moved, were cast or replaced since the graphs were captured, or
+        its peft adapters were switched (`adapter_state`). Called once per forward (it walks the parameters), before
+        the `get` calls of that forward."""
         params_key = tuple(p.data_ptr() for p in module.parameters())
-        if params_key != self._params_key:
+        if params_key != self._params_key:  # (adding or removing adapter layers changes the parameters)
+            self._tuner_layers = tuner_layers(module)
+        state = adapter_state(self._tuner_layers)
+        if params_key != self._params_key or state != self._adapter_state:
             self.clear()
-            self._params_key = params_key
+            self._params_key, self._adapter_state = params_key, state
 
     def get(self, key: tuple, build: Callable[[], GraphedStep]) -> GraphedStep:
         """The graph captured for `key` (and the current autocast state), capturing it with `build` the first time."""
@@ -81,6 +88,22 @@ class StepGraphs:
 
     def clear(self) -> None:
         self._graphs.clear()
+
+
+def tuner_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft tuner layers (LoRA, ...) inside `module`: the modules whose class has `active_adapters` and
+    `merged_adapters` (peft's `BaseTunerLayer`); none without peft."""
+    return [m for m in module.modules()
+            if hasattr(type(m), "active_adapters") and hasattr(type(m), "merged_adapters")]
+
+
+def adapter_state(layers: list[torch.nn.Module]) -> tuple:
+    """What peft tuner `layers` branch on in Python, which a captured graph replays as it was at the capture: the
+    adapters disabled, active and merged into the base weights (`merge_adapter` adds the update in place: the
+    weight's address stays), and LoRA's scales (`rescale_adapter_scale`)."""
+    return tuple((m.disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters),
+                  tuple(sorted((k, v) for k, v in getattr(m, "scaling", {}).items() if isinstance(v, (int, float)))))
+                 for m in layers)
 
 
 def graphs_usable(module: torch.nn.Module, device: torch.device) -> bool:
@@ -102,4 +125,4 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-__all__ = ["GraphedStep", "StepGraphs", "graphs_usable", "is_sharded"]
+__all__ = ["GraphedStep", "StepGraphs", "adapter_state", "graphs_usable", "is_sharded", "tuner_layers"]

@@ -138,3 +138,74 @@ def test_lora_resume_from_checkpoint(base_dir, tmp_path):
     assert got.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-9, msg=n)
+
+
+@torch.no_grad()
+def graphed_paths_logits(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the calls that run captured steps on a GPU: an unpadded stream (the aligned path: one encoder step
+    per segment) and one cell-mode call (as the Trainer's evaluation makes: the whole cell)."""
+    gen = torch.Generator().manual_seed(4)
+    enc, dec = torch.randint(3, 50, (2, 4), generator=gen), torch.randint(3, 50, (2, 4), generator=gen)
+    dec[:, 0] = BOS
+    model.eval()
+    return model(rand_ids(23, batch=2, seed=9)).logits, model(encoder_input_ids=enc, decoder_input_ids=dec).logits
+
+
+def test_graphs_follow_the_adapter_state(base_dir, monkeypatch):
+    """A CUDA graph replays the LoRA branches taken at its capture, and peft switches them with Python state, not
+    parameters: `disable_adapter()`, `merge_adapter()` (which adds the update into the base weight in place, at the
+    same address) and `rescale_adapter_scale` left the captured steps in place, so a model whose graphs were captured
+    with its adapter on kept running the adapter (disabled: the adapted logits; merged: the update twice). Emulated
+    on the CPU: a stand-in for the capture that replays the adapter state it saw; parameters are read at replay, as
+    a graph reads them at their addresses. Stream mode (the encoder steps) and cell mode (the whole cell)."""
+    from peft.helpers import rescale_adapter_scale
+
+    import memformer_hf.modeling_memformer as modeling
+
+    model = get_peft_model(load_base(base_dir), lora_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    layers = list(lora_modules(model).values())
+    tuned, plain = graphed_paths_logits(model), graphed_paths_logits(load_base(base_dir))
+    with rescale_adapter_scale(model, 0.5):
+        halved = graphed_paths_logits(model)
+    assert (tuned[0] - plain[0]).abs().max() > 1e-2 and (tuned[1] - plain[1]).abs().max() > 1e-2
+
+    def adapter_state() -> list:
+        return [(m._disable_adapters, m._active_adapter, list(m.merged_adapters), dict(m.scaling)) for m in layers]
+
+    def set_adapter_state(state: list) -> None:
+        for m, (disabled, active, merged, scaling) in zip(layers, state):
+            m._disable_adapters, m._active_adapter, m.merged_adapters, m.scaling = disabled, active, merged, scaling
+
+    class Captured:
+        def __init__(self, fn, example_inputs, state=(), warmup=2):
+            self.fn, self.seen = fn, adapter_state()
+
+        def __call__(self, *inputs):
+            now = adapter_state()
+            set_adapter_state(self.seen)
+            try:
+                return self.fn(*inputs)
+            finally:
+                set_adapter_state(now)
+
+    monkeypatch.setattr(modeling, "graphs_usable", lambda module, device: True)
+    monkeypatch.setattr(modeling, "GraphedStep", Captured)
+
+    def check(expected, what: str) -> None:
+        for got, ref, mode in zip(graphed_paths_logits(model), expected, ("stream", "cell")):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-10, msg=f"{what}, {mode} mode")
+
+    check(tuned, "adapter on (captured)")
+    with model.disable_adapter():
+        check(plain, "disable_adapter()")
+    check(tuned, "adapter on again")
+    with rescale_adapter_scale(model, 0.5):
+        check(halved, "rescale_adapter_scale(0.5)")
+    model.merge_adapter()
+    check(tuned, "merge_adapter()")
+    model.unmerge_adapter()
+    check(tuned, "unmerge_adapter()")

@@ -1174,10 +1174,12 @@ class MemformerModel(MemformerPreTrainedModel):
                                  f"min {low}, max {high}.")
 
     def _check_inputs_embeds(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> None:
-        """Refuse NaN, inf, or values beyond ±sqrt(max / d) / 2 of the normalisation dtype (at least float32) at real
-        positions: the first reach the memory and every later segment, the others overflow a norm's sum of d squared
-        deviations (NaN logits). Pads are never read. One host sync."""
-        norm_dtype = torch.float64 if inputs_embeds.dtype == torch.float64 else torch.float32
+        """Refuse NaN, inf, or values beyond ±sqrt(max / d) / 2 of the normalisation dtype (at least float32; float64
+        when the embeddings or the model are, as the embeddings are promoted to the model's dtype) at real positions:
+        the first reach the memory and every later segment, the others overflow a norm's sum of d squared deviations
+        (NaN logits). Pads are never read. One host sync."""
+        norm_dtype = (torch.float64 if torch.float64 in (inputs_embeds.dtype, self.embed_tokens.weight.dtype)
+                      else torch.float32)
         limit = (torch.finfo(norm_dtype).max / inputs_embeds.shape[-1]) ** 0.5 / 2
         in_range = inputs_embeds.abs() <= min(limit, torch.finfo(inputs_embeds.dtype).max)  # False for NaN and inf
         if bool((in_range.all(-1) | ~mask).all()):

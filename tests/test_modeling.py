@@ -757,6 +757,24 @@ def test_inputs_embeds_whose_squares_overflow_are_refused(norm_type):
     torch.testing.assert_close(out.logits[1, 2:], clean.logits[1, 2:], rtol=0, atol=0)
 
 
+def test_inputs_embeds_bound_is_that_of_the_models_norms():
+    """The bound of `inputs_embeds` followed the embeddings' dtype, not the dtype the norms run in: a float64 model
+    computes float32 embeddings in float64 (they are promoted), and refused 1e20 as overflowing float32. Such a call
+    runs as with the same embeddings in float64; beyond float64's bound it is refused."""
+    model = build_tiny_memformer()
+    embeds = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(3))
+    embeds[0, 2] *= 1e20
+    with torch.no_grad():
+        got = model(inputs_embeds=embeds)
+        ref = model(inputs_embeds=embeds.double())
+        assert torch.isfinite(got.logits).all()
+        torch.testing.assert_close(got.logits, ref.logits, rtol=0, atol=0)
+        torch.testing.assert_close(got.memory, ref.memory, rtol=0, atol=0)
+        limit = (torch.finfo(torch.float64).max / 16) ** 0.5 / 2
+        with pytest.raises(ValueError, match=re.escape(f"beyond ±{limit:.3g} at real")):
+            model(inputs_embeds=torch.full((1, 3, 16), 1e160, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("position_embedding_type", ["rope", "simplified_rpe"])
 def test_float16_eager_queries_without_valid_keys_output_zero(position_embedding_type):
     """A float16 model with eager attention (or simplified RPE, which is always eager) returned NaN logits wherever a

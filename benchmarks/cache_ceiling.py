@@ -11,7 +11,9 @@ distribution with a fixed weight λ: p(y) = (1 − λ) p_LM(y | window) + λ p_c
   per vocabulary entry), `decayed` with a half-life in tokens.
 * `neural cache` (Grave et al., 2017): the final hidden state h_i of each target is compared (cosine × θ) with the
   states h_j that predicted the tokens before the window, p_cache(y) = Σ_j softmax_j(θ cos(h_i, h_j)) [x_j = y]. An
-  unbounded state (every past state): the value of copying from far back.
+  unbounded state (every past state): the value of copying from far back. Bounded versions keep only K past states
+  (`STORE_SIZES`), the most recent before the window or the ones whose tokens surprised the model most when read: a
+  constant-size state; K = 64 states of width d hold as many numbers as the Memformer's K = 64 slots.
 
 Each target is scored once with the same window as the Memformer reset reference (the backbone with the previous
 segment). λ (and θ) are picked on the even documents and reported on the odd ones ("held-out") and on all.
@@ -22,6 +24,8 @@ control of `warm_start.py`), the model a trained Memformer's decoder is closer t
     python benchmarks/cache_ceiling.py --tiny
     # CPU: what the bag-of-words target of `memory_prediction_loss` could reach (unigram vs ideal document cache)
     python benchmarks/cache_ceiling.py --bag_of_words
+    # CPU, the real backbone on a subset (~15 min on 2 cores): 10 test books of >= 8,192 tokens, cut there
+    python benchmarks/cache_ceiling.py --gguf_parts P0,P1 --max_eval_docs 10 --min_doc_tokens 8192 --max_doc_tokens 8192
     # device (the GGUF parts and tokens of benchmarks/warm_start.py --pack_for_device, see its docstring)
     PYTHONPATH=/tmp/site:$PWD python benchmarks/cache_ceiling.py --gguf_parts P0,P1 --tokens tokens.npz \\
         --finetune_tokens 4882432 --output_dir $OUT
@@ -45,6 +49,8 @@ from warm_start import SMOLLM2_BOS, join_parts, load_gguf_backbone, log, train_b
 LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 THETAS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 HALF_LIVES = (1024, 4096)
+STORE_SIZES = (64, 256, 1024)  # bounded neural caches: K past states (K = 64: the floats of the Memformer's memory)
+STORE_THETA = 40.0
 
 
 @torch.no_grad()
@@ -77,8 +83,11 @@ def window_outputs(model, doc: list[int], L: int, bos: int, device: torch.device
 
 
 @torch.no_grad()
-def cache_probs(doc: torch.Tensor, hid: torch.Tensor, L: int, vocab: int, global_p: torch.Tensor) -> dict:
-    """p_cache(doc[i]) per position for every cache (each only from tokens before the window of i's segment)."""
+def cache_probs(doc: torch.Tensor, hid: torch.Tensor, lp: torch.Tensor, L: int, vocab: int, global_p: torch.Tensor
+                ) -> dict:
+    """p_cache(doc[i]) per position for every cache (each only from tokens before the window of i's segment). The
+    bounded neural caches keep K past states: the K most recent before the window, or the K whose tokens were the
+    most surprising to the model when read (−log p_LM, known causally)."""
     n = doc.numel()
     out = {"global unigram": global_p[doc]}
     counts = torch.zeros(vocab, device=doc.device)
@@ -86,6 +95,7 @@ def cache_probs(doc: torch.Tensor, hid: torch.Tensor, L: int, vocab: int, global
     doc_p = torch.zeros(n, device=doc.device)
     dec_p = {h: torch.zeros(n, device=doc.device) for h in HALF_LIVES}
     nc = {t: torch.zeros(n, device=doc.device) for t in THETAS}
+    bounded = {(kind, k): torch.zeros(n, device=doc.device) for kind in ("recent", "surprising") for k in STORE_SIZES}
     hn = F.normalize(hid.float(), dim=-1)
     for s in range(0, n, L):
         seg = doc[s: s + L]
@@ -99,6 +109,10 @@ def cache_probs(doc: torch.Tensor, hid: torch.Tensor, L: int, vocab: int, global
             same = (seg[:, None] == doc[None, :ws]).float()
             for t in THETAS:
                 nc[t][s: s + L] = (torch.softmax(t * sim, dim=-1) * same).sum(-1)
+            for (kind, k), out_k in bounded.items():
+                keep = (torch.arange(max(0, ws - k), ws, device=doc.device) if kind == "recent"
+                        else (-lp[:ws]).topk(min(k, ws)).indices)
+                out_k[s: s + L] = (torch.softmax(STORE_THETA * sim[:, keep], dim=-1) * same[:, keep]).sum(-1)
         # the segment that leaves the window next: doc[ws : ws + L] joins the caches for segment s + L
         leaving = doc[ws: ws + L] if s > 0 else doc[:0]
         counts += torch.bincount(leaving, minlength=vocab).float()
@@ -112,6 +126,8 @@ def cache_probs(doc: torch.Tensor, hid: torch.Tensor, L: int, vocab: int, global
         out[f"document unigram, half-life {h}"] = dec_p[h]
     for t in THETAS:
         out[f"neural cache, θ={t:g}"] = nc[t]
+    for (kind, k), out_k in bounded.items():
+        out[f"neural cache of {k} states ({'most recent' if kind == 'recent' else 'most surprising'}), θ={STORE_THETA:g}"] = out_k
     return out
 
 
@@ -128,7 +144,7 @@ def probe(model, docs: list[list[int]], L: int, bos: int, device, global_p: torc
         base[half] += float(-lp.sum())
         tokens[half] += len(doc)
         p_lm = lp.exp()
-        for name, pc in cache_probs(doc_t, hid, L, vocab, global_p).items():
+        for name, pc in cache_probs(doc_t, hid, lp, L, vocab, global_p).items():
             for lam in LAMBDAS:
                 nll = float(-torch.log((1 - lam) * p_lm + lam * pc).sum())
                 sums.setdefault(name, {}).setdefault(lam, [0.0, 0.0])[half] += nll

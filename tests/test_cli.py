@@ -807,3 +807,25 @@ def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, m
         err = capsys.readouterr().err
         assert f"--init_from_llama llama: {field}" in err and "taken from the backbone" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_backbone_folder_given_as_a_memformer_model_is_one_line(tmp_path, monkeypatch, capsys):
+    """A Llama folder (the warm start's backbone) passed to `eval --model`, `generate --model` or `train
+    --model_name_or_path`: one line saying it is not a Memformer and naming --init_from_llama (before: transformers'
+    "model of type llama" warning, the whole config printed, then "property 'head_dim' of 'MemformerConfig' object
+    has no setter"; without head_dim in config.json, two tables of missing / unexpected weights)."""
+    from transformers import LlamaConfig
+
+    _write_jsonl(tmp_path / "t.jsonl", 2, 3, seed=0)
+    monkeypatch.chdir(tmp_path)
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4).save_pretrained(tmp_path / "llama")
+    for argv in (["eval", "--model", "llama", "--test_file", "t.jsonl"],
+                 ["generate", "--model", "llama", "--prompt", "hi"],
+                 ["train", "--model_name_or_path", "llama", "--train_file", "t.jsonl", "--output_dir", "run"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        flag = "--model_name_or_path" if argv[0] == "train" else "--model"
+        assert err == (f"memformer-hf: error: {flag} llama: config.json is a 'llama' model, not a Memformer; to "
+                       "warm-start a Memformer from it: memformer-hf train --init_from_llama llama\n"), err
+    assert not (tmp_path / "run").exists()

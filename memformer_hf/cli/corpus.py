@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import itertools
+import json
 import math
 import re
 from collections import Counter
@@ -332,6 +333,22 @@ def unigram_ppl(train_docs: list[list[int]], eval_docs: list[list[int]], vocab_s
 
 
 # ================================================================================================ model folders
+def check_memformer_folder(flag: str, path: str) -> None:
+    """A `CliError` when `path`'s config.json names another model type than Memformer (e.g. the backbone of a warm
+    start): `MemformerConfig.from_pretrained` would only warn and then fail on some field, or on every weight name."""
+    try:
+        model_type = json.loads(Path(path, "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # no or unreadable config.json: the loaders' own errors say so
+    if model_type in (None, "memformer"):
+        return
+    from ..conversion_llama import VERIFIED_BACKBONES
+
+    hint = (f"; to warm-start a Memformer from it: memformer-hf train --init_from_llama {path}"
+            if model_type in VERIFIED_BACKBONES else "")
+    raise CliError(f"--{flag} {path}: config.json is a {model_type!r} model, not a Memformer{hint}")
+
+
 def load_model_folder(path: str, use_cpu: bool = False):
     """A trained model folder's `MemformerForCausalLM` (on the GPU when there is one and not `use_cpu`, eval mode)
     and tokenizer; every problem (no folder, no config, a tokenizer larger than the embedding, unreadable weights)
@@ -345,6 +362,7 @@ def load_model_folder(path: str, use_cpu: bool = False):
         raise CliError(f"--model {path}: no such directory")
     if not Path(path, "config.json").is_file():
         raise CliError(f"--model {path}: no config.json (not a saved model folder)")
+    check_memformer_folder("model", path)
     try:
         config = MemformerConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001

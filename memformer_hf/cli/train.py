@@ -297,6 +297,7 @@ def cmd_train(argv: list[str]) -> int:
     # ---- tokenizer
     pretrained_config = None
     if model_args.model_name_or_path:
+        corpus_io.check_memformer_folder("model_name_or_path", model_args.model_name_or_path)
         try:
             pretrained_config = MemformerConfig.from_pretrained(model_args.model_name_or_path)
         except Exception as e:  # noqa: BLE001

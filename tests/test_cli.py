@@ -829,3 +829,23 @@ def test_a_backbone_folder_given_as_a_memformer_model_is_one_line(tmp_path, monk
         assert err == (f"memformer-hf: error: {flag} llama: config.json is a 'llama' model, not a Memformer; to "
                        "warm-start a Memformer from it: memformer-hf train --init_from_llama llama\n"), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only case")
+def test_eval_bf16_on_a_machine_without_gpu(tmp_path, monkeypatch, capsys):
+    """`eval --bf16 true` where there is no GPU: the model is on the CPU (as load_model_folder puts it), so the
+    evaluation runs there under bf16 autocast, as `--use_cpu true --bf16 true` does (before: a ValueError traceback
+    from TrainingArguments, "Your setup doesn't support bf16/gpu ... if you want to train the model on CPU")."""
+    from helpers import build_tiny_memformer, word_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    model = build_tiny_memformer(0, dtype=__import__("torch").float32)
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer(50).save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(" ".join(f"w{3 + i % 40}" for i in range(40)))
+    results = []
+    for extra in ([], ["--use_cpu", "true"]):
+        assert cli.main(["eval", "--model", "m", "--split", "test", "--test_file", "t.txt", "--bf16", "true",
+                         "--output_json", f"e{len(extra)}.json", *extra]) == 0
+        results.append(json.loads((tmp_path / f"e{len(extra)}.json").read_text())["test_ppl"])
+    assert math.isfinite(results[0]) and results[0] == results[1]

@@ -23,6 +23,7 @@ from .arguments import (
     check_output_path,
     check_positive,
     flag_given,
+    one_line,
     parse,
 )
 
@@ -63,10 +64,13 @@ def cmd_eval(argv: list[str]) -> int:
     docs = corpus_io.prepare_documents(texts, tokenizer, data.max_eval_tokens)
     if not docs:
         raise CliError(f"the {ev.split} split has no non-empty documents")
-    args = MemformerTrainingArguments(output_dir=os.path.join(tempfile.gettempdir(), "memformer-hf-eval"),
-                                      per_device_eval_batch_size=min(ev.per_device_eval_batch_size, len(docs)),
-                                      eval_window=ev.eval_window, report_to="none", use_cpu=ev.use_cpu,
-                                      bf16=ev.bf16, disable_tqdm=True)
+    try:  # use_cpu: where load_model_folder put the model (without it, bf16 on a CPU-only machine is refused)
+        args = MemformerTrainingArguments(output_dir=os.path.join(tempfile.gettempdir(), "memformer-hf-eval"),
+                                          per_device_eval_batch_size=min(ev.per_device_eval_batch_size, len(docs)),
+                                          eval_window=ev.eval_window, report_to="none",
+                                          use_cpu=model.device.type == "cpu", bf16=ev.bf16, disable_tqdm=True)
+    except ValueError as e:  # e.g. bf16 on a GPU without bf16
+        raise CliError(one_line(e)) from None
     trainer = MemformerTrainer(model=model, args=args, processing_class=tokenizer)
     main_process = trainer.is_world_process_zero()  # under torchrun every rank evaluates its share; rank 0 reports
     if main_process:

@@ -800,12 +800,21 @@ def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, m
     tok.save_pretrained(tmp_path / "llama")
     common = ["train", "--init_from_llama", "llama", "--encoder_layers", "1", "--train_file", "train.jsonl",
               "--validation_file", "valid.jsonl", "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
     for extra, field in ((["--config_overrides", "hidden_size=64"], "hidden_size"),
                          (["--position_embedding_type", "none"], "position_embedding_type"),
-                         (["--config_overrides", "rms_norm_eps=0.1"], "rms_norm_eps")):
+                         (["--config_overrides", "rms_norm_eps=0.1"], "rms_norm_eps"),
+                         # (before: "memformer_from_llama() got multiple values for keyword argument 'bos_token_id'")
+                         (["--config_overrides", "bos_token_id=2"], "bos_token_id"),
+                         (["--config_overrides", "pad_token_id=0"], "pad_token_id")):
         assert cli.main([*common, *extra]) == 2
         err = capsys.readouterr().err
         assert f"--init_from_llama llama: {field}" in err and "taken from the backbone" in err, err
+    assert cli.main([*common, "--config_overrides", "eos_token_id=2"]) == 2  # before the backbone is loaded
+    assert capsys.readouterr().err == (
+        "memformer-hf: error: --init_from_llama llama: eos_token_id: taken from the backbone's tokenizer (its "
+        "bos_token, eos_token and pad_token in llama/tokenizer_config.json; to use other tokens, change them there, "
+        "in a copy of the folder)\n")
     assert not (tmp_path / "out").exists()
 
 

@@ -205,6 +205,13 @@ def _warm_start(model_args: ModelArguments, tokenizer):
     from ..conversion_llama import memformer_from_llama
 
     path = model_args.init_from_llama
+    overrides = config_overrides(model_args)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # they are the tokenizer's, which is saved with it
+        if name in overrides:
+            where = ("the GGUF file's" if model_args.gguf_file else
+                     f"its bos_token, eos_token and pad_token in {Path(path, 'tokenizer_config.json')}; to use other "
+                     "tokens, change them there, in a copy of the folder")
+            raise CliError(f"--init_from_llama {path}: {name}: taken from the backbone's tokenizer ({where})")
     source = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {"use_safetensors": True}
     try:
         llama = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **source)
@@ -212,7 +219,7 @@ def _warm_start(model_args: ModelArguments, tokenizer):
         raise CliError(f"cannot load a backbone from {path}: {one_line(e)}") from None
     try:
         return memformer_from_llama(llama, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, **config_overrides(model_args))
+                                    pad_token_id=tokenizer.pad_token_id, **overrides)
     except (ValueError, TypeError) as e:
         raise CliError(f"--init_from_llama {path}: {one_line(e)}") from None
 

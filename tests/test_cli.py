@@ -858,3 +858,45 @@ def test_eval_bf16_on_a_machine_without_gpu(tmp_path, monkeypatch, capsys):
                          "--output_json", f"e{len(extra)}.json", *extra]) == 0
         results.append(json.loads((tmp_path / f"e{len(extra)}.json").read_text())["test_ppl"])
     assert math.isfinite(results[0]) and results[0] == results[1]
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path, monkeypatch, capsys):
+    """`--resume_from_checkpoint` of a warm-start run with model flags that are not the checkpoint's: one line naming
+    the fields, before any training (before: other sizes were a RuntimeError traceback from load_state_dict, and a
+    dropped `--config_overrides` option, e.g. cross_attention_rope, resumed silently into a model that computes
+    something else, whose config.json then lacked the option). The same flags resume."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memformer_hf.cli import corpus as corpus_io
+
+    _write_jsonl(tmp_path / "train.jsonl", 3, 20, seed=0)
+    _write_jsonl(tmp_path / "valid.jsonl", 1, 10, seed=1)
+    monkeypatch.chdir(tmp_path)
+    tok = corpus_io.train_bpe_tokenizer([json.loads(line)["text"] for line in open("train.jsonl")], 300)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    common = ["train", "--init_from_llama", "llama", "--encoder_layers", "1", "--segment_length", "16",
+              "--train_file", "train.jsonl", "--validation_file", "valid.jsonl", "--output_dir", "run",
+              "--max_steps", "1", "--per_device_train_batch_size", "2", "--mrbp_window", "2", "--max_eval_tokens",
+              "32", "--sample_max_new_tokens", "0", "--heatmap_segments", "2", "--save_strategy", "steps",
+              "--save_steps", "1", "--backbone_learning_rate", "0"]
+    options = ["--config_overrides", "decoder_previous_segment=true,cross_attention_rope=true"]
+    assert cli.main([*common, "--num_memory_slots", "4", *options]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    capsys.readouterr()
+    resume = [*common, "--resume_from_checkpoint", "true"]
+    for extra, fields in ((["--num_memory_slots", "8", *options], "num_memory_slots (8, checkpoint: 4)"),
+                          (["--num_memory_slots", "4", "--config_overrides", "decoder_previous_segment=true"],
+                           "cross_attention_rope (False, checkpoint: True)")):
+        assert cli.main([*resume, *extra]) == 2, extra
+        captured = capsys.readouterr()
+        assert captured.err.endswith(
+            f"memformer-hf: error: --resume_from_checkpoint {Path('run', 'checkpoint-1')}: this run's model is not the "
+            f"checkpoint's: {fields}; resume with the checkpoint's model flags\n"), captured.err
+        assert "== train" not in captured.out
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
+    assert cli.main([*resume, "--num_memory_slots", "4", *options]) == 0

@@ -450,6 +450,27 @@ def build_config(model_args: ModelArguments, tokenizer, pretrained_config=None) 
         raise CliError(one_line(e)) from None
 
 
+# What a saved config holds besides the model itself (set by save_pretrained and the Trainer).
+_SAVE_METADATA = ("transformers_version", "architectures", "auto_map", "use_cache", "dtype", "torch_dtype",
+                  "_name_or_path")
+
+
+def check_resume_config(config: MemformerConfig, checkpoint: str) -> None:
+    """A `CliError` naming the fields in which this run's model config differs from the checkpoint's (other than
+    `CONTINUE_OK_FIELDS`): the Trainer would load the checkpoint's weights into this model, a traceback for other
+    sizes and a silently different computation for other options."""
+    try:
+        saved = MemformerConfig.from_pretrained(checkpoint).to_dict()
+    except Exception:  # noqa: BLE001 - no or an unreadable config: check_checkpoint and the Trainer say what is wrong
+        return
+    ours = config.to_dict()
+    differ = [f"{k} ({ours.get(k)}, checkpoint: {saved.get(k)})" for k in sorted(set(ours) | set(saved))
+              if k not in _SAVE_METADATA + CONTINUE_OK_FIELDS and ours.get(k) != saved.get(k)]
+    if differ:
+        raise CliError(f"--resume_from_checkpoint {checkpoint}: this run's model is not the checkpoint's: "
+                       f"{', '.join(differ)}; resume with the checkpoint's model flags")
+
+
 # ================================================================================================ logging
 class _Console(pylogging.Handler):
     """Information to the command's status stream, warnings and errors to stderr. The streams are looked up for

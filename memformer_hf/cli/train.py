@@ -39,6 +39,7 @@ from .arguments import (
     check_model_args,
     check_output_path,
     check_positive,
+    check_resume_config,
     check_training_args,
     config_overrides,
     flag_given,
@@ -315,6 +316,8 @@ def cmd_train(argv: list[str]) -> int:
     # ---- model
     warm = _warm_start(model_args, tokenizer) if model_args.init_from_llama else None
     config = warm.config if warm is not None else build_config(model_args, tokenizer, pretrained_config)
+    if args.resume_from_checkpoint:
+        check_resume_config(config, args.resume_from_checkpoint)
     corpus_io.check_tokenizer_fits(tokenizer, config.vocab_size,
                                    model_args.tokenizer_name_or_path or model_args.model_name_or_path
                                    or model_args.init_from_llama or "the trained tokenizer")

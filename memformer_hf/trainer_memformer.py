@@ -360,8 +360,14 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         for key, docs in _named_eval_sets(self._eval_documents):
             check_vocab(vocab, documents=docs, what=_eval_name(key))
         _one_gpu_per_process(args)
+        use_cache = getattr(model.config, "use_cache", None)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=self._eval_documents,
                          **kwargs)
+        # The Trainer sets config.use_cache = args.use_cache (False) for good: every saved folder would say
+        # use_cache=false, and `model(ids)` of the reloaded model return no cache. Training never reads it (cell
+        # mode; MRBP passes use_cache itself), so the model keeps its own setting.
+        if use_cache is not None:
+            model.config.use_cache = use_cache
         self._carry: torch.Tensor | None = None
         self._rng_restore: str | None = None  # a streamed resume's deferred random state (`_load_rng_state`)
         if isinstance(train_dataset, STREAM_DATASETS):

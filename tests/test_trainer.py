@@ -1224,3 +1224,26 @@ def test_data_seed_zero_is_the_stream_seed(tmp_path):
     ref = StreamBatches(docs, segment_length=L, window=2, batch_size=2, grad_accum=2, seed=0, bos_token_id=BOS,
                         pad_token_id=PAD)
     assert zero.train_dataset.stream_documents == ref.stream_documents != unset.train_dataset.stream_documents
+
+
+def test_training_keeps_the_models_use_cache(tmp_path):
+    """The stock Trainer sets `model.config.use_cache = args.use_cache` (False by default) and never sets it back, so
+    every folder a MemformerTrainer saved (checkpoints, `save_model`, the `memformer-hf train` output) said
+    `use_cache: false`: `model(ids)` of the reloaded model returned no cache, so a loop that carries
+    `out.past_key_values` into the next call silently restarted the memory at every call. The model's own setting now
+    survives training and saving."""
+    from memformer_hf.modeling_memformer import CACHE_KWARG
+
+    model = make_model(0)
+    trainer = MemformerTrainer(model=model, args=targs(tmp_path, max_steps=1), train_dataset=make_docs(1, 4, 10, 30))
+    assert model.config.use_cache is True
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["use_cache"] is True
+    reloaded = MemformerForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.tensor([[BOS, *range(3, 3 + 2 * L)]])
+    with torch.no_grad():
+        cache = reloaded(ids)[CACHE_KWARG]
+        assert cache.get_seq_length() == ids.shape[1]
+        split = reloaded(ids[:, L:], **{CACHE_KWARG: reloaded(ids[:, :L])[CACHE_KWARG]}).logits
+        torch.testing.assert_close(split, reloaded(ids).logits[:, L:], rtol=1e-5, atol=1e-5)

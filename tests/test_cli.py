@@ -116,6 +116,8 @@ def _check_hub_folder(out: Path) -> dict:
     assert {"memformer", "custom_code"} <= set(meta.tags) and meta.datasets is None  # local files: no Hub dataset
     assert "custom_code" in card and "trust_remote_code=True" in card and "revision=" in card
     assert "{{" not in card and "}}" not in card
+    assert "- Perplexities are per token of its own byte-level BPE; compare models only with the same tokenizer.\n" \
+           "- It knows only the style and content of its training data.\n" in card
     assert f"{metrics['eval_ppl']:,.2f}" in card and f"{metrics['eval_ppl_no_memory']:,.2f}" in card
     assert cli_report.memory_effect(metrics["eval_ppl"], metrics["eval_ppl_no_memory"]) in card
     assert "training_curve.png" in card and "memory_writer_attention.png" in card and "2010.06891" in card
@@ -772,6 +774,27 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
     assert metrics["trained_how"] == f"warm-started from `{backbone}`"
     assert metrics["settings"]["learning rate: copied encoder / backbone (0: frozen)"] == "0.0 / 0.0"
     assert math.isfinite(metrics["metrics"]["test_ppl"])
+    # the card's limitations are the warm start's (they said "its own byte-level BPE" and "knows only ... its
+    # training data", those of a model trained from scratch)
+    limitations = (warm / "README.md").read_text().split("## Limitations", 1)[1].split("## Citation")[0]
+    assert f"Perplexities are per token of the backbone's tokenizer (`{backbone}`)" in limitations, limitations
+    assert f"pretrained backbone `{backbone}`" in limitations
+    assert "byte-level BPE" not in limitations and "knows only" not in limitations
+    # continuing from the folder: the per-origin rates still split the copied layers (frozen here), and the card says
+    # what it continues
+    more = tmp_path / "more"
+    assert cli.main(["train", "--model_name_or_path", str(warm), "--train_file", "train.jsonl", "--validation_file",
+                     "valid.jsonl", "--output_dir", str(more), "--learning_rate", "1e-2", "--encoder_learning_rate",
+                     "0", "--backbone_learning_rate", "0", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                     "--mrbp_window", "2", "--max_eval_tokens", "64", "--sample_max_new_tokens", "0",
+                     "--heatmap_segments", "2"]) == 0
+    continued = MemformerForCausalLM.from_pretrained(more)
+    assert torch.equal(continued.model.decoder.layers[2].ffn.down_proj.weight,
+                       model.model.decoder.layers[2].ffn.down_proj.weight)
+    assert not torch.equal(continued.model.decoder.layers[2].cross_attn.o_proj.weight,
+                           model.model.decoder.layers[2].cross_attn.o_proj.weight)  # (step 1 is the warmup's lr 0)
+    limitations = (more / "README.md").read_text().split("## Limitations", 1)[1]
+    assert f"tokenizer loaded from `{warm}`" in limitations and f"It continues the training of `{warm}`" in limitations
     capsys.readouterr()
     for extra, message in ((["--hidden_size", "64"], "--hidden_size cannot be combined with --init_from_llama"),
                            (["--preset", "tiny"], "--preset cannot be combined with --init_from_llama"),

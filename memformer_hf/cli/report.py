@@ -337,9 +337,27 @@ def memory_effect(ppl: float | None, ppl_reset: float | None) -> str:
             "measurements are in the `memformer_hf` repository, `benchmarks/results/quality.md`.")
 
 
+def origin_limitations(tokenizer_path: str | None, backbone: str | None, continued_from: str | None) -> str:
+    """The card's limitations that depend on where the tokenizer and the weights came from."""
+    tokens = (f"the backbone's tokenizer (`{backbone}`)" if backbone else
+              f"the tokenizer loaded from `{tokenizer_path}`" if tokenizer_path else "its own byte-level BPE")
+    if backbone:
+        knows = (f"Its decoder and encoder layers start from the pretrained backbone `{backbone}`: besides the "
+                 "training data here, it carries what that backbone learned, and its biases.")
+    elif continued_from:
+        knows = (f"It continues the training of `{continued_from}`: besides the training data here, it carries what "
+                 "that model learned (see its card).")
+    else:
+        knows = "It knows only the style and content of its training data."
+    return f"- Perplexities are per token of {tokens}; compare models only with the same tokenizer.\n- {knows}"
+
+
 def card_values(args, record: dict, settings: list, tokenizer_description: str, n_params: int,
-                n_embed: int) -> dict[str, Any]:
-    """The template's placeholders, from the run's `metrics.json` record."""
+                n_embed: int, tokenizer_path: str | None = None, backbone: str | None = None,
+                continued_from: str | None = None) -> dict[str, Any]:
+    """The template's placeholders, from the run's `metrics.json` record; `tokenizer_path`: where the tokenizer was
+    loaded from (None: trained here), `backbone`: the warm start's backbone folder, `continued_from`: the model
+    folder training continued from."""
     m = record["metrics"]
     repo_id = args.hub_model_id or f"your-username/{Path(args.output_dir).name}"
     versions = record["versions"]
@@ -353,6 +371,7 @@ def card_values(args, record: dict, settings: list, tokenizer_description: str, 
         "repo_id": repo_id,
         "corpus": record["corpus"],
         "tokenizer": tokenizer_description,
+        "origin_limitations": origin_limitations(tokenizer_path, backbone, continued_from),
         "parameters": f"{n_params / 1e6:.2f}M ({(n_params - n_embed) / 1e6:.2f}M without the tied embedding)",
         "segment_length": record["config"].get("segment_length", ""),
         "metrics_summary": summary,

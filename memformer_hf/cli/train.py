@@ -473,7 +473,9 @@ def cmd_train(argv: list[str]) -> int:
         else None
     card = reports.render_model_card(
         template.read_text(encoding="utf-8") if template else reports.FALLBACK_CARD,
-        reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed),
+        reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed,
+                            model_args.tokenizer_name_or_path or model_args.model_name_or_path
+                            or model_args.init_from_llama, model_args.init_from_llama, model_args.model_name_or_path),
         reports.card_data(hub_datasets))
     card.save(out_dir / "README.md")
     trainer.card_text = str(card)

@@ -804,9 +804,9 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
         assert message in capsys.readouterr().err
 
 
-def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):
-    """`--config_overrides hidden_size=...` or `--position_embedding_type` with `--init_from_llama`: one line naming
-    the field (before: a RuntimeError traceback from the weight copy, or a silently different computation)."""
+def _tiny_llama_corpus(tmp_path: Path, monkeypatch) -> None:
+    """train.jsonl / valid.jsonl and a tiny Llama folder `llama` (safetensors + a BPE trained on train.jsonl) in
+    `tmp_path`, which becomes the working directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -821,6 +821,12 @@ def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, m
                                  num_attention_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
+
+
+def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):
+    """`--config_overrides hidden_size=...` or `--position_embedding_type` with `--init_from_llama`: one line naming
+    the field (before: a RuntimeError traceback from the weight copy, or a silently different computation)."""
+    _tiny_llama_corpus(tmp_path, monkeypatch)
     common = ["train", "--init_from_llama", "llama", "--encoder_layers", "1", "--train_file", "train.jsonl",
               "--validation_file", "valid.jsonl", "--output_dir", str(tmp_path / "out")]
     capsys.readouterr()
@@ -888,20 +894,7 @@ def test_resume_with_another_model_config_is_refused(tmp_path, monkeypatch, caps
     the fields, before any training (before: other sizes were a RuntimeError traceback from load_state_dict, and a
     dropped `--config_overrides` option, e.g. cross_attention_rope, resumed silently into a model that computes
     something else, whose config.json then lacked the option). The same flags resume."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from memformer_hf.cli import corpus as corpus_io
-
-    _write_jsonl(tmp_path / "train.jsonl", 3, 20, seed=0)
-    _write_jsonl(tmp_path / "valid.jsonl", 1, 10, seed=1)
-    monkeypatch.chdir(tmp_path)
-    tok = corpus_io.train_bpe_tokenizer([json.loads(line)["text"] for line in open("train.jsonl")], 300)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
+    _tiny_llama_corpus(tmp_path, monkeypatch)
     common = ["train", "--init_from_llama", "llama", "--encoder_layers", "1", "--segment_length", "16",
               "--train_file", "train.jsonl", "--validation_file", "valid.jsonl", "--output_dir", "run",
               "--max_steps", "1", "--per_device_train_batch_size", "2", "--mrbp_window", "2", "--max_eval_tokens",

@@ -13,6 +13,7 @@ adapters of peft tuner layers are switched (`adapter_state`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -91,10 +92,12 @@ class StepGraphs:
 
 
 def tuner_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The peft tuner layers (LoRA, ...) inside `module`: the modules whose class has `active_adapters` and
-    `merged_adapters` (peft's `BaseTunerLayer`); none without peft."""
-    return [m for m in module.modules()
-            if hasattr(type(m), "active_adapters") and hasattr(type(m), "merged_adapters")]
+    """The peft tuner layers (LoRA, ...; peft's `BaseTunerLayer`) inside `module`; none while peft is not imported
+    (then no module can hold one), so this never imports it."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return []
+    return [m for m in module.modules() if isinstance(m, tuners.BaseTunerLayer)]
 
 
 def adapter_state(layers: list[torch.nn.Module]) -> tuple:

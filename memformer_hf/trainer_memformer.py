@@ -53,6 +53,7 @@ from transformers.utils import logging
 
 from .checkpointing import AtomicCheckpointMixin
 from .data_streams import IterableStreamBatches, StreamBatches, check_vocab, collate_single, document_ids
+from .graphs import tuner_layers
 from .mrbp import LOSS_WEIGHTINGS, MODES, average_gradients, cell_batch, cells_backward, graphed_cells_apply
 
 logger = logging.get_logger(__name__)
@@ -391,7 +392,7 @@ class MemformerTrainer(AtomicCheckpointMixin, Trainer):
         from .conversion_llama import warm_start_parameter_groups
 
         opt_model = self.model if model is None else model
-        if _has_peft_adapters(opt_model):
+        if tuner_layers(opt_model):
             raise ValueError("encoder_learning_rate / backbone_learning_rate split a warm-started model's own "
                              "parameters by origin; with peft adapters, an adapter inside a copied layer would count "
                              "as encoder / backbone (a rate of 0 would freeze it). Train the adapters at learning_rate "
@@ -951,15 +952,6 @@ def check_checkpoint(folder: str) -> None:
         except Exception as e:  # noqa: BLE001 - any failure to read the header is the answer
             raise OSError(f"{path}: truncated or corrupted checkpoint file ({type(e).__name__}: "
                           f"{' '.join(str(e).split())}); resume from another checkpoint") from e
-
-
-def _has_peft_adapters(model: torch.nn.Module) -> bool:
-    """Whether `model` holds peft adapter layers (LoRA & co.)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # without peft there are none
-        return False
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def _fsdp_module_class() -> type | tuple:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from common import write_results
 from transformers import LlamaConfig, LlamaForCausalLM
-from warm_start import SMOLLM2_BOS, join_parts, load_gguf_backbone, log, train_backbone, unpack_tokens
+from warm_start import SMOLLM2_BOS, eval_documents, join_parts, load_gguf_backbone, log, train_backbone, unpack_tokens
 
 LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 THETAS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -167,13 +167,17 @@ def table(res: dict, what: str) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def train_unigram(flat: np.ndarray, vocab: int) -> np.ndarray:
+    """The train split's unigram distribution (token counts + 0.1)."""
+    g = np.bincount(flat, minlength=vocab) + 0.1
+    return g / g.sum()
+
+
 def bag_of_words_baselines(train: list[list[int]], vocab: int, L: int, docs: int = 60, seed: int = 0) -> str:
     """The targets of `memory_prediction_loss` (a segment's tokens as a bag of words) scored by the train split's
     unigram and by the ideal document cache (λ · counts of the document before the segment + (1 − λ) · unigram), in
     nats per token, on `docs` random train documents (first 16,384 tokens): what that loss's memory could reach."""
-    flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in train])
-    g = np.bincount(flat, minlength=vocab) + 0.1
-    g = g / g.sum()
+    g = train_unigram(np.concatenate([np.asarray(d, dtype=np.int64) for d in train]), vocab)
     lams = (0.0, 0.2, 0.4, 0.6, 0.8)
     nll = dict.fromkeys(lams, 0.0)
     n = 0
@@ -210,19 +214,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     blob = np.load(args.tokens)
-    train_flat = blob["train_flat"].astype(np.int64)
-    test = unpack_tokens(blob["test_flat"], blob["test_offsets"])
     if args.bag_of_words:
         print(bag_of_words_baselines(unpack_tokens(blob["train_flat"], blob["train_offsets"]), 49152,
                                      args.segment_length))
         return
     if args.tiny:
         args.min_doc_tokens, args.max_doc_tokens, args.max_eval_docs = 1024, 1024, args.max_eval_docs or 4
-    docs = [d[: args.max_doc_tokens] for d in test if len(d) >= args.min_doc_tokens]
-    docs = docs[: args.max_eval_docs] if args.max_eval_docs else docs
+    docs = eval_documents(unpack_tokens(blob["test_flat"], blob["test_offsets"]), args)
     vocab = 49152
-    counts = np.bincount(train_flat, minlength=vocab).astype(np.float64) + 0.1
-    global_p = torch.tensor(counts / counts.sum(), dtype=torch.float32, device=device)
+    global_p = torch.tensor(train_unigram(blob["train_flat"].astype(np.int64), vocab), dtype=torch.float32,
+                            device=device)
     torch.manual_seed(args.seed)
     if args.tiny:
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -177,10 +177,15 @@ def _training_settings(args, config, model_args, tokenizer, train_summary: str, 
     ]
 
 
+def _tokenizer_source(model_args: ModelArguments) -> str | None:
+    """The folder the tokenizer is loaded from (None: a byte-level BPE is trained on the train split)."""
+    return model_args.tokenizer_name_or_path or model_args.model_name_or_path or model_args.init_from_llama
+
+
 def _tokenizer(model_args: ModelArguments, data: DataArguments, corpus: dict[str, Any]):
     """The tokenizer (loaded, or a byte-level BPE trained on the train split; streamed: on its first documents) and
     its description."""
-    tok_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or model_args.init_from_llama
+    tok_path = _tokenizer_source(model_args)
     if tok_path:
         tokenizer = corpus_io.load_tokenizer(tok_path, model_args.gguf_file)
         return tokenizer, f"loaded from `{tok_path}` ({len(tokenizer)} tokens)"
@@ -319,8 +324,7 @@ def cmd_train(argv: list[str]) -> int:
     if args.resume_from_checkpoint:
         check_resume_config(config, args.resume_from_checkpoint)
     corpus_io.check_tokenizer_fits(tokenizer, config.vocab_size,
-                                   model_args.tokenizer_name_or_path or model_args.model_name_or_path
-                                   or model_args.init_from_llama or "the trained tokenizer")
+                                   _tokenizer_source(model_args) or "the trained tokenizer")
     if warm is not None:
         model = warm
     elif pretrained_config is not None:
@@ -474,8 +478,8 @@ def cmd_train(argv: list[str]) -> int:
     card = reports.render_model_card(
         template.read_text(encoding="utf-8") if template else reports.FALLBACK_CARD,
         reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed,
-                            model_args.tokenizer_name_or_path or model_args.model_name_or_path
-                            or model_args.init_from_llama, model_args.init_from_llama, model_args.model_name_or_path),
+                            _tokenizer_source(model_args), model_args.init_from_llama,
+                            model_args.model_name_or_path),
         reports.card_data(hub_datasets))
     card.save(out_dir / "README.md")
     trainer.card_text = str(card)

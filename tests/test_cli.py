@@ -823,6 +823,47 @@ def _tiny_llama_corpus(tmp_path: Path, monkeypatch) -> None:
     tok.save_pretrained(tmp_path / "llama")
 
 
+def test_train_warm_start_defaults_to_the_measured_recipe(tmp_path, monkeypatch, capsys):
+    """`--init_from_llama` without the model and rate flags builds and trains the measured recipe (K 64, L 512,
+    decoder_previous_segment and cross_attention_rope; rates 5e-4 / 1e-4 / 3e-5; 300 steps) and says so (before: a
+    32-slot, L = 128 segment-local model whose every parameter, the pretrained backbone's too, trained at the
+    from-scratch 3e-3 for 900 steps). A flag or --config_overrides still decides."""
+    import argparse
+
+    from memformer_hf.cli import train as cli_train
+    from memformer_hf.cli.arguments import ModelArguments
+
+    _tiny_llama_corpus(tmp_path, monkeypatch)
+    common = ["train", "--init_from_llama", "llama", "--encoder_layers", "1", "--train_file", "train.jsonl",
+              "--validation_file", "valid.jsonl", "--max_steps", "1", "--per_device_train_batch_size", "2",
+              "--mrbp_window", "2", "--max_eval_tokens", "64", "--sample_max_new_tokens", "0", "--heatmap_segments",
+              "2"]
+    assert cli.main([*common, "--output_dir", "recipe"]) == 0
+    out = capsys.readouterr().out
+    assert ("warm start: the measured recipe where the flags leave a choice: num_memory_slots=64, segment_length=512, "
+            "decoder_previous_segment=True, cross_attention_rope=True, learning_rate=0.0005, encoder_learning_rate="
+            "0.0001, backbone_learning_rate=3e-05 (README") in out, out  # --encoder_layers and --max_steps were given
+    config = json.loads((tmp_path / "recipe" / "config.json").read_text())
+    assert (config["num_memory_slots"], config["segment_length"], config["encoder_layers"]) == (64, 512, 1)
+    assert config["decoder_previous_segment"] and config["cross_attention_rope"]
+    args = json.loads((tmp_path / "recipe" / "training_args.json").read_text())
+    assert (args["learning_rate"], args["encoder_learning_rate"], args["backbone_learning_rate"]) == (5e-4, 1e-4, 3e-5)
+    assert cli.main([*common, "--output_dir", "paper", "--num_memory_slots", "4", "--segment_length", "16",
+                     "--config_overrides", "decoder_previous_segment=false", "--learning_rate", "1e-3",
+                     "--backbone_learning_rate", "0"]) == 0
+    config = json.loads((tmp_path / "paper" / "config.json").read_text())
+    assert (config["num_memory_slots"], config["segment_length"]) == (4, 16)
+    assert not config["decoder_previous_segment"] and config["cross_attention_rope"]
+    args = json.loads((tmp_path / "paper" / "training_args.json").read_text())
+    assert (args["learning_rate"], args["encoder_learning_rate"], args["backbone_learning_rate"]) == (1e-3, 1e-4, 0)
+    # the step budget: 300 unless --max_steps or --num_train_epochs is given (cmd_train has turned the latter into -1)
+    for argv, parsed, steps in (([], 900, 300), (["--max_steps", "7"], 7, 7), (["--num_train_epochs", "2"], -1, -1)):
+        ns = argparse.Namespace(max_steps=parsed, learning_rate=3e-3, encoder_learning_rate=None,
+                                backbone_learning_rate=None)
+        cli_train._warm_start_recipe(argv, ModelArguments(init_from_llama="llama"), ns)
+        assert ns.max_steps == steps, argv
+
+
 def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):
     """`--config_overrides hidden_size=...` or `--position_embedding_type` with `--init_from_llama`: one line naming
     the field (before: a RuntimeError traceback from the weight copy, or a silently different computation)."""
@@ -906,7 +947,8 @@ def test_resume_with_another_model_config_is_refused(tmp_path, monkeypatch, caps
     capsys.readouterr()
     resume = [*common, "--resume_from_checkpoint", "true"]
     for extra, fields in ((["--num_memory_slots", "8", *options], "num_memory_slots (8, checkpoint: 4)"),
-                          (["--num_memory_slots", "4", "--config_overrides", "decoder_previous_segment=true"],
+                          (["--num_memory_slots", "4", "--config_overrides",
+                            "decoder_previous_segment=true,cross_attention_rope=false"],
                            "cross_attention_rope (False, checkpoint: True)")):
         assert cli.main([*resume, *extra]) == 2, extra
         captured = capsys.readouterr()

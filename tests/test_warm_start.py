@@ -510,7 +510,8 @@ def test_readme_warm_start_snippet_runs():
     ns = {"tiny_llama": tiny_llama}
     exec(compile(code, "README: warm start", "exec"), ns)
     model, llama = ns["model"].eval(), ns["llama"]
-    assert model.config.segment_length == 128 and model.config.bos_token_id == 0
+    assert model.config.segment_length == 512 and model.config.decoder_previous_segment
+    assert model.config.bos_token_id == 0
     assert llama.model.embed_tokens.weight[0].abs().sum() > 0
     ids = ids_with_bos(20, seed=7)
     ids[:, 0] = 0

@@ -34,6 +34,7 @@ PROG = "memformer-hf"
 DEFAULT_OUTPUT_DIR = "outputs/memformer-shakespeare"
 MAX_SEGMENT_LENGTH = 4096
 DEFAULT_MAX_STEPS = 900
+WARM_START_MAX_STEPS = 300  # with --init_from_llama: the measured recipe's budget (4.9M tokens at L = 512)
 CONFIG_OVERRIDE_FIELDS = ("hidden_size", "encoder_layers", "decoder_layers", "num_attention_heads",
                           "intermediate_size", "num_memory_slots", "segment_length", "memory_write_temperature",
                           "position_embedding_type", "first_segment_context", "hidden_dropout", "attention_dropout")
@@ -60,10 +61,11 @@ class ModelArguments:
     init_from_llama: str | None = field(default=None, metadata={
         "help": "Warm-start from a local Llama-family model folder (safetensors weights, or --gguf_file) and use its "
                 "tokenizer: its layers become the decoder, its first --encoder_layers the encoder, new memory blocks "
-                "start at zero output (docs/design.md#warm-start). Sizes come from the backbone; set K, L, "
-                "--encoder_layers and memory options (e.g. --config_overrides decoder_previous_segment=true,"
-                "cross_attention_rope=true), and per-group rates with --encoder_learning_rate / "
-                "--backbone_learning_rate."})
+                "start at zero output (docs/design.md#warm-start). Sizes come from the backbone. What the flags leave open is "
+                "the measured recipe (conversion_llama.WARM_START_RECIPE / WARM_START_LEARNING_RATES): K=64, L=512, 4 "
+                "encoder layers, decoder_previous_segment and cross_attention_rope (paper-faithful: --config_overrides "
+                "decoder_previous_segment=false,cross_attention_rope=false), learning rates 5e-4 for the new blocks, "
+                "--encoder_learning_rate 1e-4, --backbone_learning_rate 3e-5, and 300 steps."})
     gguf_file: str | None = field(default=None, metadata={
         "help": "With --init_from_llama: the GGUF file inside that folder to load (dequantized) instead of "
                 "safetensors."})
@@ -143,14 +145,15 @@ class CliTrainingArguments(MemformerTrainingArguments):
     output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={
         "help": "The Hub-ready folder (model, tokenizer, card, plots, metrics); checkpoints go to "
                 "checkpoint-* inside it."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
+    learning_rate: float = field(default=3e-3, metadata={
+        "help": "Peak AdamW learning rate (5e-4 for the new blocks with --init_from_llama)."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps (a float < 1: a ratio)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the train streams."})
     max_steps: int = field(default=DEFAULT_MAX_STEPS, metadata={
-        "help": f"Optimizer steps (default {DEFAULT_MAX_STEPS}: the 5-15 minute CPU run; -1, or passing only "
-                "--num_train_epochs, trains for num_train_epochs)."})
+        "help": f"Optimizer steps (default {DEFAULT_MAX_STEPS}: the 5-15 minute CPU run; {WARM_START_MAX_STEPS} with "
+                "--init_from_llama; -1, or passing only --num_train_epochs, trains for num_train_epochs)."})
     per_device_train_batch_size: int = field(default=8, metadata={
         "help": "Parallel document streams per device (rows of a window)."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Parallel evaluation streams."})

@@ -24,11 +24,13 @@ from typing import Any
 from transformers import TextStreamer
 from transformers.utils import logging
 
+from ..conversion_llama import WARM_START_LEARNING_RATES, WARM_START_RECIPE, memformer_from_llama
 from ..trainer_memformer import MemformerTrainer
 from . import corpus as corpus_io
 from . import report as reports
 from .arguments import (
     PROG,
+    WARM_START_MAX_STEPS,
     CliError,
     CliTrainingArguments,
     DataArguments,
@@ -208,10 +210,8 @@ def _warm_start(model_args: ModelArguments, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..conversion_llama import memformer_from_llama
-
     path = model_args.init_from_llama
-    overrides = config_overrides(model_args)
+    overrides = {**WARM_START_RECIPE, **config_overrides(model_args)}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # they are the tokenizer's, which is saved with it
         if name in overrides:
             where = ("the GGUF file's" if model_args.gguf_file else
@@ -228,6 +228,25 @@ def _warm_start(model_args: ModelArguments, tokenizer):
                                     pad_token_id=tokenizer.pad_token_id, **overrides)
     except (ValueError, TypeError) as e:
         raise CliError(f"--init_from_llama {path}: {one_line(e)}") from None
+
+
+def _warm_start_recipe(argv: list[str], model_args: ModelArguments, args) -> None:
+    """`--init_from_llama` builds and trains the measured recipe where the flags do not say otherwise: the model
+    settings of `WARM_START_RECIPE` (applied in `_warm_start`), the per-origin learning rates of
+    `WARM_START_LEARNING_RATES` and `WARM_START_MAX_STEPS` (the from-scratch defaults, 3e-3 for every parameter and
+    900 steps, would wreck a pretrained backbone). Logs what it chose."""
+    given = config_overrides(model_args)
+    chosen: dict[str, Any] = {k: v for k, v in WARM_START_RECIPE.items() if k not in given}
+    for name, value in WARM_START_LEARNING_RATES.items():
+        if not flag_given(argv, name):
+            setattr(args, name, value)
+            chosen[name] = value
+    if not flag_given(argv, "max_steps") and not flag_given(argv, "num_train_epochs"):
+        args.max_steps = chosen["max_steps"] = WARM_START_MAX_STEPS
+    if chosen:
+        logger.info("warm start: the measured recipe where the flags leave a choice: "
+                    f"{', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in chosen.items())} "
+                    "(README, 'Warm start')")
 
 
 def _train_data(data: DataArguments, corpus: dict[str, Any], tokenizer, config, args):
@@ -283,6 +302,8 @@ def cmd_train(argv: list[str]) -> int:
     t_start = time.time()
     logging.get_logger("memformer_hf.cli").setLevel(process_log_level(args))  # torchrun / accelerate: rank 0 logs
     main_process = args.process_index == 0
+    if model_args.init_from_llama:
+        _warm_start_recipe(argv, model_args, args)
 
     import torch
     from transformers import GenerationConfig, set_seed

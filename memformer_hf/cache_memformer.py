@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_memformer import MemformerConfig
+from .memory import memory_bound
 
 # Fields of the config that change the meaning of a cached state.
 _FINGERPRINT_FIELDS = ("hidden_size", "decoder_layers", "num_attention_heads", "num_memory_slots", "segment_length",
@@ -132,8 +133,9 @@ class MemformerCache(Cache):
     not match the returned sequences and is marked stale (`mark_stale`): using or saving it raises until `reset()`.
 
     A state that comes from outside the model (`load_state`, `set_state`, a tensor assigned or modified in place) is
-    checked once for NaN/inf on its next use (`check_compatible`: one reduction, one host synchronisation); a state
-    the model wrote itself (or that was checked since) is not, so decoding pays no synchronisation per token.
+    checked once for NaN/inf, and its memory against `memory.memory_bound`, on its next use (`check_compatible`: one
+    reduction, one host synchronisation); a state the model wrote itself (or that was checked since) is not, so
+    decoding pays no synchronisation per token.
     """
 
     is_compileable = False
@@ -220,16 +222,25 @@ class MemformerCache(Cache):
         stamps = self._trusted
         return stamps is not None and all(_same_stamp(t, s) for t, s in zip(self._all_tensors(), stamps))
 
-    def check_finite(self) -> None:
-        """Raise `ValueError` naming the field if the memory or a cached key/value holds NaN or inf. Skipped for a
-        trusted state (`is_trusted`); otherwise one reduction over all tensors and one host synchronisation."""
+    def check_finite(self, dtype: torch.dtype | None = None) -> None:
+        """Raise `ValueError` naming the field if the memory or a cached key/value holds NaN or inf, or (with the
+        model's compute `dtype`) the memory holds values beyond `memory.memory_bound`, where the model's norms over it
+        overflow. Skipped for a trusted state (`is_trusted`); otherwise one reduction over all tensors and one host
+        synchronisation."""
         if self.is_empty or self.is_trusted:
             return
         named = [(n, t) for n, t in zip(self._names(len(self.layers)), self._all_tensors())
                  if t is not None and t.is_floating_point()]
         device = named[0][1].device
-        if not bool(torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).all()):
-            bad = next(n for n, t in named if not bool(torch.isfinite(t).all()))
+        checks = [torch.isfinite(t).all().to(device) for _, t in named]
+        if dtype is not None:
+            limit, why = memory_bound(self.config.hidden_size, dtype)
+            checks.append((self.memory.abs() <= limit).all().to(device))
+        if not bool(torch.stack(checks).all()):
+            bad = next((n for n, t in named if not bool(torch.isfinite(t).all())), None)
+            if bad is None:
+                raise ValueError(f"The cache's memory holds values beyond ±{limit:.3g}: {why} (NaN outputs); start "
+                                 f"a new cache (or reset the rows) instead of continuing from this state.")
             raise ValueError(f"The cache's {bad} contains NaN or inf values; start a new cache (or reset the rows) "
                              f"instead of continuing from a broken state.")
         self._mark_trusted()
@@ -260,7 +271,8 @@ class MemformerCache(Cache):
                          device: torch.device | str | None = None) -> None:
         """Raise a clear error if this cache cannot serve a forward of `batch_size` rows of a model with `config`;
         with `dtype` / `device` (the model calls it so at the start of a stream-mode forward), also bring the state
-        to the model's device and compute dtype and check it for NaN/inf (`check_finite`)."""
+        to the model's device and compute dtype and check it for NaN/inf and its memory against the bound of that
+        dtype (`check_finite`)."""
         if self._stale is not None:
             raise ValueError(self._stale)
         if config is not self._checked_config and self.fingerprint != config_fingerprint(config):
@@ -277,7 +289,7 @@ class MemformerCache(Cache):
             if not (self.is_trusted and first is not None and (dtype is None or first.dtype == dtype)
                     and (device is None or first.device == torch.device(device))):
                 self._match_model(dtype, device)
-            self.check_finite()
+            self.check_finite(dtype)
 
     def set_state(self, *, memory, cross_mask, segment_ids, fill, started, self_kv, cross_kv) -> None:
         """Store a complete new state from outside the model (e.g. a custom decoder): it replaces every field,

@@ -27,6 +27,22 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def memory_bound(hidden_size: int, compute_dtype: torch.dtype) -> tuple[float, str]:
+    """(the largest |value| a memory [.., K, hidden_size] from outside the model may hold when read by a model
+    computing in `compute_dtype`, why). The memory is held and written in float32 (float64 for a float64 model): the
+    readers' `memory_kv_norm` sums d squared deviations of it and the writer's Biased Memory Normalization d squares,
+    so beyond sqrt(max / d) / 2 (the bound of `inputs_embeds`) they can overflow (NaN outputs). A float16 model casts
+    the memory to float16 for its readers: at most float16's largest value. Memories the model writes are unit
+    vectors (BMN), far inside."""
+    dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    limit = (torch.finfo(dtype).max / hidden_size) ** 0.5 / 2
+    if compute_dtype.is_floating_point and torch.finfo(compute_dtype).max < limit:
+        name = str(compute_dtype).removeprefix("torch.")
+        return torch.finfo(compute_dtype).max, f"the readers cast the memory to the model's {name}, where they would be inf"
+    return limit, (f"the sums of its squares in the memory's norms (the readers' `memory_kv_norm`, the writer's "
+                   f"Biased Memory Normalization) would overflow {str(dtype).removeprefix('torch.')}")
+
+
 class MemoryReader(nn.Module):
     """Tokens attend to the K memory slots (every encoder layer; no mask, no positions). docs/design.md."""
 
@@ -167,4 +183,4 @@ class MemoryPredictor(nn.Module):
         return -(picked * scored).sum()
 
 
-__all__ = ["MemoryReader", "MemoryWriter", "BiasedMemoryNorm", "MemoryPredictor", "at_least_fp32"]
+__all__ = ["MemoryReader", "MemoryWriter", "BiasedMemoryNorm", "MemoryPredictor", "at_least_fp32", "memory_bound"]

@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput, logging
 from .cache_memformer import MemformerCache, cross_length
 from .configuration_memformer import MemformerConfig
 from .graphs import GraphedStep, StepGraphs, graphs_usable
-from .memory import BiasedMemoryNorm, MemoryPredictor, MemoryReader, MemoryWriter, at_least_fp32
+from .memory import BiasedMemoryNorm, MemoryPredictor, MemoryReader, MemoryWriter, at_least_fp32, memory_bound
 from .safe_loading import safetensors_only_from_pretrained
 from .stream_planner import StreamPlan, plan_stream
 
@@ -1191,14 +1191,20 @@ class MemformerModel(MemformerPreTrainedModel):
                          f"{str(norm_dtype).removeprefix('torch.')} (NaN outputs).")
 
     def _check_memory(self, memory: torch.Tensor, batch_size: int, name: str) -> None:
+        """Refuse a memory of the wrong shape, with NaN or inf, or with values beyond `memory.memory_bound` (where the
+        norms over it overflow: NaN outputs). One host sync."""
         expected = (batch_size, self.config.num_memory_slots, self.config.hidden_size)
         if memory.dim() != 3 or memory.shape[1:] != expected[1:]:
             raise ValueError(f"`{name}` must have shape (batch, num_memory_slots, hidden_size) = "
                              f"({batch_size}, {expected[1]}, {expected[2]}), got {tuple(memory.shape)}.")
         if memory.shape[0] != batch_size:
             raise ValueError(f"Memory batch size {memory.shape[0]} != input batch size {batch_size} (`{name}`).")
+        limit, why = memory_bound(self.config.hidden_size, self.embed_tokens.weight.dtype)
+        if bool((memory.abs() <= limit).all()):  # False for NaN and inf
+            return
         if not bool(torch.isfinite(memory).all()):
             raise ValueError(f"`{name}` contains NaN or inf values.")
+        raise ValueError(f"`{name}` holds values beyond ±{limit:.3g}: {why} (NaN outputs).")
 
     def _forward_cell(self, enc_ids, enc_mask, dec_ids, dec_mask, memory, memory_reset, critical_path_only,
                       output_hidden_states, output_memory_attentions, validate_inputs=True):

@@ -29,6 +29,7 @@ import torch
 from transformers.utils import logging
 
 from .graphs import is_sharded
+from .memory import memory_bound
 from .modeling_memformer import (
     CACHE_KWARG,
     PREVIOUS_SEGMENT_LAYOUT_ERROR,
@@ -210,24 +211,30 @@ def stream_cells(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def _validate_window(model: torch.nn.Module, cells: dict[str, torch.Tensor], memory: torch.Tensor | None) -> None:
-    """Check a whole window's token ids, the carried memory and, with `decoder_previous_segment`, the decoder layout
-    (as `MemformerModel._check_previous_segment_layout` checks one cell) with one host sync (the cells then skip their
-    own per-call checks, which would each stop the host until the GPU catches up)."""
+    """Check a whole window's token ids, the carried memory (finite and within `memory.memory_bound`) and, with
+    `decoder_previous_segment`, the decoder layout (as `MemformerModel._check_previous_segment_layout` checks one
+    cell) with one host sync (the cells then skip their own per-call checks, which would each stop the host until the
+    GPU catches up)."""
     config = _unwrap(model).config
     vocab = config.vocab_size
     ids = [cells["encoder_input_ids"]] + ([cells["decoder_input_ids"]] if "decoder_input_ids" in cells else [])
     low = torch.stack([t.min() for t in ids]).min()
     high = torch.stack([t.max() for t in ids]).max()
-    finite = torch.isfinite(memory).all() if memory is not None else torch.ones((), dtype=torch.bool, device=low.device)
+    limit, why = memory_bound(config.hidden_size, _unwrap(model).get_input_embeddings().weight.dtype)
+    in_range = torch.ones((), dtype=torch.bool, device=low.device)
+    if memory is not None:  # False for NaN and inf too, which are told apart only when refused
+        in_range = (memory.abs() <= limit).all()
     broken = torch.zeros((), dtype=torch.long, device=low.device)
     if getattr(config, "decoder_previous_segment", False) and "decoder_input_ids" in cells:
         broken = previous_segment_breaks(cells["encoder_input_ids"], cells.get("encoder_attention_mask"),
                                          cells["decoder_input_ids"], config.segment_length).sum().to(low.device)
-    low, high, finite, broken = torch.stack([low, high, finite.long().to(low.device), broken]).tolist()
+    low, high, in_range, broken = torch.stack([low, high, in_range.long().to(low.device), broken]).tolist()
     if low < 0 or high >= vocab:
         raise ValueError(f"The window's token ids are outside [0, vocab_size={vocab}): min {low}, max {high}.")
-    if not finite:
-        raise ValueError("The carried memory contains NaN or inf values.")
+    if not in_range:
+        if not bool(torch.isfinite(memory).all()):
+            raise ValueError("The carried memory contains NaN or inf values.")
+        raise ValueError(f"The carried memory holds values beyond ±{limit:.3g}: {why} (NaN outputs).")
     if broken:
         raise ValueError(PREVIOUS_SEGMENT_LAYOUT_ERROR.format(where=f"{broken} cells of the window have"))
 

@@ -32,7 +32,7 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
-from memformer_hf import MemformerConfig, MemformerForCausalLM, MemformerModel
+from memformer_hf import MemformerCache, MemformerConfig, MemformerForCausalLM, MemformerModel
 from memformer_hf.configuration_memformer import BOOLEAN_FIELDS
 from memformer_hf.modeling_memformer import CACHE_KWARG
 
@@ -954,6 +954,67 @@ def test_inf_in_provided_memory_raises(value):
         cache.memory[1, 0, 0] = value
         with pytest.raises(ValueError, match=r"cache's memory contains NaN or inf"):
             lm(rand_ids(2, batch=2, boot=False), past_key_values=cache)
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_memory_whose_norms_overflow_is_refused(dtype, norm_type):
+    """A finite user memory of 1e20 (float32 model; 1e160 for a float64 one) ran through: the readers'
+    `memory_kv_norm` and the writer's Biased Memory Normalization sum d squares of it, which overflow (NaN logits and
+    a NaN memory), silently. Values beyond sqrt(finfo.max / d) / 2 of the memory's dtype (float32, float64 for a
+    float64 model) are refused naming `memory`, the bound and the dtype: as the cell-mode `memory=` and as the
+    memory of a cache that comes from outside the model (checked once, on its next use). Up to the bound the
+    logits and the memory are finite."""
+    limit = (torch.finfo(dtype).max / 16) ** 0.5 / 2
+    message = re.escape(f"holds values beyond ±{limit:.3g}") + r".*" + str(dtype).removeprefix("torch.")
+    largest = torch.full((2, 3, 16), limit, dtype=dtype)
+    largest[..., ::2] *= -1  # alternating signs: the largest deviations from the mean
+    enc = rand_ids(L, batch=2, boot=False)
+    dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+    huge = 1e160 if dtype == torch.float64 else 1e20
+    for cls in (MemformerModel, MemformerForCausalLM):
+        model = build_tiny_memformer(dtype=dtype, attn="sdpa", cls=cls, norm_type=norm_type)
+        with torch.no_grad():
+            out = model(encoder_input_ids=enc, decoder_input_ids=dec, memory=largest)
+            assert torch.isfinite(out.last_hidden_state if cls is MemformerModel else out.logits).all()
+            assert torch.isfinite(out.memory).all()
+            for bad in (largest * 1.01, torch.full((2, 3, 16), huge, dtype=dtype)):
+                with pytest.raises(ValueError, match=r"`memory` " + message):
+                    model(encoder_input_ids=enc, decoder_input_ids=dec, memory=bad)
+    lm = model
+    with torch.no_grad():
+        cache = lm(rand_ids(6, batch=2))[CACHE_KWARG]
+        cache.memory = largest.clone()
+        out = lm(rand_ids(5, batch=2, boot=False), past_key_values=cache)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.memory).all()
+        for bad in (largest * 1.01, torch.full((2, 3, 16), huge, dtype=dtype)):
+            cache = lm(rand_ids(6, batch=2))[CACHE_KWARG]
+            cache.memory = bad
+            with pytest.raises(ValueError, match=r"cache's memory " + message):
+                lm(rand_ids(2, batch=2, boot=False), past_key_values=cache)
+            state = dict(memory=bad, cross_mask=cache.cross_mask, segment_ids=cache.segment_ids, fill=cache.fill,
+                         started=cache.started, self_kv=[(x.keys, x.values) for x in cache.layers],
+                         cross_kv=[(x.cross_keys, x.cross_values) for x in cache.layers])
+            cache = MemformerCache(lm.config)
+            cache.set_state(**state)
+            with pytest.raises(ValueError, match=r"cache's memory " + message):
+                lm(rand_ids(2, batch=2, boot=False), past_key_values=cache)
+
+
+def test_memory_bound_of_a_float16_model():
+    """A float16 model casts the memory to float16 for its readers' `memory_kv_norm`: a memory of 7e4 (finite in
+    the float32 the memory is held in) became inf there and the logits NaN. It is refused naming float16's largest
+    value; at that value the outputs are finite."""
+    model = build_tiny_memformer(dtype=torch.float16, attn="sdpa")
+    enc = rand_ids(L, batch=1, boot=False)
+    dec = torch.cat([torch.full((1, 1), BOS), enc[:, :-1]], 1)
+    largest = torch.full((1, 3, 16), torch.finfo(torch.float16).max)
+    largest[..., ::2] *= -1
+    with torch.no_grad():
+        out = model(encoder_input_ids=enc, decoder_input_ids=dec, memory=largest)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.memory).all()
+        with pytest.raises(ValueError, match=re.escape("`memory` holds values beyond ±6.55e+04") + r".*float16"):
+            model(encoder_input_ids=enc, decoder_input_ids=dec, memory=largest * 1.1)
 
 
 def test_pickle_checkpoint_is_refused(tmp_path):

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
+import re
 import tempfile
 
 import pytest
@@ -285,6 +287,22 @@ def test_unknown_mode_and_weighting_raise():
         cells_backward(model, cells, None, mode="nope")
     with pytest.raises(ValueError, match="weighting"):
         cells_backward(model, cells, None, loss_weighting="nope")
+
+
+def test_carried_memory_beyond_the_bound_is_refused():
+    """`cells_backward` checks the carried memory once per window (the cells skip their own checks): a finite memory
+    of 1e160 (float64 model) ran through and gave a NaN loss and NaN gradients. It is refused naming the bound, as
+    the model's `memory=` is; a memory at the bound gives a finite loss."""
+    model = build_model()
+    cells = stream_window(LAYOUTS[2], 2, "bos")
+    limit = (torch.finfo(torch.float64).max / TINY["hidden_size"]) ** 0.5 / 2
+    largest = torch.full((3, TINY["num_memory_slots"], TINY["hidden_size"]), limit, dtype=torch.float64)
+    largest[..., ::2] *= -1
+    loss, memory = cells_backward(model, cells, largest)
+    assert math.isfinite(float(loss)) and torch.isfinite(memory).all()
+    for bad in (largest * 1.01, torch.full_like(largest, 1e160)):
+        with pytest.raises(ValueError, match=re.escape(f"carried memory holds values beyond ±{limit:.3g}: ") + ".*float64"):
+            cells_backward(model, cells, bad)
 
 
 # ============================================================================================== truncated mode

@@ -1154,11 +1154,23 @@ class MemformerModel(MemformerPreTrainedModel):
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         if encoder_input_ids is not None or decoder_input_ids is not None:
+            given = [name for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                                              ("attention_mask", attention_mask), (CACHE_KWARG, past_key_values))
+                     if value is not None]
+            if given:
+                raise ValueError(f"Cell mode (`encoder_input_ids` / `decoder_input_ids`) does not take "
+                                 f"{', '.join(f'`{name}`' for name in given)}: a cell reads `memory` (m0 when None) "
+                                 "and its own masks `encoder_attention_mask` / `decoder_attention_mask`; stream "
+                                 "mode takes `input_ids` with `attention_mask` and a cache (docs/design.md#cell).")
             out = self._forward_cell(encoder_input_ids, encoder_attention_mask, decoder_input_ids,
                                      decoder_attention_mask, memory, memory_reset, critical_path_only,
                                      output_hidden_states, output_memory_attentions,
                                      kwargs.pop("validate_inputs", True))
         else:
+            if memory is not None:
+                raise ValueError("`memory` is a cell-mode input (with `encoder_input_ids` / `decoder_input_ids`); a "
+                                 "stream's memory lives in its cache: pass a MemformerCache as `past_key_values` "
+                                 "(`cache.set_state(memory=..., ...)` stores one of your own).")
             out = self._forward_stream(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache,
                                        memory_reset, output_hidden_states, output_memory_states,
                                        output_memory_attentions, columns_to_keep, replay_step, replay_memory)

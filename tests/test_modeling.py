@@ -633,6 +633,9 @@ def _bad_input_cases():
                               r"does not return attention weights.*output_memory_attentions"),
         "position_ids": (dict(input_ids=torch.tensor([[1, 5]]), position_ids=torch.tensor([[0, 1]])),
                          r"does not take `position_ids`"),
+        # a cell-mode input with stream-mode inputs was silently ignored (the stream started from m0)
+        "memory": (dict(input_ids=torch.tensor([[1, 5]]), memory=unit_memory(1, seed=0)),
+                   r"`memory` is a cell-mode input.*set_state"),
     }
 
 
@@ -642,6 +645,22 @@ def test_bad_stream_input_raises(case):
     kwargs, pattern = _bad_input_cases()[case]
     with pytest.raises(ValueError, match=pattern):
         model(**kwargs)
+
+
+def test_stream_inputs_in_cell_mode_are_refused():
+    """Cell mode (`encoder_input_ids` / `decoder_input_ids`) silently ignored the stream-mode inputs passed with it:
+    `past_key_values` (the cell ran from `memory`, m0 when None, not from the cache), `input_ids` /
+    `inputs_embeds` and `attention_mask` (the encoder read all of `encoder_input_ids`). They are refused naming
+    them; `memory` in stream mode is refused in test_bad_stream_input_raises."""
+    model = build_tiny_memformer(attn="sdpa")
+    enc = rand_ids(L, batch=2, boot=False)
+    cell = dict(encoder_input_ids=enc, decoder_input_ids=torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1))
+    with torch.no_grad():
+        cache = model(rand_ids(6, batch=2))[CACHE_KWARG]
+    for name, value in (("input_ids", enc), ("inputs_embeds", torch.zeros(2, L, 16, dtype=torch.float64)),
+                        ("attention_mask", torch.zeros(2, L, dtype=torch.long)), ("past_key_values", cache)):
+        with pytest.raises(ValueError, match=rf"Cell mode .* does not take `{name}`:"):
+            model(**cell, **{name: value})
 
 
 def test_generate_with_output_attentions_explains():

@@ -1692,6 +1692,24 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                                       validate_inputs=False)
         return self.config.memory_prediction_loss * self.memory_predictor(read, self.lm_head, shift_labels)
 
+    def _shift_checked_labels(self, labels: torch.Tensor, attention_mask: torch.Tensor | None, from_ids: bool,
+                              shape: tuple[int, int] | None) -> torch.Tensor:
+        """`shift_labels_from(labels)` after checking `labels`: integer dtype, the input's `shape` (stream mode; 2-D
+        in cell mode), and every scored value in [0, vocab_size) (-100, the first column and padded columns are
+        not scored). One host sync."""
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"`labels` must hold integer token ids (-100: ignored), got dtype {labels.dtype}.")
+        if labels.dim() != 2 or (shape is not None and tuple(labels.shape) != shape):
+            raise ValueError(f"`labels` must have the shape of `{'input_ids' if from_ids else 'inputs_embeds'}` "
+                             f"{shape if shape is not None else '(batch, length)'}, got {tuple(labels.shape)}.")
+        shifted = shift_labels_from(labels, None if shape is None else attention_mask)
+        vocab = self.config.vocab_size
+        bad = (shifted != -100) & ((shifted < 0) | (shifted >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"`labels` holds values outside [0, vocab_size={vocab}) other than -100 (ignored): "
+                             f"{shifted[bad].unique()[:8].tolist()}.")
+        return shifted
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -1818,6 +1836,9 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             columns_to_keep = torch.arange(max(n - logits_to_keep, 0), n)
         elif not cell_mode and torch.is_tensor(logits_to_keep) and labels is None and shift_labels is None:
             columns_to_keep = logits_to_keep.flatten().cpu()
+        if labels is not None and shift_labels is None:
+            shift_labels = self._shift_checked_labels(labels, attention_mask, input_ids is not None,
+                                                      None if cell_mode else tuple(source.shape[:2]))
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=past_key_values, use_cache=use_cache, memory_reset=memory_reset,
@@ -1833,9 +1854,9 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 sliced = hidden[:, logits_to_keep]
             logits = self.lm_head(sliced)
             if labels is not None or shift_labels is not None:
-                if shift_labels is None:
-                    shift_labels = shift_labels_from(labels, None if cell_mode else attention_mask)
                 shift_labels = shift_labels.to(hidden.device)
+                if not shift_labels.is_floating_point():
+                    shift_labels = shift_labels.long()  # cross_entropy takes int64 targets only
                 if shift_labels.shape != hidden.shape[:2]:
                     raise ValueError(f"labels must align with the outputs {tuple(hidden.shape[:2])}, "
                                      f"got {tuple(shift_labels.shape)}.")

@@ -475,6 +475,38 @@ def test_loss_is_token_mean_of_shifted_nll():
     torch.testing.assert_close(out.loss, expected, atol=1e-12, rtol=0)
 
 
+def test_labels_are_checked_and_any_integer_dtype_is_taken():
+    """`labels` reached `F.cross_entropy` unchecked: int32 labels (valid token ids) failed there with "expected target
+    dtype to be Long or Byte, but got Int", a label outside [0, vocab_size) other than -100 with "Target 50 is out
+    of bounds" (on CUDA a device-side assert), float labels with a dtype error and 1-D labels with an IndexError in
+    the shift. Integer labels of any width give the loss of int64 ones (also as `shift_labels`); the others are
+    refused naming `labels` before the forward runs (values that are never scored are not checked)."""
+    model = build_tiny_memformer(attn="sdpa")
+    ids = rand_ids(11, batch=2, seed=16)
+    labels = ids.clone()
+    labels[0, 5] = -100
+    with torch.no_grad():
+        want = model(ids, labels=labels).loss
+        for dtype in (torch.int32, torch.int16):
+            torch.testing.assert_close(model(ids, labels=labels.to(dtype)).loss, want, rtol=0, atol=0)
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].int()
+        torch.testing.assert_close(model(ids, shift_labels=shifted).loss, want, rtol=0, atol=0)
+        for value in (50, -5, -1):
+            bad = labels.clone()
+            bad[1, 3] = value
+            with pytest.raises(ValueError, match=rf"`labels` holds values outside \[0, vocab_size=50\) other than "
+                                                 rf"-100.*\[{value}\]"):
+                model(ids, labels=bad)
+        unscored = labels.clone()
+        unscored[:, 0] = 999  # column 0 is never a target (the shift); nor are padded columns
+        torch.testing.assert_close(model(ids, labels=unscored).loss, want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"`labels` must hold integer token ids"):
+            model(ids, labels=labels.float())
+        for bad in (labels[0], labels[:, :5]):
+            with pytest.raises(ValueError, match=r"`labels` must have the shape of `input_ids` \(2, 11\)"):
+                model(ids, labels=bad)
+
+
 def test_perturbing_memory_changes_next_segment_only_after_the_boundary():
     model = build_tiny_memformer(attn="sdpa")
     prefix = rand_ids(1 + L, seed=17)  # boot + one full segment: fill == 0

@@ -1186,21 +1186,28 @@ class MemformerModel(MemformerPreTrainedModel):
                                  f"min {low}, max {high}.")
 
     def _check_inputs_embeds(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> None:
-        """Refuse NaN, inf, or values beyond ±sqrt(max / d) / 2 of the normalisation dtype (at least float32; float64
-        when the embeddings or the model are, as the embeddings are promoted to the model's dtype) at real positions:
-        the first reach the memory and every later segment, the others overflow a norm's sum of d squared deviations
-        (NaN logits). Pads are never read. One host sync."""
-        norm_dtype = (torch.float64 if torch.float64 in (inputs_embeds.dtype, self.embed_tokens.weight.dtype)
-                      else torch.float32)
+        """Refuse integer embeddings, and NaN, inf, or values beyond ±sqrt(max / d) / 2 of the normalisation dtype
+        (float32; float64 for a float64 model: the embeddings are cast to the model's dtype, as the embedding layer's
+        output is) or beyond a float16 model's largest value (the cast would overflow) at real positions: the first
+        reach the memory and every later segment, the others overflow a norm's sum of d squared deviations (NaN
+        logits). Pads are never read. One host sync."""
+        if not inputs_embeds.is_floating_point():
+            raise ValueError(f"`inputs_embeds` must be a float tensor, got dtype {inputs_embeds.dtype}.")
+        model_dtype = self.embed_tokens.weight.dtype
+        norm_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
         limit = (torch.finfo(norm_dtype).max / inputs_embeds.shape[-1]) ** 0.5 / 2
-        in_range = inputs_embeds.abs() <= min(limit, torch.finfo(inputs_embeds.dtype).max)  # False for NaN and inf
+        why = (f"the normalisation layers' sums of their squares would overflow "
+               f"{str(norm_dtype).removeprefix('torch.')}")
+        if torch.finfo(model_dtype).max < limit:
+            limit = torch.finfo(model_dtype).max
+            why = f"they would overflow the model's {str(model_dtype).removeprefix('torch.')} when cast to it"
+        in_range = inputs_embeds.abs() <= limit  # False for NaN and inf
         if bool((in_range.all(-1) | ~mask).all()):
             return
         if not bool((torch.isfinite(inputs_embeds).all(-1) | ~mask).all()):
             raise ValueError("`inputs_embeds` contains NaN or inf values at real (attention_mask 1) positions.")
-        raise ValueError(f"`inputs_embeds` holds values beyond ±{limit:.3g} at real (attention_mask 1) positions: the "
-                         f"normalisation layers' sums of their squares would overflow "
-                         f"{str(norm_dtype).removeprefix('torch.')} (NaN outputs).")
+        raise ValueError(f"`inputs_embeds` holds values beyond ±{limit:.3g} at real (attention_mask 1) positions: "
+                         f"{why} (NaN outputs).")
 
     def _check_memory(self, memory: torch.Tensor, batch_size: int, name: str) -> None:
         """Refuse a memory of the wrong shape, with NaN or inf, or with values beyond `memory.memory_bound` (where the
@@ -1362,6 +1369,7 @@ class MemformerModel(MemformerPreTrainedModel):
             mask = attention_mask[:, attention_mask.shape[1] - n:].bool()  # generate passes past + new columns
         if inputs_embeds is not None:
             self._check_inputs_embeds(inputs_embeds, mask.to(device))
+            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
         if memory_reset is not None:
             if memory_reset.shape != (b,):
                 raise ValueError(f"`memory_reset` must have shape (batch,) = ({b},), got {tuple(memory_reset.shape)}.")

@@ -826,6 +826,32 @@ def test_inputs_embeds_bound_is_that_of_the_models_norms():
             model(inputs_embeds=torch.full((1, 3, 16), 1e160, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("model_dtype,embeds_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                                      (torch.float16, torch.float32)])
+def test_inputs_embeds_wider_than_the_model_are_cast_to_it(model_dtype, embeds_dtype):
+    """`inputs_embeds` wider than the model's dtype (float64 into a float32 model, float32 into a bf16 / float16
+    one) failed deep in the first LayerNorm with "mixed dtype (CPU)", while a narrower dtype was promoted; integer
+    `inputs_embeds` failed in `torch.finfo` with a TypeError. Embeddings are cast to the model's dtype, as the
+    embedding layer's output is (the same logits as the cast embeddings); values that the cast would overflow, and
+    integer embeddings, are refused naming `inputs_embeds`."""
+    model = build_tiny_memformer(dtype=model_dtype, attn="sdpa")
+    embeds = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(3), dtype=embeds_dtype)
+    with torch.no_grad():
+        got = model(inputs_embeds=embeds)
+        want = model(inputs_embeds=embeds.to(model_dtype))
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        assert torch.isfinite(got.logits).all()
+        if model_dtype == torch.float16:
+            with pytest.raises(ValueError, match=r"`inputs_embeds` holds values beyond ±6.55e\+04 .*float16"):
+                model(inputs_embeds=embeds * 1e5)
+        else:
+            limit = (torch.finfo(torch.float32).max / 16) ** 0.5 / 2
+            with pytest.raises(ValueError, match=re.escape(f"beyond ±{limit:.3g} at real") + r".*float32"):
+                model(inputs_embeds=embeds * 1e30)
+        with pytest.raises(ValueError, match=r"`inputs_embeds` must be a float tensor, got dtype torch.int64"):
+            model(inputs_embeds=embeds.long())
+
+
 @pytest.mark.parametrize("position_embedding_type", ["rope", "simplified_rpe"])
 def test_float16_eager_queries_without_valid_keys_output_zero(position_embedding_type):
     """A float16 model with eager attention (or simplified RPE, which is always eager) returned NaN logits wherever a

@@ -1241,6 +1241,9 @@ class MemformerModel(MemformerPreTrainedModel):
                 raise ValueError(f"`{name}` must have shape (batch, ≤ segment_length={L}), got {tuple(t.shape)}.")
             if validate_inputs:
                 self._check_ids(t, name)
+        if enc_mask is not None and enc_mask.shape != enc_ids.shape:
+            raise ValueError(f"`encoder_attention_mask` must have the shape of `encoder_input_ids` "
+                             f"{tuple(enc_ids.shape)}, got {tuple(enc_mask.shape)}.")
         memory = self.cell_memory(memory, memory_reset, enc_ids.shape[0], validate_inputs)
         enc_mask = (torch.ones_like(enc_ids, dtype=torch.bool) if enc_mask is None else enc_mask.bool())
         if validate_inputs and self.config.decoder_previous_segment and not critical_path_only:

@@ -1015,6 +1015,19 @@ def test_boolean_config_fields_refuse_other_types(tmp_path, field, value):
     assert getattr(tiny_memformer_config(**{field: False}), field) is False
 
 
+def test_cell_encoder_mask_of_another_shape_is_refused():
+    """An `encoder_attention_mask` whose shape is not that of `encoder_input_ids` failed deep in SDPA ("The size of
+    tensor a (4) must match the size of tensor b (3)") or elsewhere (IndexError for a 1-D mask), or was broadcast
+    over the rows ([1, L]). It is refused naming the mask and both shapes."""
+    model = build_tiny_memformer(attn="sdpa")
+    enc = rand_ids(L, batch=2, boot=False)
+    dec = torch.cat([torch.full((2, 1), BOS), enc[:, :-1]], 1)
+    for mask in (torch.ones(2, L - 1), torch.ones(L), torch.ones(1, L), torch.ones(2, L, 1)):
+        with pytest.raises(ValueError, match=re.escape(f"`encoder_attention_mask` must have the shape of "
+                                                       f"`encoder_input_ids` (2, {L}), got {tuple(mask.shape)}")):
+            model(encoder_input_ids=enc, decoder_input_ids=dec, encoder_attention_mask=mask)
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_inf_in_provided_memory_raises(value):
     model = build_tiny_memformer(attn="sdpa", cls=MemformerModel)

@@ -407,10 +407,15 @@ class MemformerCache(Cache):
         self.consumed = 0
         self._stale = None
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        """Mark rows (bool mask [B]) as not started: their next token begins a new document from the initial memory
-        (a row that has not started holds no partial segment: its fill is 0)."""
+    def reset_rows(self, rows: torch.Tensor | list[bool]) -> None:
+        """Mark rows (bool mask [B], or a list of B bools) as not started: their next token begins a new document
+        from the initial memory (a row that has not started holds no partial segment: its fill is 0)."""
         if self.started is not None:
+            if not torch.is_tensor(rows):
+                rows = torch.tensor([bool(r) for r in rows], dtype=torch.bool)
+            if rows.shape != self.started.shape:
+                raise ValueError(f"reset_rows: the mask must have shape (batch,) = ({self.started.shape[0]},), got "
+                                 f"{tuple(rows.shape)} (one flag per row, not row indices).")
             trusted = self.is_trusted
             rows = rows.to(self.started.device).bool()
             self.started = self.started & ~rows

@@ -518,6 +518,26 @@ def test_state_with_a_reset_row_saves_and_loads(model, tmp_path):
     assert torch.equal(cont, ref)
 
 
+def test_reset_rows_needs_one_flag_per_row(model):
+    """`cache.reset_rows` broadcast its mask over the rows: [True] on a batch of 2 reset both rows, a row index
+    tensor([0]) (read as the mask [False]) reset none, silently; a mask of 3 rows failed with a RuntimeError and a
+    list with an AttributeError. A list of bools now equals the tensor, and any other shape than (batch,) is
+    refused naming the batch size; the cache is left as it was."""
+    with torch.no_grad():
+        cache = model(rand_ids(6, batch=2, seed=44))[CACHE_KWARG]
+    ref = copy.deepcopy(cache)
+    ref.reset_rows(torch.tensor([True, False]))
+    listed = copy.deepcopy(cache)
+    listed.reset_rows([True, False])
+    assert listed.started.tolist() == ref.started.tolist() == [False, True]
+    assert listed.fill.tolist() == ref.fill.tolist()
+    for rows in (torch.tensor([True]), torch.tensor([0]), torch.tensor([True, False, True]), [True],
+                 torch.tensor([[True], [False]])):
+        with pytest.raises(ValueError, match=r"reset_rows: the mask must have shape \(batch,\) = \(2,\)"):
+            cache.reset_rows(rows)
+        assert cache.started.tolist() == [True, True]
+
+
 def test_memory_reset_accepts_a_list(model):
     """`memory_reset` as a Python list raised AttributeError; a list of bools is now the same as the tensor."""
     prefix, new = rand_ids(6, batch=2, seed=44), rand_ids(5, batch=2, seed=45)

@@ -133,9 +133,9 @@ class MemformerCache(Cache):
     not match the returned sequences and is marked stale (`mark_stale`): using or saving it raises until `reset()`.
 
     A state that comes from outside the model (`load_state`, `set_state`, a tensor assigned or modified in place) is
-    checked once for NaN/inf, and its memory against `memory.memory_bound`, on its next use (`check_compatible`: one
-    reduction, one host synchronisation); a state the model wrote itself (or that was checked since) is not, so
-    decoding pays no synchronisation per token.
+    checked once on its next use (`check_compatible`: one reduction, one host synchronisation) as `set_state` checks
+    it, for NaN/inf, and its memory against `memory.memory_bound`; a state the model wrote itself (or that was
+    checked since) is not, so decoding pays no synchronisation per token.
     """
 
     is_compileable = False
@@ -225,24 +225,33 @@ class MemformerCache(Cache):
     def check_finite(self, dtype: torch.dtype | None = None) -> None:
         """Raise `ValueError` naming the field if the memory or a cached key/value holds NaN or inf, or (with the
         model's compute `dtype`) the memory holds values beyond `memory.memory_bound`, where the model's norms over it
-        overflow. Skipped for a trusted state (`is_trusted`); otherwise one reduction over all tensors and one host
-        synchronisation."""
+        overflow, or the state is not one `set_state` would take (shapes, dtypes, `fill`, `segment_ids`). Skipped
+        for a trusted state (`is_trusted`); otherwise one reduction over all tensors and one host synchronisation."""
         if self.is_empty or self.is_trusted:
             return
-        named = [(n, t) for n, t in zip(self._names(len(self.layers)), self._all_tensors())
-                 if t is not None and t.is_floating_point()]
-        device = named[0][1].device
+        tensors = dict(zip(self._names(len(self.layers)), self._all_tensors()))
+        self._validate_state(tensors, self.config, "The cache", layout_only=True)  # as set_state: shapes, dtypes
+        named = [(n, t) for n, t in tensors.items() if t.is_floating_point()]
+        device = self.memory.device
         checks = [torch.isfinite(t).all().to(device) for _, t in named]
+        limit = None
         if dtype is not None:
             limit, why = memory_bound(self.config.hidden_size, dtype)
             checks.append((self.memory.abs() <= limit).all().to(device))
+        # the rest of what set_state checks, in the same reduction
+        fill, started, ids = self.fill, self.started, self.segment_ids
+        checks += [((fill >= 0) & (fill < self.config.segment_length)).all().to(device),
+                   (started | (fill == 0)).all().to(device),
+                   ((ids >= 0) & (ids < self.config.vocab_size)).all().to(device)]
         if not bool(torch.stack(checks).all()):
             bad = next((n for n, t in named if not bool(torch.isfinite(t).all())), None)
-            if bad is None:
+            if bad is not None:
+                raise ValueError(f"The cache's {bad} contains NaN or inf values; start a new cache (or reset the "
+                                 f"rows) instead of continuing from a broken state.")
+            if limit is not None and not bool((self.memory.abs() <= limit).all()):
                 raise ValueError(f"The cache's memory holds values beyond ±{limit:.3g}: {why} (NaN outputs); start "
                                  f"a new cache (or reset the rows) instead of continuing from this state.")
-            raise ValueError(f"The cache's {bad} contains NaN or inf values; start a new cache (or reset the rows) "
-                             f"instead of continuing from a broken state.")
+            self._validate_state(tensors, self.config, "The cache")  # names the field
         self._mark_trusted()
 
     def _match_model(self, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
@@ -499,15 +508,20 @@ class MemformerCache(Cache):
         return cache
 
     @staticmethod
-    def _validate_state(tensors: dict[str, torch.Tensor], config: MemformerConfig, source: str) -> None:
-        """Raise `ValueError` naming the field unless `tensors` (by `_names`) form a consistent state for `config`."""
+    def _validate_state(tensors: dict[str, torch.Tensor], config: MemformerConfig, source: str,
+                        layout_only: bool = False) -> None:
+        """Raise `ValueError` naming the field unless `tensors` (by `_names`) form a consistent state for `config`;
+        `layout_only`: only the shapes and dtypes (no host sync)."""
         L, K, d = config.segment_length, config.num_memory_slots, config.hidden_size
-        memory = tensors["memory"]
-        b = memory.shape[0] if memory.dim() == 3 else -1
 
         def bad(name: str, expected: str, got: Any) -> ValueError:
             return ValueError(f"{source}: `{name}` must be {expected}, got {got}.")
 
+        missing = next((name for name, t in tensors.items() if not torch.is_tensor(t)), None)
+        if missing is not None:
+            raise bad(missing, "a tensor", type(tensors[missing]).__name__)
+        memory = tensors["memory"]
+        b = memory.shape[0] if memory.dim() == 3 else -1
         if b < 1 or tuple(memory.shape[1:]) != (K, d) or not memory.is_floating_point():
             raise bad("memory", f"a float tensor (batch ≥ 1, num_memory_slots={K}, hidden_size={d})",
                       f"{memory.dtype} {tuple(memory.shape)}")
@@ -525,6 +539,8 @@ class MemformerCache(Cache):
                         "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool}[kind]
             if tuple(t.shape) != shape or not ok_dtype:
                 raise bad(name, f"a {kind} tensor of shape {shape}", f"{t.dtype} {tuple(t.shape)}")
+        if layout_only:
+            return
         for name in ["memory"] + [n for n in tensors if n.startswith("layers.")]:
             if not bool(torch.isfinite(tensors[name]).all()):
                 raise bad(name, "finite", "NaN or inf values")

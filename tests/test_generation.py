@@ -593,6 +593,31 @@ def test_nan_in_cached_state_raises_naming_the_field(model, tmp_path, how, field
     assert torch.isfinite(out).all() and out.shape == ref.shape
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("memory", torch.zeros(2, 3, 8), r"`memory` must be a float tensor \(batch ≥ 1, num_memory_slots=3, hidden_size=16\)"),
+    ("memory", torch.zeros(2, 4, 16), r"`memory` must be a float tensor"),
+    ("memory", torch.zeros(2, 48), r"`memory` must be a float tensor"),
+    ("memory", torch.zeros(2, 3, 16, dtype=torch.long), r"`memory` must be a float tensor"),
+    ("cross_mask", torch.ones(2, 2, dtype=torch.bool), r"`cross_mask` must be a bool tensor of shape \(2, 4\)"),
+    ("segment_ids", torch.full((2, 4), 99), r"`segment_ids` must be token ids in \[0, vocab_size=50\)"),
+    ("fill", torch.tensor([9, 0]), r"`fill` must be in \[0, segment_length=4\), got \[9, 0\]"),
+    ("fill", torch.tensor([-1, 0]), r"`fill` must be in \[0, segment_length=4\)"),
+    ("started", torch.tensor([1, 1]), r"`started` must be a bool tensor of shape \(2,\)"),
+])
+def test_an_edited_state_is_validated_as_set_state_does(model, field, value, message):
+    """A state edited by assignment was only checked for NaN/inf on its next use, while `set_state` / `load_state`
+    validate shapes, dtypes and values: a memory of another width or slot count ran until the next boundary and then
+    failed deep in a LayerNorm or the writer, a short `cross_mask` in `index_copy_`, `segment_ids` outside the
+    vocabulary in the embedding ("index out of range in self"); `fill` 9 or -1 (outside [0, L)) ran silently. Such a
+    state is refused naming the field on its next use, with the same single reduction as before."""
+    prefix, new = rand_ids(6, batch=2, seed=47), rand_ids(5, batch=2, seed=48, boot=False)
+    with torch.no_grad():
+        cache = model(prefix)[CACHE_KWARG]
+        setattr(cache, field, value)
+        with pytest.raises(ValueError, match=r"The cache: " + message):
+            model(new, past_key_values=cache)
+
+
 def test_finiteness_check_costs_one_reduction_and_only_for_outside_state(model, tmp_path, monkeypatch):
     """The decoding hot path pays no NaN check (no host sync per token): a state the model wrote, or permuted /
     repeated rows of it, is trusted. An outside state is checked once, with one reduction over all tensors."""

@@ -649,11 +649,11 @@ def test_model_card_rendering_names_unknown_placeholders():
     from memformer_hf.cli.report import FALLBACK_CARD, card_data
 
     values = {"model_name": "m", "repo_id": "me/m", "metrics_table": "| a |", "memory_effect": "flat.",
-              "training_table": "| b |"}
+              "training_table": "| b |", "origin_limitations": "- c"}
     card = cli.render_model_card(FALLBACK_CARD, values, card_data(["wikitext"]))
     assert card.data.datasets == ["wikitext"] and card.data.license == "mit"
     assert str(card).startswith("---\ndatasets:\n- wikitext\nlibrary_name: transformers\n") and str(card).endswith(
-        "| b |\n")
+        "| b |\n\n- c\n")
     assert '"me/m"' in card.text and "{{" not in str(card)
     with pytest.raises(cli.CliError, match=r"unknown placeholder \{\{typo\}\}"):
         cli.render_model_card(FALLBACK_CARD + "{{ typo }}\n", values)
@@ -862,6 +862,48 @@ def test_train_warm_start_defaults_to_the_measured_recipe(tmp_path, monkeypatch,
                                 backbone_learning_rate=None)
         cli_train._warm_start_recipe(argv, ModelArguments(init_from_llama="llama"), ns)
         assert ns.max_steps == steps, argv
+
+
+WARM_TINY = ["--encoder_layers", "1", "--num_memory_slots", "4", "--segment_length", "16", "--train_file",
+             "train.jsonl", "--validation_file", "valid.jsonl", "--max_steps", "1", "--per_device_train_batch_size",
+             "2", "--mrbp_window", "2", "--max_eval_tokens", "32", "--sample_max_new_tokens", "0",
+             "--heatmap_segments", "2"]
+
+
+def test_warm_start_card_declares_the_backbone_license(tmp_path, monkeypatch):
+    """The card of a warm start declares the backbone's license, read from the metadata of the backbone folder's
+    README.md (`license: other` with its `license_name` / `license_link` too), or `license: other` and a sentence
+    saying the weights carry the backbone's license where that card states none; continuing a warm-started folder
+    keeps its card's license (before: `license: mit` on weights derived from, e.g., Apache-2.0 SmolLM2). A model
+    trained from scratch stays MIT (`_check_hub_folder`)."""
+    from huggingface_hub import ModelCard
+
+    _tiny_llama_corpus(tmp_path, monkeypatch)
+    assert cli.main(["train", "--init_from_llama", "llama", *WARM_TINY, "--output_dir", "unstated"]) == 0
+    card = ModelCard.load(tmp_path / "unstated" / "README.md")
+    assert card.data.license == "other" and card.data.license_name is None
+    limitations = card.text.split("## Limitations", 1)[1]
+    assert "Its weights derive from the backbone's and carry its license, which the backbone's folder does not " \
+           "state (hence `license: other` here)" in limitations, limitations
+
+    (tmp_path / "llama" / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# A tiny Llama\n")
+    assert cli.main(["train", "--init_from_llama", "llama", *WARM_TINY, "--output_dir", "apache"]) == 0
+    card = ModelCard.load(tmp_path / "apache" / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert "carry its license (`apache-2.0`, as the backbone's model card states)" in card.text
+    assert cli.main(["train", "--model_name_or_path", "apache", *WARM_TINY[6:], "--output_dir", "more"]) == 0
+    card = ModelCard.load(tmp_path / "more" / "README.md")
+    assert card.data.license == "apache-2.0" and "and its license (`apache-2.0`)" in card.text
+
+    from memformer_hf.cli.report import card_license
+
+    for link, kept in (("https://example.org/tiny-license", {"license_link": "https://example.org/tiny-license"}),
+                       ("LICENSE", {})):  # a relative link names a file of the backbone's repository
+        (tmp_path / "llama" / "README.md").write_text(
+            f"---\nlicense: other\nlicense_name: tiny-community\nlicense_link: {link}\n---\n# A tiny Llama\n")
+        assert card_license(tmp_path / "llama") == {"license": "other", "license_name": "tiny-community", **kept}
+    (tmp_path / "llama" / "README.md").write_text("# A tiny Llama, no metadata\n")
+    assert card_license(tmp_path / "llama") == {} == card_license(tmp_path / "nowhere")
 
 
 def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):

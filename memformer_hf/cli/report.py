@@ -11,8 +11,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .arguments import CliError
+from transformers.utils import logging
 
+from .arguments import CliError, one_line
+
+logger = logging.get_logger(__name__)
 
 # ================================================================================================ run facts
 def versions() -> dict[str, str]:
@@ -238,18 +241,47 @@ Load it with `AutoModelForCausalLM.from_pretrained("{{repo_id}}", trust_remote_c
 {{memory_effect}}
 
 {{training_table}}
+
+{{origin_limitations}}
 """
 
 CARD_TAGS = ["memformer", "recurrent-memory", "custom_code", "text-generation"]
 
 
-def card_data(datasets: list[str] | None = None):
-    """The card's metadata: MIT, `transformers` with remote code, text generation, perplexity; `datasets`: the Hub
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def card_license(folder: str | Path) -> dict[str, str]:
+    """The license that the model card of `folder` (its README.md) states in its metadata, read by huggingface_hub's
+    `metadata_load`: `license` and, where given, `license_name` / `license_link` (the Hub's fields for `license:
+    other`; the link only as a URL: a relative one names a file of that repository, not of ours); {} when there is
+    no card, or it states no license."""
+    from huggingface_hub.repocard import metadata_load
+
+    path = Path(folder).expanduser() / "README.md"
+    if not path.is_file():
+        return {}
+    try:
+        meta = metadata_load(path) or {}
+    except Exception as e:  # noqa: BLE001 - unreadable, not YAML (yaml.YAMLError), not a mapping (ValueError)
+        logger.warning(f"warning: cannot read the license in {path}'s metadata: {one_line(e)}")
+        return {}
+    if not meta.get("license"):
+        return {}
+    stated = {k: str(meta[k]) for k in LICENSE_FIELDS if meta.get(k)}
+    if not stated.get("license_link", "https://").startswith(("https://", "http://")):
+        del stated["license_link"]
+    return stated
+
+
+def card_data(datasets: list[str] | None = None, license: dict[str, str] | None = None):
+    """The card's metadata: the license (`license`: the `LICENSE_FIELDS` of `card_license`; default MIT, that of a
+    model trained from scratch), `transformers` with remote code, text generation, perplexity; `datasets`: the Hub
     datasets it was trained on (None for local files and the embedded corpus)."""
     from huggingface_hub import ModelCardData
 
-    return ModelCardData(library_name="transformers", license="mit", pipeline_tag="text-generation", tags=CARD_TAGS,
-                         datasets=datasets or None, metrics=["perplexity"])
+    return ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=CARD_TAGS,
+                         datasets=datasets or None, metrics=["perplexity"], **(license or {"license": "mit"}))
 
 
 def render_model_card(template: str, values: dict[str, Any], data=None):
@@ -337,16 +369,28 @@ def memory_effect(ppl: float | None, ppl_reset: float | None) -> str:
             "measurements are in the `memformer_hf` repository, `benchmarks/results/quality.md`.")
 
 
-def origin_limitations(tokenizer_path: str | None, backbone: str | None, continued_from: str | None) -> str:
-    """The card's limitations that depend on where the tokenizer and the weights came from."""
+def _license_shown(license: dict[str, str]) -> str:
+    name = license.get("license_name") if license.get("license") == "other" else None
+    return f"`{name or license['license']}`" + (f", {license['license_link']}" if license.get("license_link") else "")
+
+
+def origin_limitations(tokenizer_path: str | None, backbone: str | None, continued_from: str | None,
+                       license: dict[str, str] | None = None) -> str:
+    """The card's limitations that depend on where the tokenizer and the weights came from; `license`: what the
+    backbone's card (warm start) or the continued model's card states (`card_license`; {}: nothing)."""
     tokens = (f"the backbone's tokenizer (`{backbone}`)" if backbone else
               f"the tokenizer loaded from `{tokenizer_path}`" if tokenizer_path else "its own byte-level BPE")
     if backbone:
         knows = (f"Its decoder and encoder layers start from the pretrained backbone `{backbone}`: besides the "
-                 "training data here, it carries what that backbone learned, and its biases.")
+                 "training data here, it carries what that backbone learned, and its biases. Its weights derive from "
+                 "the backbone's and carry its license" +
+                 (f" ({_license_shown(license)}, as the backbone's model card states)." if license else
+                  ", which the backbone's folder does not state (hence `license: other` here): see the backbone's "
+                  "own terms before you use or share this model."))
     elif continued_from:
         knows = (f"It continues the training of `{continued_from}`: besides the training data here, it carries what "
-                 "that model learned (see its card).")
+                 "that model learned (see its card)" +
+                 (f", and its license ({_license_shown(license)})." if license else "."))
     else:
         knows = "It knows only the style and content of its training data."
     return f"- Perplexities are per token of {tokens}; compare models only with the same tokenizer.\n- {knows}"
@@ -354,10 +398,10 @@ def origin_limitations(tokenizer_path: str | None, backbone: str | None, continu
 
 def card_values(args, record: dict, settings: list, tokenizer_description: str, n_params: int,
                 n_embed: int, tokenizer_path: str | None = None, backbone: str | None = None,
-                continued_from: str | None = None) -> dict[str, Any]:
+                continued_from: str | None = None, license: dict[str, str] | None = None) -> dict[str, Any]:
     """The template's placeholders, from the run's `metrics.json` record; `tokenizer_path`: where the tokenizer was
     loaded from (None: trained here), `backbone`: the warm start's backbone folder, `continued_from`: the model
-    folder training continued from."""
+    folder training continued from, `license`: what the card of either states (`card_license`)."""
     m = record["metrics"]
     repo_id = args.hub_model_id or f"your-username/{Path(args.output_dir).name}"
     versions = record["versions"]
@@ -371,7 +415,7 @@ def card_values(args, record: dict, settings: list, tokenizer_description: str, 
         "repo_id": repo_id,
         "corpus": record["corpus"],
         "tokenizer": tokenizer_description,
-        "origin_limitations": origin_limitations(tokenizer_path, backbone, continued_from),
+        "origin_limitations": origin_limitations(tokenizer_path, backbone, continued_from, license),
         "parameters": f"{n_params / 1e6:.2f}M ({(n_params - n_embed) / 1e6:.2f}M without the tied embedding)",
         "segment_length": record["config"].get("segment_length", ""),
         "metrics_summary": summary,

@@ -179,6 +179,16 @@ def _training_settings(args, config, model_args, tokenizer, train_summary: str, 
     ]
 
 
+def _card_license(model_args: ModelArguments) -> tuple[dict[str, str], dict[str, str]]:
+    """The license of the weights, as the card's metadata fields (`report.LICENSE_FIELDS`), and what the card of the
+    folder they came from states ({}: nothing). A warm start's weights carry the backbone's license (`license:
+    other` where its card states none); a continued model keeps its folder's card's (MIT where it states none, as
+    for a model trained from scratch)."""
+    folder = model_args.init_from_llama or model_args.model_name_or_path
+    stated = reports.card_license(folder) if folder else {}
+    return stated or {"license": "other" if model_args.init_from_llama else "mit"}, stated
+
+
 def _tokenizer_source(model_args: ModelArguments) -> str | None:
     """The folder the tokenizer is loaded from (None: a byte-level BPE is trained on the train split)."""
     return model_args.tokenizer_name_or_path or model_args.model_name_or_path or model_args.init_from_llama
@@ -496,12 +506,13 @@ def cmd_train(argv: list[str]) -> int:
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     hub_datasets = [data.dataset_name] if data.dataset_name and not Path(data.dataset_name).expanduser().exists() \
         else None
+    license, stated_license = _card_license(model_args)
     card = reports.render_model_card(
         template.read_text(encoding="utf-8") if template else reports.FALLBACK_CARD,
         reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed,
                             _tokenizer_source(model_args), model_args.init_from_llama,
-                            model_args.model_name_or_path),
-        reports.card_data(hub_datasets))
+                            model_args.model_name_or_path, stated_license),
+        reports.card_data(hub_datasets, license))
     card.save(out_dir / "README.md")
     trainer.card_text = str(card)
     logger.info(f"wrote {out_dir}/: " + ", ".join(sorted(p.name for p in out_dir.iterdir() if p.is_file())))

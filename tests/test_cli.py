@@ -771,15 +771,18 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
     for i in range(2):
         assert torch.equal(model.model.encoder.layers[i].self_attn.v_proj.weight, source.layers[i].self_attn.v_proj.weight)
     metrics = json.loads((warm / "metrics.json").read_text())
-    assert metrics["trained_how"] == f"warm-started from `{backbone}`"
+    # the backbone by its folder's name (its config.json names no Hub id), not by its local path
+    assert metrics["trained_how"] == "warm-started from `llama`"
     assert metrics["settings"]["learning rate: copied encoder / backbone (0: frozen)"] == "0.0 / 0.0"
     assert math.isfinite(metrics["metrics"]["test_ppl"])
     # the card's limitations are the warm start's (they said "its own byte-level BPE" and "knows only ... its
     # training data", those of a model trained from scratch)
     limitations = (warm / "README.md").read_text().split("## Limitations", 1)[1].split("## Citation")[0]
-    assert f"Perplexities are per token of the backbone's tokenizer (`{backbone}`)" in limitations, limitations
-    assert f"pretrained backbone `{backbone}`" in limitations
+    assert "Perplexities are per token of the backbone's tokenizer (`llama`)" in limitations, limitations
+    assert "pretrained backbone `llama`" in limitations
     assert "byte-level BPE" not in limitations and "knows only" not in limitations
+    for text_file in [f for f in warm.iterdir() if f.suffix in (".md", ".json")]:
+        assert str(backbone) not in text_file.read_text(), text_file.name
     # continuing from the folder: the per-origin rates still split the copied layers (frozen here), and the card says
     # what it continues
     more = tmp_path / "more"
@@ -904,6 +907,47 @@ def test_warm_start_card_declares_the_backbone_license(tmp_path, monkeypatch):
         assert card_license(tmp_path / "llama") == {"license": "other", "license_name": "tiny-community", **kept}
     (tmp_path / "llama" / "README.md").write_text("# A tiny Llama, no metadata\n")
     assert card_license(tmp_path / "llama") == {} == card_license(tmp_path / "nowhere")
+
+
+def test_warm_start_card_names_the_backbone_not_its_path(tmp_path, monkeypatch):
+    """The card and metrics.json name the backbone by its Hub id where it is known (a Hub cache snapshot's path, or
+    a config.json `_name_or_path` like `org/name` that is no local path), which is then the card's `base_model`,
+    else by its folder's name (with the GGUF file); the local path is nowhere in the folder, the shown command
+    included (before: `warm-started from `/tmp/ws/smol``, the tokenizer `loaded from `/tmp/ws/smol``, and the path
+    in the limitations and the command: meaningless to a reader, and leaked by an upload). A continued model keeps
+    its card's `base_model`."""
+    from huggingface_hub import ModelCard
+
+    _tiny_llama_corpus(tmp_path, monkeypatch)
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**config, "_name_or_path": "tiny-org/tiny-llama"}))
+    assert cli.main(["train", f"--init_from_llama={tmp_path / 'llama'}", *WARM_TINY, "--output_dir", "hub"]) == 0
+    metrics = json.loads((tmp_path / "hub" / "metrics.json").read_text())
+    assert metrics["trained_how"] == "warm-started from `tiny-org/tiny-llama`"
+    assert metrics["command"].startswith("memformer-hf train --init_from_llama=tiny-org/tiny-llama --encoder_layers")
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.base_model == "tiny-org/tiny-llama"
+    assert "- Tokenizer: the backbone's, `tiny-org/tiny-llama` (300 tokens)\n" in card.text
+    for text_file in [f for f in (tmp_path / "hub").iterdir() if f.suffix in (".md", ".json")]:
+        assert str(tmp_path / "llama") not in text_file.read_text(), text_file.name
+    assert cli.main(["train", "--model_name_or_path", "hub", *WARM_TINY[6:], "--output_dir", "more"]) == 0
+    assert ModelCard.load(tmp_path / "more" / "README.md").data.base_model == "tiny-org/tiny-llama"
+
+    # no Hub id known: the folder's name, and no base_model
+    from memformer_hf.cli import train as cli_train
+    from memformer_hf.cli.arguments import ModelArguments
+    from memformer_hf.cli.report import backbone_name
+
+    for name_or_path in ("llama", str(tmp_path / "llama"), "/home/alice/models/x", None):
+        (tmp_path / "llama" / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
+        assert backbone_name(tmp_path / "llama") == backbone_name("llama") == "llama", name_or_path
+    assert cli.main(["train", "--init_from_llama", "llama", *WARM_TINY, "--output_dir", "local"]) == 0
+    assert ModelCard.load(tmp_path / "local" / "README.md").data.base_model is None
+    snapshot = tmp_path / "hub_cache" / "models--tiny-org--tiny-llama" / "snapshots" / "0123abc"
+    shutil.copytree(tmp_path / "llama", snapshot)
+    assert backbone_name(snapshot) == "tiny-org/tiny-llama"
+    assert cli_train._backbone(ModelArguments(init_from_llama="llama", gguf_file="tiny.Q4.gguf"), markdown=True) == \
+        "`llama` (`tiny.Q4.gguf`)"
 
 
 def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -251,21 +252,27 @@ CARD_TAGS = ["memformer", "recurrent-memory", "custom_code", "text-generation"]
 LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 
-def card_license(folder: str | Path) -> dict[str, str]:
-    """The license that the model card of `folder` (its README.md) states in its metadata, read by huggingface_hub's
-    `metadata_load`: `license` and, where given, `license_name` / `license_link` (the Hub's fields for `license:
-    other`; the link only as a URL: a relative one names a file of that repository, not of ours); {} when there is
-    no card, or it states no license."""
+def card_metadata(folder: str | Path) -> dict[str, Any]:
+    """The metadata of the model card of `folder` (its README.md), read by huggingface_hub's `metadata_load`; {} when
+    there is none (an unreadable one is a warning)."""
     from huggingface_hub.repocard import metadata_load
 
     path = Path(folder).expanduser() / "README.md"
     if not path.is_file():
         return {}
     try:
-        meta = metadata_load(path) or {}
+        return metadata_load(path) or {}
     except Exception as e:  # noqa: BLE001 - unreadable, not YAML (yaml.YAMLError), not a mapping (ValueError)
-        logger.warning(f"warning: cannot read the license in {path}'s metadata: {one_line(e)}")
+        logger.warning(f"warning: cannot read the metadata of {path}: {one_line(e)}")
         return {}
+
+
+def card_license(folder: str | Path) -> dict[str, str]:
+    """The license that the model card of `folder` (its README.md) states in its metadata (`card_metadata`):
+    `license` and, where given, `license_name` / `license_link` (the Hub's fields for `license: other`; the link
+    only as a URL: a relative one names a file of that repository, not of ours); {} when there is no card, or it
+    states no license."""
+    meta = card_metadata(folder)
     if not meta.get("license"):
         return {}
     stated = {k: str(meta[k]) for k in LICENSE_FIELDS if meta.get(k)}
@@ -274,14 +281,54 @@ def card_license(folder: str | Path) -> dict[str, str]:
     return stated
 
 
-def card_data(datasets: list[str] | None = None, license: dict[str, str] | None = None):
+def card_data(datasets: list[str] | None = None, license: dict[str, str] | None = None,
+              base_model: str | list[str] | None = None):
     """The card's metadata: the license (`license`: the `LICENSE_FIELDS` of `card_license`; default MIT, that of a
     model trained from scratch), `transformers` with remote code, text generation, perplexity; `datasets`: the Hub
-    datasets it was trained on (None for local files and the embedded corpus)."""
+    datasets it was trained on (None for local files and the embedded corpus); `base_model`: the Hub id of the model
+    the weights derive from (None: none, or none known)."""
     from huggingface_hub import ModelCardData
 
     return ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=CARD_TAGS,
-                         datasets=datasets or None, metrics=["perplexity"], **(license or {"license": "mit"}))
+                         datasets=datasets or None, metrics=["perplexity"], base_model=base_model or None,
+                         **(license or {"license": "mit"}))
+
+
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--([\w.-]+?)--([\w.-]+)$")
+
+
+def _hub_id(name: Any) -> str | None:
+    """`name` if it looks like a Hub model id (`org/name`) and is no existing local path, else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or Path(name).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def backbone_hub_id(folder: str | Path) -> str | None:
+    """The Hub id of the model in the local `folder`, where it can be known: the folder is a snapshot of the Hub cache
+    (`.../models--org--name/snapshots/<revision>`), or its config.json's `_name_or_path` (written by transformers 4)
+    looks like a Hub id and is no existing local path; else None."""
+    path = Path(folder).expanduser().resolve()
+    match = _HUB_CACHE_SNAPSHOT.fullmatch(path.parent.parent.name) if path.parent.name == "snapshots" else None
+    if match and _hub_id(f"{match[1]}/{match[2]}"):
+        return f"{match[1]}/{match[2]}"
+    try:
+        saved = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):  # no config.json (a GGUF folder), not JSON, not an object
+        return None
+    return _hub_id(saved)
+
+
+def backbone_name(folder: str | Path) -> str:
+    """What the card calls the backbone in `folder`: its Hub id (`backbone_hub_id`), else the folder's name (never
+    the local path, which means nothing to a reader of the card)."""
+    return backbone_hub_id(folder) or Path(folder).expanduser().resolve().name
 
 
 def render_model_card(template: str, values: dict[str, Any], data=None):
@@ -376,12 +423,13 @@ def _license_shown(license: dict[str, str]) -> str:
 
 def origin_limitations(tokenizer_path: str | None, backbone: str | None, continued_from: str | None,
                        license: dict[str, str] | None = None) -> str:
-    """The card's limitations that depend on where the tokenizer and the weights came from; `license`: what the
-    backbone's card (warm start) or the continued model's card states (`card_license`; {}: nothing)."""
-    tokens = (f"the backbone's tokenizer (`{backbone}`)" if backbone else
+    """The card's limitations that depend on where the tokenizer and the weights came from; `backbone`: the warm
+    start's backbone, in markdown; `license`: what the backbone's card (warm start) or the continued model's card
+    states (`card_license`; {}: nothing)."""
+    tokens = (f"the backbone's tokenizer ({backbone})" if backbone else
               f"the tokenizer loaded from `{tokenizer_path}`" if tokenizer_path else "its own byte-level BPE")
     if backbone:
-        knows = (f"Its decoder and encoder layers start from the pretrained backbone `{backbone}`: besides the "
+        knows = (f"Its decoder and encoder layers start from the pretrained backbone {backbone}: besides the "
                  "training data here, it carries what that backbone learned, and its biases. Its weights derive from "
                  "the backbone's and carry its license" +
                  (f" ({_license_shown(license)}, as the backbone's model card states)." if license else
@@ -400,7 +448,8 @@ def card_values(args, record: dict, settings: list, tokenizer_description: str, 
                 n_embed: int, tokenizer_path: str | None = None, backbone: str | None = None,
                 continued_from: str | None = None, license: dict[str, str] | None = None) -> dict[str, Any]:
     """The template's placeholders, from the run's `metrics.json` record; `tokenizer_path`: where the tokenizer was
-    loaded from (None: trained here), `backbone`: the warm start's backbone folder, `continued_from`: the model
+    loaded from (None: trained here), `backbone`: the warm start's backbone in markdown (its name, never the local
+    path: `backbone_name`), `continued_from`: the model
     folder training continued from, `license`: what the card of either states (`card_license`)."""
     m = record["metrics"]
     repo_id = args.hub_model_id or f"your-username/{Path(args.output_dir).name}"

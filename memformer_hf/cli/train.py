@@ -140,14 +140,40 @@ def _rule(title: str) -> None:
     logger.info(f"\n== {title} " + "=" * max(0, 76 - len(title)))
 
 
+def _backbone(model_args: ModelArguments, markdown: bool = False) -> str:
+    """The warm start's backbone as the card and metrics.json name it: its Hub id or its folder's name
+    (`report.backbone_name`; never the local path, which means nothing to a reader and would leak into an upload),
+    and the GGUF file."""
+    q = "`" if markdown else ""
+    gguf = f" ({q}{model_args.gguf_file}{q})" if model_args.gguf_file else ""
+    return f"{q}{reports.backbone_name(model_args.init_from_llama)}{q}{gguf}"
+
+
+def _command(argv: list[str], model_args: ModelArguments) -> str:
+    """The command line as the card and metrics.json show it: the backbone folder of `--init_from_llama` replaced by
+    its name (`report.backbone_name`)."""
+    def is_flag(arg: str) -> bool:  # --init_from_llama or an abbreviation that argparse accepts
+        return len(arg) > 2 and "--init_from_llama".startswith(arg)
+
+    shown = list(argv)
+    if model_args.init_from_llama:
+        name, path = reports.backbone_name(model_args.init_from_llama), model_args.init_from_llama
+        for i, arg in enumerate(shown):
+            flag, equals, value = arg.partition("=")
+            if i > 0 and arg == path and is_flag(shown[i - 1]):
+                shown[i] = name
+            elif equals and value == path and is_flag(flag):
+                shown[i] = f"{flag}={name}"
+    return " ".join([PROG, "train", *map(shlex.quote, shown)])
+
+
 def _origin(model_args: ModelArguments, markdown: bool = False) -> str:
     """Where the weights started: the preset (from scratch), a continued model, or a warm-start backbone."""
     q = "`" if markdown else ""
     if model_args.model_name_or_path:
         return f"continued from {q}{model_args.model_name_or_path}{q}"
     if model_args.init_from_llama:
-        gguf = f" ({q}{model_args.gguf_file}{q})" if model_args.gguf_file else ""
-        return f"warm-started from {q}{model_args.init_from_llama}{q}{gguf}"
+        return f"warm-started from {_backbone(model_args, markdown)}"
     return "trained from scratch" if markdown else model_args.preset
 
 
@@ -179,14 +205,19 @@ def _training_settings(args, config, model_args, tokenizer, train_summary: str, 
     ]
 
 
-def _card_license(model_args: ModelArguments) -> tuple[dict[str, str], dict[str, str]]:
-    """The license of the weights, as the card's metadata fields (`report.LICENSE_FIELDS`), and what the card of the
-    folder they came from states ({}: nothing). A warm start's weights carry the backbone's license (`license:
-    other` where its card states none); a continued model keeps its folder's card's (MIT where it states none, as
-    for a model trained from scratch)."""
+def _card_lineage(model_args: ModelArguments) -> tuple[dict[str, Any], dict[str, str]]:
+    """The card's metadata on where the weights come from (`report.card_data`'s `license` and `base_model`), and the
+    license that the card of the folder they came from states ({}: nothing). A warm start's weights carry the
+    backbone's license (`license: other` where its card states none), and their base model is the backbone where
+    its Hub id is known (`report.backbone_hub_id`); a continued model keeps its folder's card's license (MIT where it
+    states none, as for a model trained from scratch) and base model."""
     folder = model_args.init_from_llama or model_args.model_name_or_path
     stated = reports.card_license(folder) if folder else {}
-    return stated or {"license": "other" if model_args.init_from_llama else "mit"}, stated
+    license = stated or {"license": "other" if model_args.init_from_llama else "mit"}
+    if model_args.init_from_llama:
+        return {"license": license, "base_model": reports.backbone_hub_id(folder)}, stated
+    return {"license": license, "base_model": reports.card_metadata(folder).get("base_model") if folder else None}, \
+        stated
 
 
 def _tokenizer_source(model_args: ModelArguments) -> str | None:
@@ -200,7 +231,9 @@ def _tokenizer(model_args: ModelArguments, data: DataArguments, corpus: dict[str
     tok_path = _tokenizer_source(model_args)
     if tok_path:
         tokenizer = corpus_io.load_tokenizer(tok_path, model_args.gguf_file)
-        return tokenizer, f"loaded from `{tok_path}` ({len(tokenizer)} tokens)"
+        source = f"the backbone's, {_backbone(model_args, True)}" if model_args.init_from_llama else \
+            f"loaded from `{tok_path}`"
+        return tokenizer, f"{source} ({len(tokenizer)} tokens)"
     t = time.time()
     texts = corpus["train"]
     sample = ""
@@ -498,7 +531,7 @@ def cmd_train(argv: list[str]) -> int:
     settings = _training_settings(args, config, model_args, tokenizer, train_summary, total_steps, tokens_per_step)
     record = {"metrics": metrics, "settings": dict(settings), "versions": reports.versions(),
               "config": config.to_diff_dict(), "corpus": corpus_description, "sample_prompt": report.sample_prompt,
-              "sample": sample, "command": " ".join([PROG, "train", *map(shlex.quote, argv)]),
+              "sample": sample, "command": _command(argv, model_args),
               "trained_how": _origin(model_args, markdown=True),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": reports.device_description(args.device), "log_history": trainer.state.log_history,
@@ -506,13 +539,14 @@ def cmd_train(argv: list[str]) -> int:
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     hub_datasets = [data.dataset_name] if data.dataset_name and not Path(data.dataset_name).expanduser().exists() \
         else None
-    license, stated_license = _card_license(model_args)
+    lineage, stated_license = _card_lineage(model_args)
     card = reports.render_model_card(
         template.read_text(encoding="utf-8") if template else reports.FALLBACK_CARD,
         reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed,
-                            _tokenizer_source(model_args), model_args.init_from_llama,
+                            _tokenizer_source(model_args),
+                            _backbone(model_args, markdown=True) if model_args.init_from_llama else None,
                             model_args.model_name_or_path, stated_license),
-        reports.card_data(hub_datasets, license))
+        reports.card_data(hub_datasets, **lineage))
     card.save(out_dir / "README.md")
     trainer.card_text = str(card)
     logger.info(f"wrote {out_dir}/: " + ", ".join(sorted(p.name for p in out_dir.iterdir() if p.is_file())))

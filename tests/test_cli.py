@@ -950,6 +950,57 @@ def test_warm_start_card_names_the_backbone_not_its_path(tmp_path, monkeypatch):
         "`llama` (`tiny.Q4.gguf`)"
 
 
+def test_continuing_a_warm_start_trains_at_its_rates(tmp_path, monkeypatch, capsys):
+    """`--model_name_or_path` of a warm-started folder without the rate flags: the warm start's rates
+    (`WARM_START_LEARNING_RATES`) for the flags not given, logged, also for a continuation of a continuation (before:
+    every parameter, the copied backbone's too, trained at the from-scratch --learning_rate 3e-3). Where the folder
+    does not show whether it was warm-started (its metrics.json records it), a warning names the flags; a model
+    trained from scratch keeps the plain default."""
+    import argparse
+
+    _tiny_llama_corpus(tmp_path, monkeypatch)
+    assert cli.main(["train", "--init_from_llama", "llama", *WARM_TINY, "--output_dir", "warm"]) == 0
+    capsys.readouterr()
+
+    def rates(folder: str) -> tuple:
+        args = json.loads((tmp_path / folder / "training_args.json").read_text())
+        return args["learning_rate"], args["encoder_learning_rate"], args["backbone_learning_rate"]
+
+    assert cli.main(["train", "--model_name_or_path", "warm", *WARM_TINY[6:], "--output_dir", "more",
+                     "--backbone_learning_rate", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "continuing a warm start (from `llama`): the measured recipe's learning rates where the flags leave a " \
+           "choice: learning_rate=0.0005, encoder_learning_rate=0.0001 (README, 'Warm start')" in out, out
+    assert rates("more") == (5e-4, 1e-4, 0)
+    assert cli.main(["train", "--model_name_or_path", "more", *WARM_TINY[6:], "--output_dir", "again"]) == 0
+    assert rates("again") == (5e-4, 1e-4, 3e-5)
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["backbone"] == "llama"
+    capsys.readouterr()
+
+    shutil.copytree(tmp_path / "warm", tmp_path / "bare")  # e.g. saved from Python: no record of its origin
+    (tmp_path / "bare" / "metrics.json").unlink()
+    assert cli.main(["train", "--model_name_or_path", "bare", *WARM_TINY[6:], "--output_dir", "unknown",
+                     "--learning_rate", "1e-3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --model_name_or_path bare: its folder does not show whether it was warm-started from a " \
+           "pretrained backbone (no metrics.json of memformer-hf train saying so); if it was, pass " \
+           "--encoder_learning_rate 0.0001 --backbone_learning_rate 3e-05 (the warm start's rates): without them " \
+           "every parameter trains at --learning_rate 0.001\n" in err, err
+    assert rates("unknown") == (1e-3, None, None)
+    assert "backbone" not in json.loads((tmp_path / "unknown" / "metrics.json").read_text())
+
+    from memformer_hf.cli import train as cli_train
+    from memformer_hf.cli.arguments import ModelArguments
+
+    for how, known in (("trained from scratch", (True, None)),  # and a folder of an earlier version:
+                       ("warm-started from `/tmp/ws/smol` (`smollm2.gguf`)", (True, "smol"))):
+        (tmp_path / "bare" / "metrics.json").write_text(json.dumps({"trained_how": how}))
+        assert cli_train._continued_backbone("bare") == known
+        ns = argparse.Namespace(learning_rate=3e-3, encoder_learning_rate=None, backbone_learning_rate=None)
+        cli_train._continued_rates([], ModelArguments(model_name_or_path="bare"), ns, *known)
+        assert (ns.learning_rate, ns.encoder_learning_rate) == ((3e-3, None) if known[1] is None else (5e-4, 1e-4))
+
+
 def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):
     """`--config_overrides hidden_size=...` or `--position_embedding_type` with `--init_from_llama`: one line naming
     the field (before: a RuntimeError traceback from the weight copy, or a silently different computation)."""

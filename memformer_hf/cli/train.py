@@ -292,6 +292,46 @@ def _warm_start_recipe(argv: list[str], model_args: ModelArguments, args) -> Non
                     "(README, 'Warm start')")
 
 
+def _continued_backbone(folder: str) -> tuple[bool, str | None]:
+    """Whether the model in `folder` is known to be warm-started, from the metrics.json that `memformer-hf train`
+    wrote there: (True, the backbone's name), (True, None) where that is known not to be so (a model trained from
+    scratch, or continued from one), (False, None) where it cannot be known (no such record: e.g. a model saved from
+    Python, or continued from such a model). Neither the config nor the weights show it."""
+    try:
+        record = json.loads(Path(folder, "metrics.json").expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(record, dict):
+        return False, None
+    if "backbone" in record:  # written since the warm start is named (see _backbone)
+        return True, record["backbone"]
+    how = str(record.get("trained_how", ""))  # earlier folders: "warm-started from `PATH`" / "trained from scratch"
+    if how.startswith("warm-started from `"):
+        return True, Path(how.split("`")[1]).name or "a pretrained backbone"
+    return how == "trained from scratch", None
+
+
+def _continued_rates(argv: list[str], model_args: ModelArguments, args, known: bool, backbone: str | None) -> None:
+    """Continuing a warm-started model (`--model_name_or_path`): `WARM_START_LEARNING_RATES` for the rate flags not
+    given, as `_warm_start_recipe` does (the from-scratch 3e-3 for every parameter would wreck the copied backbone),
+    and logs it; where the folder does not show whether it was warm-started, a warning naming the flags."""
+    missing = {name: value for name, value in WARM_START_LEARNING_RATES.items() if not flag_given(argv, name)}
+    if not missing or (known and backbone is None):
+        return
+    shown = ", ".join(f"{k}={v:g}" for k, v in missing.items())
+    if not known:
+        flags = " ".join(f"--{k} {v:g}" for k, v in missing.items())
+        logger.warning(f"warning: --model_name_or_path {model_args.model_name_or_path}: its folder does not show "
+                       f"whether it was warm-started from a pretrained backbone (no metrics.json of {PROG} train "
+                       f"saying so); if it was, pass {flags} (the warm start's rates): without them every parameter "
+                       f"trains at --learning_rate {args.learning_rate:g}")
+        return
+    for name, value in missing.items():
+        setattr(args, name, value)
+    logger.info(f"continuing a warm start (from `{backbone}`): the measured recipe's learning rates where the flags "
+                f"leave a choice: {shown} (README, 'Warm start')")
+
+
 def _train_data(data: DataArguments, corpus: dict[str, Any], tokenizer, config, args):
     """What the trainer trains on: the tokenized train documents, or, streamed, this rank's share of the train stream
     as an `IterableStreamBatches` (`split_dataset_by_node`: whole shards per rank when their number divides by the
@@ -373,6 +413,7 @@ def cmd_train(argv: list[str]) -> int:
 
     # ---- tokenizer
     pretrained_config = None
+    known, continued_backbone = True, None  # whether the weights are known to come from a backbone, and its name
     if model_args.model_name_or_path:
         corpus_io.check_memformer_folder("model_name_or_path", model_args.model_name_or_path)
         try:
@@ -380,6 +421,8 @@ def cmd_train(argv: list[str]) -> int:
         except Exception as e:  # noqa: BLE001
             raise CliError(f"cannot load a Memformer config from {model_args.model_name_or_path}: "
                            f"{one_line(e)}") from None
+        known, continued_backbone = _continued_backbone(model_args.model_name_or_path)
+        _continued_rates(argv, model_args, args, known, continued_backbone)
     tokenizer, tokenizer_description = _tokenizer(model_args, data, corpus)
 
     # ---- model
@@ -533,6 +576,9 @@ def cmd_train(argv: list[str]) -> int:
               "config": config.to_diff_dict(), "corpus": corpus_description, "sample_prompt": report.sample_prompt,
               "sample": sample, "command": _command(argv, model_args),
               "trained_how": _origin(model_args, markdown=True),
+              # the warm start's backbone, kept by continued models (None: none; absent: not known)
+              **({"backbone": _backbone(model_args) if model_args.init_from_llama else continued_backbone}
+                 if known else {}),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": reports.device_description(args.device), "log_history": trainer.state.log_history,
               "step_losses": step_losses}

@@ -1095,3 +1095,30 @@ def test_resume_with_another_model_config_is_refused(tmp_path, monkeypatch, caps
         assert "== train" not in captured.out
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
     assert cli.main([*resume, "--num_memory_slots", "4", *options]) == 0
+
+
+def test_resuming_a_warm_start_needs_its_backbone_folder(tmp_path, monkeypatch, capsys):
+    """`--resume_from_checkpoint` of a warm-start run rebuilds the model from the `--init_from_llama` folder (and
+    takes the tokenizer, the card's name and license from it) before the checkpoint's weights are loaded. Its folder
+    moved: one line saying that the resume needs it (before: "no such directory (the Hub is not reachable; pass a
+    local folder)", which did not say why a resume needs it). Resumed without the flag: the mismatch also says that
+    a warm-start run resumes with its backbone folder (before: only "resume with the checkpoint's model flags", for
+    fields such as norm_type that no flag sets)."""
+    _tiny_llama_corpus(tmp_path, monkeypatch)
+    save = ["--output_dir", "run", "--save_strategy", "steps", "--save_steps", "1"]
+    assert cli.main(["train", "--init_from_llama", "llama", *WARM_TINY, *save]) == 0
+    shutil.move(tmp_path / "llama", tmp_path / "moved")
+    capsys.readouterr()
+    resume = [*WARM_TINY, *save, "--max_steps", "2", "--resume_from_checkpoint", "true"]
+    assert cli.main(["train", "--init_from_llama", "llama", *resume]) == 2
+    assert capsys.readouterr().err == (
+        "memformer-hf: error: --init_from_llama llama: no such directory; resuming a warm-start run needs its backbone "
+        "folder again (the model, its tokenizer and the card's name and license come from it, then the checkpoint's "
+        "weights replace the backbone's): pass the folder where it is now\n")
+    assert cli.main(["train", *resume[2:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memformer-hf: error: --resume_from_checkpoint {Path('run', 'checkpoint-1')}: this run's "
+                          "model is not the checkpoint's: ") and "norm_type (layernorm, checkpoint: rmsnorm)" in err
+    assert err.endswith("; resume with the checkpoint's model flags (a warm-start run: with its --init_from_llama "
+                        "folder)\n"), err
+    assert cli.main(["train", "--init_from_llama", "moved", *resume]) == 0

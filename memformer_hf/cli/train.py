@@ -368,6 +368,12 @@ def cmd_train(argv: list[str]) -> int:
         if flag_given(argv, name) and chosen != "steps":
             raise CliError(f"--{name} has no effect unless --{strategy} steps (here --{strategy} is {chosen!r})")
     check_training_args(args)
+    if model_args.init_from_llama and args.resume_from_checkpoint and \
+            not Path(model_args.init_from_llama).expanduser().is_dir():
+        raise CliError(f"--init_from_llama {model_args.init_from_llama}: no such directory; resuming a warm-start run "
+                       "needs its backbone folder again (the model, its tokenizer and the card's name and license come "
+                       "from it, then the checkpoint's weights replace the backbone's): pass the folder where it is "
+                       "now")
     check_model_args(model_args)
     for flag in ("preset", "vocab_size"):
         if model_args.init_from_llama and flag_given(argv, flag):
@@ -429,7 +435,12 @@ def cmd_train(argv: list[str]) -> int:
     warm = _warm_start(model_args, tokenizer) if model_args.init_from_llama else None
     config = warm.config if warm is not None else build_config(model_args, tokenizer, pretrained_config)
     if args.resume_from_checkpoint:
-        check_resume_config(config, args.resume_from_checkpoint)
+        try:
+            check_resume_config(config, args.resume_from_checkpoint)
+        except CliError as e:
+            if model_args.init_from_llama or model_args.model_name_or_path:
+                raise
+            raise CliError(f"{e} (a warm-start run: with its --init_from_llama folder)") from None
     corpus_io.check_tokenizer_fits(tokenizer, config.vocab_size,
                                    _tokenizer_source(model_args) or "the trained tokenizer")
     if warm is not None:

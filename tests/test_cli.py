@@ -706,6 +706,10 @@ def test_model_card_states_the_memory_effect_plainly():
     flat = cli_report.memory_effect(148.23, 148.16)
     assert "no measurable effect" in flat and "-0.0%" in flat and "nothing long-range" in flat
     assert "not measured" in cli_report.memory_effect(148.2, None)
+    # a warm start is not "too small to use long context": its card says where its gain comes from instead
+    warm = cli_report.memory_effect(20.61, 20.68, warm_start=True)
+    assert "no measurable effect" in warm and "+0.3%" in warm and "previous segment's tokens" in warm
+    assert "a model this small" not in warm
     assert "not measured" in cli_report.memory_effect(float("nan"), 148.2)
 
 
@@ -777,6 +781,7 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
     assert math.isfinite(metrics["metrics"]["test_ppl"])
     # the card's limitations are the warm start's (they said "its own byte-level BPE" and "knows only ... its
     # training data", those of a model trained from scratch)
+    assert "a model this small" not in (warm / "README.md").read_text()  # the from-scratch explanation
     limitations = (warm / "README.md").read_text().split("## Limitations", 1)[1].split("## Citation")[0]
     assert "Perplexities are per token of the backbone's tokenizer (`llama`)" in limitations, limitations
     assert "pretrained backbone `llama`" in limitations

@@ -1006,6 +1006,20 @@ def test_continuing_a_warm_start_trains_at_its_rates(tmp_path, monkeypatch, caps
         assert (ns.learning_rate, ns.encoder_learning_rate) == ((3e-3, None) if known[1] is None else (5e-4, 1e-4))
 
 
+def test_flags_are_seen_in_every_spelling_the_parser_takes():
+    """`flag_given` (which decides, e.g., whether the warm-start recipe sets --max_steps or a rate) sees the dashed
+    spelling HfArgumentParser accepts, and abbreviated flags are refused (before: `--max-steps 7` and
+    `--backbone_learning 0` were parsed, yet the recipe silently replaced them with 300 and 3e-5)."""
+    from memformer_hf.cli.arguments import CliError, CliTrainingArguments, flag_given, parse
+
+    for argv in (["--max_steps", "7"], ["--max_steps=7"], ["--max-steps", "7"], ["--max-steps=7"]):
+        assert flag_given(argv, "max_steps"), argv
+        assert parse((CliTrainingArguments,), argv, "", "train")[0].max_steps == 7
+    assert not flag_given(["--max_steps_per_epoch", "7"], "max_steps")
+    with pytest.raises(CliError, match=r"not used by the HfArgumentParser: \[.--backbone_learning., .0.\]"):
+        parse((CliTrainingArguments,), ["--backbone_learning", "0"], "", "train")
+
+
 def test_train_warm_start_refuses_backbone_fields_given_as_overrides(tmp_path, monkeypatch, capsys):
     """`--config_overrides hidden_size=...` or `--position_embedding_type` with `--init_from_llama`: one line naming
     the field (before: a RuntimeError traceback from the weight copy, or a silently different computation)."""

@@ -209,8 +209,9 @@ class _OneLineParser(HfArgumentParser):
 def parse(dataclass_types, argv: list[str], description: str, command: str):
     """`HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)` for `memformer-hf COMMAND`; a bad flag
     or a value that a dataclass's `__post_init__` refuses (e.g. `TrainingArguments`') is a `CliError`."""
+    # no abbreviated flags: `flag_given` must see every flag the parser took (e.g. whether --max_steps was given)
     parser = _OneLineParser(dataclass_types, prog=f"{PROG} {command}", description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except CliError:
@@ -220,7 +221,10 @@ def parse(dataclass_types, argv: list[str], description: str, command: str):
 
 
 def flag_given(argv: list[str], name: str) -> bool:
-    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+    """Whether `--name` was given, also as `--name=value` or in the dashed spelling `HfArgumentParser` accepts
+    (`--max-steps`)."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in spellings for a in argv)
 
 
 def one_line(e: BaseException) -> str:

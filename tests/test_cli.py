@@ -864,6 +864,14 @@ def test_train_warm_start_defaults_to_the_measured_recipe(tmp_path, monkeypatch,
     assert not config["decoder_previous_segment"] and config["cross_attention_rope"]
     args = json.loads((tmp_path / "paper" / "training_args.json").read_text())
     assert (args["learning_rate"], args["encoder_learning_rate"], args["backbone_learning_rate"]) == (1e-3, 1e-4, 0)
+    # a backbone with fewer layers than the recipe's encoder: one line naming the flag (before: "encoder layers must be
+    # backbone layer indices in [0, 2), at least one; got [0, 1, 2, 3]", for a flag the user never gave)
+    at = common.index("--encoder_layers")
+    no_depth = common[:at] + common[at + 2:]
+    assert cli.main([*no_depth, "--output_dir", "shallow"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "memformer-hf: error: --init_from_llama llama: the backbone has 2 layers, fewer than the recipe's 4 encoder "
+        "layers: pass --encoder_layers (at most 2)\n")
     # the step budget: 300 unless --max_steps or --num_train_epochs is given (cmd_train has turned the latter into -1)
     for argv, parsed, steps in (([], 900, 300), (["--max_steps", "7"], 7, 7), (["--num_train_epochs", "2"], -1, -1)):
         ns = argparse.Namespace(max_steps=parsed, learning_rate=3e-3, encoder_learning_rate=None,

@@ -266,6 +266,11 @@ def _warm_start(model_args: ModelArguments, tokenizer):
         llama = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **source)
     except Exception as e:  # noqa: BLE001
         raise CliError(f"cannot load a backbone from {path}: {one_line(e)}") from None
+    layers = getattr(llama.config, "num_hidden_layers", None)
+    if "encoder_layers" not in config_overrides(model_args) and isinstance(layers, int) \
+            and layers < WARM_START_RECIPE["encoder_layers"]:
+        raise CliError(f"--init_from_llama {path}: the backbone has {layers} layers, fewer than the recipe's "
+                       f"{WARM_START_RECIPE['encoder_layers']} encoder layers: pass --encoder_layers (at most {layers})")
     try:
         return memformer_from_llama(llama, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                     pad_token_id=tokenizer.pad_token_id, **overrides)

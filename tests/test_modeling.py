@@ -690,7 +690,7 @@ def test_stream_inputs_in_cell_mode_are_refused():
     with torch.no_grad():
         cache = model(rand_ids(6, batch=2))[CACHE_KWARG]
     for name, value in (("input_ids", enc), ("inputs_embeds", torch.zeros(2, L, 16, dtype=torch.float64)),
-                        ("attention_mask", torch.zeros(2, L, dtype=torch.long)), ("past_key_values", cache)):
+                        ("attention_mask", torch.zeros(2, L, dtype=torch.long)), (CACHE_KWARG, cache)):
         with pytest.raises(ValueError, match=rf"Cell mode .* does not take `{name}`:"):
             model(**cell, **{name: value})
 

@@ -802,7 +802,7 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
     assert not torch.equal(continued.model.decoder.layers[2].cross_attn.o_proj.weight,
                            model.model.decoder.layers[2].cross_attn.o_proj.weight)  # (step 1 is the warmup's lr 0)
     limitations = (more / "README.md").read_text().split("## Limitations", 1)[1]
-    assert f"tokenizer loaded from `{warm}`" in limitations and f"It continues the training of `{warm}`" in limitations
+    assert "tokenizer loaded from `warm`" in limitations and "It continues the training of `warm`" in limitations
     capsys.readouterr()
     for extra, message in ((["--hidden_size", "64"], "--hidden_size cannot be combined with --init_from_llama"),
                            (["--preset", "tiny"], "--preset cannot be combined with --init_from_llama"),
@@ -1012,6 +1012,46 @@ def test_continuing_a_warm_start_trains_at_its_rates(tmp_path, monkeypatch, caps
         ns = argparse.Namespace(learning_rate=3e-3, encoder_learning_rate=None, backbone_learning_rate=None)
         cli_train._continued_rates([], ModelArguments(model_name_or_path="bare"), ns, *known)
         assert (ns.learning_rate, ns.encoder_learning_rate) == ((3e-3, None) if known[1] is None else (5e-4, 1e-4))
+
+
+def test_continued_card_names_the_model_and_tokenizer_folders_not_their_paths(trained, tmp_path, monkeypatch):
+    """`--model_name_or_path` and `--tokenizer_name_or_path` folders are named in the card and metrics.json as the
+    warm start's backbone is (`report.backbone_name`: the Hub id the folder shows, else its name), in the
+    limitations, the tokenizer line, `trained_how` and the shown command (before: "It continues the training of
+    `/abs/path/out`", "the tokenizer loaded from `/abs/path/tok`" and both paths in the command: meaningless to a
+    reader, and leaked by an upload). The other arguments of the command stay as given."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    from memformer_hf.cli import train as cli_train
+    from memformer_hf.cli.arguments import ModelArguments
+
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    AutoTokenizer.from_pretrained(out).save_pretrained(tmp_path / "tok")
+    assert cli.main(["train", f"--model_name_or_path={out}", "--tokenizer-name-or-path", str(tmp_path / "tok"),
+                     "--train_file", "train.jsonl", "--validation_file", "valid.jsonl", "--output_dir",
+                     str(tmp_path / "more"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+                     "--mrbp_window", "2", "--max_eval_tokens", "64", "--sample_max_new_tokens", "0",
+                     "--heatmap_segments", "2"]) == 0
+    metrics = json.loads((tmp_path / "more" / "metrics.json").read_text())
+    assert metrics["trained_how"] == "continued from `out`"
+    assert metrics["command"] == (
+        "memformer-hf train --model_name_or_path=out --tokenizer-name-or-path tok --train_file train.jsonl "
+        f"--validation_file valid.jsonl --output_dir {tmp_path / 'more'} --max_steps 1 --per_device_train_batch_size "
+        "2 --mrbp_window 2 --max_eval_tokens 64 --sample_max_new_tokens 0 --heatmap_segments 2")
+    card = ModelCard.load(tmp_path / "more" / "README.md")
+    assert "- Tokenizer: loaded from `tok` (" in card.text
+    limitations = card.text.split("## Limitations", 1)[1]
+    assert "the tokenizer loaded from `tok`" in limitations and "It continues the training of `out`:" in limitations
+    for text_file in [f for f in (tmp_path / "more").iterdir() if f.suffix in (".md", ".json")]:
+        text = text_file.read_text()
+        assert str(out) not in text and str(tmp_path / "tok") not in text, text_file.name
+    # a folder of the Hub cache is named by its Hub id
+    snapshot = tmp_path / "hub_cache" / "models--tiny-org--tiny-memformer" / "snapshots" / "0123abc"
+    shutil.copytree(out, snapshot)
+    assert cli_train._origin(ModelArguments(model_name_or_path=str(snapshot)), markdown=True) == \
+        "continued from `tiny-org/tiny-memformer`"
 
 
 def test_flags_are_seen_in_every_spelling_the_parser_takes():

@@ -326,8 +326,9 @@ def backbone_hub_id(folder: str | Path) -> str | None:
 
 
 def backbone_name(folder: str | Path) -> str:
-    """What the card calls the backbone in `folder`: its Hub id (`backbone_hub_id`), else the folder's name (never
-    the local path, which means nothing to a reader of the card)."""
+    """What the card calls the backbone in `folder` (and the folder of a continued model or of a loaded tokenizer):
+    its Hub id (`backbone_hub_id`), else the folder's name (never the local path, which means nothing to a reader of
+    the card)."""
     return backbone_hub_id(folder) or Path(folder).expanduser().resolve().name
 
 
@@ -432,7 +433,8 @@ def _license_shown(license: dict[str, str]) -> str:
 
 def origin_limitations(tokenizer_path: str | None, backbone: str | None, continued_from: str | None,
                        license: dict[str, str] | None = None) -> str:
-    """The card's limitations that depend on where the tokenizer and the weights came from; `backbone`: the warm
+    """The card's limitations that depend on where the tokenizer and the weights came from; `tokenizer_path` and
+    `continued_from`: the names of the folders (`backbone_name`, never their local paths); `backbone`: the warm
     start's backbone, in markdown; `license`: what the backbone's card (warm start) or the continued model's card
     states (`card_license`; {}: nothing)."""
     tokens = (f"the backbone's tokenizer ({backbone})" if backbone else
@@ -456,10 +458,10 @@ def origin_limitations(tokenizer_path: str | None, backbone: str | None, continu
 def card_values(args, record: dict, settings: list, tokenizer_description: str, n_params: int,
                 n_embed: int, tokenizer_path: str | None = None, backbone: str | None = None,
                 continued_from: str | None = None, license: dict[str, str] | None = None) -> dict[str, Any]:
-    """The template's placeholders, from the run's `metrics.json` record; `tokenizer_path`: where the tokenizer was
-    loaded from (None: trained here), `backbone`: the warm start's backbone in markdown (its name, never the local
-    path: `backbone_name`), `continued_from`: the model
-    folder training continued from, `license`: what the card of either states (`card_license`)."""
+    """The template's placeholders, from the run's `metrics.json` record; `tokenizer_path`: the folder the tokenizer
+    was loaded from (None: trained here), `backbone`: the warm start's backbone in markdown, `continued_from`: the
+    model folder training continued from (each by its name, never the local path: `backbone_name`), `license`: what
+    the card of either states (`card_license`)."""
     m = record["metrics"]
     repo_id = args.hub_model_id or f"your-username/{Path(args.output_dir).name}"
     versions = record["versions"]

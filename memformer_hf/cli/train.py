@@ -150,28 +150,32 @@ def _backbone(model_args: ModelArguments, markdown: bool = False) -> str:
 
 
 def _command(argv: list[str], model_args: ModelArguments) -> str:
-    """The command line as the card and metrics.json show it: the backbone folder of `--init_from_llama` replaced by
-    its name (`report.backbone_name`)."""
-    def is_flag(arg: str) -> bool:  # --init_from_llama or an abbreviation that argparse accepts
-        return len(arg) > 2 and "--init_from_llama".startswith(arg)
+    """The command line as the card and metrics.json show it: the folders of `--init_from_llama`,
+    `--model_name_or_path` and `--tokenizer_name_or_path` replaced by their names (`report.backbone_name`)."""
+    def is_flag(arg: str, field: str) -> bool:  # --field, its dashed spelling, or an abbreviation of either
+        return len(arg) > 2 and any(f"--{spelling}".startswith(arg) for spelling in (field, field.replace("_", "-")))
 
     shown = list(argv)
-    if model_args.init_from_llama:
-        name, path = reports.backbone_name(model_args.init_from_llama), model_args.init_from_llama
+    for field in ("init_from_llama", "model_name_or_path", "tokenizer_name_or_path"):
+        path = getattr(model_args, field)
+        if not path:
+            continue
+        name = reports.backbone_name(path)
         for i, arg in enumerate(shown):
             flag, equals, value = arg.partition("=")
-            if i > 0 and arg == path and is_flag(shown[i - 1]):
+            if i > 0 and arg == path and is_flag(shown[i - 1], field):
                 shown[i] = name
-            elif equals and value == path and is_flag(flag):
+            elif equals and value == path and is_flag(flag, field):
                 shown[i] = f"{flag}={name}"
     return " ".join([PROG, "train", *map(shlex.quote, shown)])
 
 
 def _origin(model_args: ModelArguments, markdown: bool = False) -> str:
-    """Where the weights started: the preset (from scratch), a continued model, or a warm-start backbone."""
+    """Where the weights started: the preset (from scratch), a continued model (its folder's name:
+    `report.backbone_name`), or a warm-start backbone."""
     q = "`" if markdown else ""
     if model_args.model_name_or_path:
-        return f"continued from {q}{model_args.model_name_or_path}{q}"
+        return f"continued from {q}{reports.backbone_name(model_args.model_name_or_path)}{q}"
     if model_args.init_from_llama:
         return f"warm-started from {_backbone(model_args, markdown)}"
     return "trained from scratch" if markdown else model_args.preset
@@ -227,12 +231,12 @@ def _tokenizer_source(model_args: ModelArguments) -> str | None:
 
 def _tokenizer(model_args: ModelArguments, data: DataArguments, corpus: dict[str, Any]):
     """The tokenizer (loaded, or a byte-level BPE trained on the train split; streamed: on its first documents) and
-    its description."""
+    its description (a loaded one's folder by its name: `report.backbone_name`)."""
     tok_path = _tokenizer_source(model_args)
     if tok_path:
         tokenizer = corpus_io.load_tokenizer(tok_path, model_args.gguf_file)
         source = f"the backbone's, {_backbone(model_args, True)}" if model_args.init_from_llama else \
-            f"loaded from `{tok_path}`"
+            f"loaded from `{reports.backbone_name(tok_path)}`"
         return tokenizer, f"{source} ({len(tokenizer)} tokens)"
     t = time.time()
     texts = corpus["train"]
@@ -602,12 +606,13 @@ def cmd_train(argv: list[str]) -> int:
     hub_datasets = [data.dataset_name] if data.dataset_name and not Path(data.dataset_name).expanduser().exists() \
         else None
     lineage, stated_license = _card_lineage(model_args)
+    tok_path, continued = _tokenizer_source(model_args), model_args.model_name_or_path
     card = reports.render_model_card(
         template.read_text(encoding="utf-8") if template else reports.FALLBACK_CARD,
         reports.card_values(args, record, settings, tokenizer_description, n_params, n_embed,
-                            _tokenizer_source(model_args),
+                            tok_path and reports.backbone_name(tok_path),
                             _backbone(model_args, markdown=True) if model_args.init_from_llama else None,
-                            model_args.model_name_or_path, stated_license),
+                            continued and reports.backbone_name(continued), stated_license),
         reports.card_data(hub_datasets, **lineage))
     card.save(out_dir / "README.md")
     trainer.card_text = str(card)

@@ -1054,6 +1054,36 @@ def test_continued_card_names_the_model_and_tokenizer_folders_not_their_paths(tr
         "continued from `tiny-org/tiny-memformer`"
 
 
+def test_origin_rates_are_refused_for_a_model_known_to_be_trained_from_scratch(trained, tmp_path, capsys,
+                                                                               monkeypatch):
+    """`--encoder_learning_rate` / `--backbone_learning_rate` with `--model_name_or_path` of a folder whose
+    metrics.json says it was trained from scratch (or continued from such a model): one line, as without any warm
+    start (before: accepted, splitting the parameters of a random-init model by name). Still accepted where the
+    folder does not show its origin (test_continuing_a_warm_start_trains_at_its_rates: warm-started)."""
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    for name in ("encoder_learning_rate", "backbone_learning_rate"):
+        assert cli.main(["train", "--model_name_or_path", str(out), f"--{name}", "1e-4", "--train_file",
+                         "train.jsonl", "--output_dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"memformer-hf: error: --{name} needs --init_from_llama (or --model_name_or_path of a "
+                       f"warm-started model): --model_name_or_path {out} was trained from scratch (its metrics.json "
+                       "says so) and has no copied encoder or backbone\n"), err
+    assert not (tmp_path / "run").exists()
+    shutil.copytree(out, tmp_path / "bare")
+    (tmp_path / "bare" / "metrics.json").write_text(json.dumps({"trained_how": "continued from `out`",
+                                                                "backbone": None}))  # continued from scratch
+    assert cli.main(["train", "--model_name_or_path", str(tmp_path / "bare"), "--backbone_learning_rate", "0",
+                     "--train_file", "train.jsonl"]) == 2
+    assert "was trained from scratch (its metrics.json says so)" in capsys.readouterr().err
+    (tmp_path / "bare" / "metrics.json").unlink()  # e.g. saved from Python: its origin is not known
+    assert cli.main(["train", "--model_name_or_path", str(tmp_path / "bare"), "--encoder_learning_rate", "1e-4",
+                     "--train_file", "train.jsonl", "--validation_file", "valid.jsonl", "--output_dir",
+                     str(tmp_path / "unknown"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+                     "--mrbp_window", "2", "--max_eval_tokens", "64", "--sample_max_new_tokens", "0",
+                     "--heatmap_segments", "2"]) == 0
+
+
 def test_flags_are_seen_in_every_spelling_the_parser_takes():
     """`flag_given` (which decides, e.g., whether the warm-start recipe sets --max_steps or a rate) sees the dashed
     spelling HfArgumentParser accepts, and abbreviated flags are refused (before: `--max-steps 7` and

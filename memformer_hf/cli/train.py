@@ -392,6 +392,11 @@ def cmd_train(argv: list[str]) -> int:
         if getattr(args, name) is not None and not (model_args.init_from_llama or model_args.model_name_or_path):
             raise CliError(f"--{name} needs --init_from_llama (or --model_name_or_path of a warm-started model): a "
                            "model trained from scratch has no copied encoder or backbone")
+        if getattr(args, name) is not None and model_args.model_name_or_path and \
+                _continued_backbone(model_args.model_name_or_path) == (True, None):  # allowed where not known
+            raise CliError(f"--{name} needs --init_from_llama (or --model_name_or_path of a warm-started model): "
+                           f"--model_name_or_path {model_args.model_name_or_path} was trained from scratch (its "
+                           "metrics.json says so) and has no copied encoder or backbone")
     check_data_args(data, args)
     check_output_path("output_dir", args.output_dir, directory=True)
     check_positive("sample_max_new_tokens", report.sample_max_new_tokens, allow_zero=True)

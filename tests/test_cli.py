@@ -136,6 +136,8 @@ def test_train_writes_hub_ready_folder(trained):
     assert "validation perplexity" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert "past_key_values" not in proc.stderr  # transformers >= 5.23 deprecates that name; the CLI uses CACHE_KWARG
+    card = (out / "README.md").read_text()
+    assert "A causal decoder predicts\nthe next segment while cross-attending to the encoder output. The state" in card
 
 
 _REMOTE_SCRIPT = textwrap.dedent("""
@@ -782,6 +784,10 @@ def test_train_warm_starts_from_a_llama_folder(trained, corpus, tmp_path, monkey
     # the card's limitations are the warm start's (they said "its own byte-level BPE" and "knows only ... its
     # training data", those of a model trained from scratch)
     assert "a model this small" not in (warm / "README.md").read_text()  # the from-scratch explanation
+    # the model description says what this decoder reads (it said only "cross-attending to the encoder output")
+    assert ("this model's decoder also reads the previous segment's own tokens ahead of its segment "
+            "(`decoder_previous_segment`): each token sees 16 to 31 earlier tokens directly") in \
+        " ".join((warm / "README.md").read_text().split())
     limitations = (warm / "README.md").read_text().split("## Limitations", 1)[1].split("## Citation")[0]
     assert "Perplexities are per token of the backbone's tokenizer (`llama`)" in limitations, limitations
     assert "pretrained backbone `llama`" in limitations

@@ -455,6 +455,18 @@ def origin_limitations(tokenizer_path: str | None, backbone: str | None, continu
     return f"- Perplexities are per token of {tokens}; compare models only with the same tokenizer.\n- {knows}"
 
 
+def decoder_note(config: dict[str, Any]) -> str:
+    """The card's sentence on what the decoder reads beyond the paper's cross-attention (`config`: the saved config's
+    fields), with a leading space; "" for the paper's decoder."""
+    if not config.get("decoder_previous_segment"):
+        return ""
+    L = config.get("segment_length")
+    span = f"{L:,} to {2 * L - 1:,} earlier tokens" if isinstance(L, int) else "the previous segment's tokens"
+    return (" Beyond the paper, this model's decoder also reads the previous segment's own tokens ahead of its "
+            f"segment (`decoder_previous_segment`): each token sees {span} directly, and the memory only has to carry "
+            "what lies before the previous segment.")
+
+
 def card_values(args, record: dict, settings: list, tokenizer_description: str, n_params: int,
                 n_embed: int, tokenizer_path: str | None = None, backbone: str | None = None,
                 continued_from: str | None = None, license: dict[str, str] | None = None) -> dict[str, Any]:
@@ -478,6 +490,7 @@ def card_values(args, record: dict, settings: list, tokenizer_description: str, 
         "origin_limitations": origin_limitations(tokenizer_path, backbone, continued_from, license),
         "parameters": f"{n_params / 1e6:.2f}M ({(n_params - n_embed) / 1e6:.2f}M without the tied embedding)",
         "segment_length": record["config"].get("segment_length", ""),
+        "decoder_note": decoder_note(record["config"]),
         "metrics_summary": summary,
         "memory_effect": memory_effect(ppl, ppl_nm, warm_start=bool(record.get("backbone"))),
         "metrics_table": metrics_table(m),

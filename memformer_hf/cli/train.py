@@ -152,9 +152,6 @@ def _backbone(model_args: ModelArguments, markdown: bool = False) -> str:
 def _command(argv: list[str], model_args: ModelArguments) -> str:
     """The command line as the card and metrics.json show it: the folders of `--init_from_llama`,
     `--model_name_or_path` and `--tokenizer_name_or_path` replaced by their names (`report.backbone_name`)."""
-    def is_flag(arg: str, field: str) -> bool:  # --field, its dashed spelling, or an abbreviation of either
-        return len(arg) > 2 and any(f"--{spelling}".startswith(arg) for spelling in (field, field.replace("_", "-")))
-
     shown = list(argv)
     for field in ("init_from_llama", "model_name_or_path", "tokenizer_name_or_path"):
         path = getattr(model_args, field)
@@ -163,9 +160,9 @@ def _command(argv: list[str], model_args: ModelArguments) -> str:
         name = reports.backbone_name(path)
         for i, arg in enumerate(shown):
             flag, equals, value = arg.partition("=")
-            if i > 0 and arg == path and is_flag(shown[i - 1], field):
+            if i > 0 and arg == path and flag_given([shown[i - 1]], field):
                 shown[i] = name
-            elif equals and value == path and is_flag(flag, field):
+            elif equals and value == path and flag_given([flag], field):
                 shown[i] = f"{flag}={name}"
     return " ".join([PROG, "train", *map(shlex.quote, shown)])
 
@@ -258,7 +255,8 @@ def _warm_start(model_args: ModelArguments, tokenizer):
     from transformers import AutoModelForCausalLM
 
     path = model_args.init_from_llama
-    overrides = {**WARM_START_RECIPE, **config_overrides(model_args)}
+    given = config_overrides(model_args)
+    overrides = {**WARM_START_RECIPE, **given}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # they are the tokenizer's, which is saved with it
         if name in overrides:
             where = ("the GGUF file's" if model_args.gguf_file else
@@ -271,7 +269,7 @@ def _warm_start(model_args: ModelArguments, tokenizer):
     except Exception as e:  # noqa: BLE001
         raise CliError(f"cannot load a backbone from {path}: {one_line(e)}") from None
     layers = getattr(llama.config, "num_hidden_layers", None)
-    if "encoder_layers" not in config_overrides(model_args) and isinstance(layers, int) \
+    if "encoder_layers" not in given and isinstance(layers, int) \
             and layers < WARM_START_RECIPE["encoder_layers"]:
         raise CliError(f"--init_from_llama {path}: the backbone has {layers} layers, fewer than the recipe's "
                        f"{WARM_START_RECIPE['encoder_layers']} encoder layers: pass --encoder_layers (at most {layers})")
@@ -282,6 +280,11 @@ def _warm_start(model_args: ModelArguments, tokenizer):
         raise CliError(f"--init_from_llama {path}: {one_line(e)}") from None
 
 
+def _rates_left_open(argv: list[str]) -> dict[str, float]:
+    """`WARM_START_LEARNING_RATES` of the rate flags not given."""
+    return {name: value for name, value in WARM_START_LEARNING_RATES.items() if not flag_given(argv, name)}
+
+
 def _warm_start_recipe(argv: list[str], model_args: ModelArguments, args) -> None:
     """`--init_from_llama` builds and trains the measured recipe where the flags do not say otherwise: the model
     settings of `WARM_START_RECIPE` (applied in `_warm_start`), the per-origin learning rates of
@@ -289,10 +292,9 @@ def _warm_start_recipe(argv: list[str], model_args: ModelArguments, args) -> Non
     900 steps, would wreck a pretrained backbone). Logs what it chose."""
     given = config_overrides(model_args)
     chosen: dict[str, Any] = {k: v for k, v in WARM_START_RECIPE.items() if k not in given}
-    for name, value in WARM_START_LEARNING_RATES.items():
-        if not flag_given(argv, name):
-            setattr(args, name, value)
-            chosen[name] = value
+    for name, value in _rates_left_open(argv).items():
+        setattr(args, name, value)
+        chosen[name] = value
     if not flag_given(argv, "max_steps") and not flag_given(argv, "num_train_epochs"):
         args.max_steps = chosen["max_steps"] = WARM_START_MAX_STEPS
     if chosen:
@@ -324,7 +326,7 @@ def _continued_rates(argv: list[str], model_args: ModelArguments, args, known: b
     """Continuing a warm-started model (`--model_name_or_path`): `WARM_START_LEARNING_RATES` for the rate flags not
     given, as `_warm_start_recipe` does (the from-scratch 3e-3 for every parameter would wreck the copied backbone),
     and logs it; where the folder does not show whether it was warm-started, a warning naming the flags."""
-    missing = {name: value for name, value in WARM_START_LEARNING_RATES.items() if not flag_given(argv, name)}
+    missing = _rates_left_open(argv)
     if not missing or (known and backbone is None):
         return
     shown = ", ".join(f"{k}={v:g}" for k, v in missing.items())
@@ -384,6 +386,9 @@ def cmd_train(argv: list[str]) -> int:
                        "from it, then the checkpoint's weights replace the backbone's): pass the folder where it is "
                        "now")
     check_model_args(model_args)
+    # whether a continued model's weights are known to come from a backbone, and its name (its metrics.json)
+    known, continued_backbone = (_continued_backbone(model_args.model_name_or_path) if model_args.model_name_or_path
+                                 else (True, None))
     for flag in ("preset", "vocab_size"):
         if model_args.init_from_llama and flag_given(argv, flag):
             raise CliError(f"--{flag} cannot be combined with --init_from_llama (the backbone fixes the sizes and "
@@ -393,7 +398,7 @@ def cmd_train(argv: list[str]) -> int:
             raise CliError(f"--{name} needs --init_from_llama (or --model_name_or_path of a warm-started model): a "
                            "model trained from scratch has no copied encoder or backbone")
         if getattr(args, name) is not None and model_args.model_name_or_path and \
-                _continued_backbone(model_args.model_name_or_path) == (True, None):  # allowed where not known
+                (known, continued_backbone) == (True, None):  # allowed where not known
             raise CliError(f"--{name} needs --init_from_llama (or --model_name_or_path of a warm-started model): "
                            f"--model_name_or_path {model_args.model_name_or_path} was trained from scratch (its "
                            "metrics.json says so) and has no copied encoder or backbone")
@@ -433,7 +438,6 @@ def cmd_train(argv: list[str]) -> int:
 
     # ---- tokenizer
     pretrained_config = None
-    known, continued_backbone = True, None  # whether the weights are known to come from a backbone, and its name
     if model_args.model_name_or_path:
         corpus_io.check_memformer_folder("model_name_or_path", model_args.model_name_or_path)
         try:
@@ -441,7 +445,6 @@ def cmd_train(argv: list[str]) -> int:
         except Exception as e:  # noqa: BLE001
             raise CliError(f"cannot load a Memformer config from {model_args.model_name_or_path}: "
                            f"{one_line(e)}") from None
-        known, continued_backbone = _continued_backbone(model_args.model_name_or_path)
         _continued_rates(argv, model_args, args, known, continued_backbone)
     tokenizer, tokenizer_description = _tokenizer(model_args, data, corpus)
 
